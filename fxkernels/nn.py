@@ -1,0 +1,161 @@
+"""QuantLinear: the drop-in replacement for ``nn.Linear`` that runs packed INT2..8 weights.
+
+One class for every backend and every method: the module only holds the checkpoint's exact
+tensors and calls :mod:`fxkernels.ops`; kernels are chosen per call by :mod:`fxkernels.dispatch`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import ops
+from .format import QuantSpec, as_grouped, check_weight, pack, quantize_rtn
+from .reference import weight_sums
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(qweight).T + bias`` with optional int8 activations.
+
+    Buffers (all saved in the checkpoint; shapes fixed by ``spec``, see docs/FORMAT.md):
+    ``qweight`` (uint8 ``[N, K/2]`` or int8 ``[N, K]``), ``scale`` fp32, ``zero`` int32,
+    ``bias`` fp32 ``[N]`` (if any), and for ``act_mode="static"`` ``act_scale`` fp32 ``[1]`` and
+    ``act_zero`` int32 ``[1]``. Build with :meth:`from_linear` (RTN) or :meth:`from_codes`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = True,
+                 device=None):
+        super().__init__()
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"QuantLinear: spec is {type(spec).__name__}; expected a fxkernels.QuantSpec")
+        spec.check_shape(out_features, in_features)
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        dt = torch.uint8 if spec.packed else torch.int8
+        sshape = spec.scale_shape(out_features, in_features)
+        self.register_buffer("qweight", torch.zeros(spec.packed_shape(out_features, in_features), dtype=dt, device=device))
+        self.register_buffer("scale", torch.ones(sshape, dtype=torch.float32, device=device))
+        self.register_buffer("zero", torch.zeros(sshape, dtype=torch.int32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        if spec.act_bits and spec.act_mode == "static":
+            self.register_buffer("act_scale", torch.ones(1, device=device))
+            self.register_buffer("act_zero", torch.zeros(1, dtype=torch.int32, device=device))
+        else:
+            self.act_scale = self.act_zero = None
+        self._derived_key = None
+        self._derived: Tuple[torch.Tensor, ...] = ()
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+                   bias: Optional[torch.Tensor] = None, act_scale: Optional[torch.Tensor] = None,
+                   act_zero: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """From learned integer codes: ``codes`` unsigned ``[N, K]`` in ``[0, 2**bits-1]``,
+        ``scale``/``zero`` of ``spec.scale_shape`` (unsigned-domain integer zero)."""
+        if codes.dim() != 2:
+            raise ValueError(f"from_codes: codes shape {tuple(codes.shape)}; expected [out_features, in_features]")
+        n, k = codes.shape
+        shape = spec.scale_shape(n, k)
+        if tuple(scale.shape) != shape or tuple(zero.shape) != shape:
+            raise ValueError(f"from_codes: scale {tuple(scale.shape)} / zero {tuple(zero.shape)}; "
+                             f"expected {shape} for {spec}")
+        if not torch.isfinite(scale).all() or (scale <= 0).any():
+            raise ValueError("from_codes: scale has non-positive or non-finite entries; expected positive finite scales")
+        if zero.dtype.is_floating_point and not torch.equal(zero, zero.round()):
+            raise ValueError("from_codes: zero has fractional values; expected integer zero points")
+        if (zero < 0).any() or (zero > spec.qmax).any():
+            raise ValueError(f"from_codes: zero spans [{int(zero.min())}, {int(zero.max())}]; expected [0, {spec.qmax}]")
+        static = spec.act_bits is not None and spec.act_mode == "static"
+        if static and (act_scale is None or act_zero is None):
+            raise ValueError(f"from_codes: {spec} needs act_scale and act_zero (static per-tensor activations)")
+        if not static and (act_scale is not None or act_zero is not None):
+            raise ValueError(f"from_codes: act_scale/act_zero given but {spec} has no static activation grid")
+        layer = cls(k, n, spec, bias=bias is not None, device=codes.device)
+        layer.qweight.copy_(pack(codes, spec))
+        layer.scale.copy_(scale.float())
+        layer.zero.copy_(zero.to(torch.int32))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().float())
+        if static:
+            layer.act_scale.copy_(act_scale.detach().float().reshape(1))
+            layer.act_zero.copy_(act_zero.detach().to(torch.int32).reshape(1))
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, mse: bool = False,
+                    act_scale: Optional[torch.Tensor] = None,
+                    act_zero: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Round-to-nearest quantization of an ``nn.Linear`` (``mse=True``: clipping search)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear: got {type(linear).__name__}; expected torch.nn.Linear")
+        check_weight(linear.weight.detach(), "linear.weight")
+        q, scale, zero = quantize_rtn(linear.weight.detach(), spec, mse=mse)
+        return cls.from_codes(q, scale, zero, spec, bias=linear.bias, act_scale=act_scale, act_zero=act_zero)
+
+    # -- running -----------------------------------------------------------------------------
+    def _kernel_args(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Grouped ``[N, G]`` scale/zero and weight sums, derived once per set of buffers."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scale.data_ptr(), self.scale._version,
+               self.zero.data_ptr(), self.zero._version, self.qweight.device)
+        if key != self._derived_key:
+            scale_g = as_grouped(self.scale, self.spec, self.out_features)
+            zero_g = as_grouped(self.zero, self.spec, self.out_features)
+            wsum = (weight_sums(self.qweight, self.spec.bits, self.in_features, scale_g.shape[1])
+                    if self.spec.act_bits else None)
+            self._derived = (scale_g, zero_g, wsum)
+            self._derived_key = key
+        return self._derived
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear: input shape {tuple(x.shape)}; expected [..., {self.in_features}]")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        scale_g, zero_g, wsum = self._kernel_args()
+        if self.spec.act_bits:
+            xq, sa, za = ops.quantize_act(x2, self.act_scale, self.act_zero)
+            y = ops.qact_linear(xq, sa, za, self.qweight, scale_g, zero_g, wsum, self.bias,
+                                self.spec.bits, x.dtype)
+        else:
+            y = ops.dequant_linear(x2, self.qweight, scale_g, zero_g, self.bias, self.spec.bits, self.in_features)
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        from .format import dequantize
+        return dequantize(self.qweight, self.scale, self.zero, self.spec, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}, bias={self.bias is not None}"
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str] = ("lm_head",),
+                    overrides: Optional[Dict[str, QuantSpec]] = None, mse: bool = False) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (in place) by an RTN :class:`QuantLinear`.
+
+    skip: names or glob patterns (full dotted name or last component) left in float.
+    overrides: pattern -> spec for layers that need another format (e.g. ``{"lm_head": W8}``);
+    an override wins over ``skip``. Returns ``model``.
+    """
+    overrides = dict(overrides or {})
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear):
+            continue
+        layer_spec = next((s for p, s in overrides.items() if _matches(name, [p])), None)
+        if layer_spec is None:
+            if _matches(name, skip):
+                continue
+            layer_spec = spec
+        set_submodule(model, name, QuantLinear.from_linear(mod, layer_spec, mse=mse))
+    return model
