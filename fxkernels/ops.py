@@ -64,18 +64,24 @@ def dequant_linear(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bias
     ``[N, G]`` (unsigned domain); bias: float ``[N]`` or None. Returns ``[M, N]`` in ``x.dtype``,
     accumulated in fp32.
     """
+    _check_dequant_linear(x, qweight, scale, zero, bias, bits, in_features)
+    return dispatch.run("dequant_linear", x, qweight, scale, zero, bias, bits, in_features)
+
+
+def _check_dequant_linear(x, qweight, scale, zero, bias, bits, in_features) -> int:
     if x.dim() != 2 or x.shape[1] != in_features:
         _fail("x.shape", tuple(x.shape), f"[M, {in_features}]")
     if x.dtype not in FLOAT_ACTS:
         _fail("x.dtype", x.dtype, f"one of {FLOAT_ACTS}")
     n = check_weight_args(qweight, scale, zero, bits, in_features, x.device)
     _check_bias(bias, n, x.device)
-    return dispatch.run("dequant_linear", x, qweight, scale, zero, bias, bits, in_features)
+    return n
 
 
 @dequant_linear.register_fake
 def _(x, qweight, scale, zero, bias, bits, in_features):
-    return x.new_empty(x.shape[0], qweight.shape[0])
+    n = _check_dequant_linear(x, qweight, scale, zero, bias, bits, in_features)
+    return x.new_empty(x.shape[0], n)
 
 
 # -- activation quantization -----------------------------------------------------------------
@@ -86,20 +92,27 @@ def quantize_act(x: Tensor, scale: Optional[Tensor], zero: Optional[Tensor]) -> 
 
     Returns ``(xq int8 [M, K], scale fp32 [M], zero int32 [M])`` with ``x ~= scale * (xq - zero)``.
     """
+    _check_quantize_act(x, scale, zero)
+    if scale is not None and not bool(scale.reshape(()) > 0):  # value check: real tensors only
+        _fail("scale", float(scale.reshape(())), "a positive float32 [1] tensor")
+    return dispatch.run("quantize_act", x, scale, zero)
+
+
+def _check_quantize_act(x, scale, zero) -> None:
     if x.dim() != 2 or x.dtype not in FLOAT_ACTS:
         _fail("x", f"{x.dtype} {tuple(x.shape)}", "a 2-D fp32/fp16/bf16 tensor [M, K]")
     if (scale is None) != (zero is None):
         _fail("scale/zero", "only one of them", "both (static per-tensor) or neither (dynamic per-token)")
     if scale is not None:
-        if scale.numel() != 1 or scale.dtype != torch.float32 or not bool(scale.reshape(()) > 0):
-            _fail("scale", f"{scale.dtype} {tuple(scale.shape)}", "a positive float32 [1] tensor")
-        if zero.numel() != 1 or zero.dtype != torch.int32:
-            _fail("zero", f"{zero.dtype} {tuple(zero.shape)}", "an int32 [1] tensor in -128..127")
-    return dispatch.run("quantize_act", x, scale, zero)
+        if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != x.device:
+            _fail("scale", f"{scale.dtype} {tuple(scale.shape)} on {scale.device}", f"a positive float32 [1] tensor on {x.device}")
+        if zero.numel() != 1 or zero.dtype != torch.int32 or zero.device != x.device:
+            _fail("zero", f"{zero.dtype} {tuple(zero.shape)} on {zero.device}", f"an int32 [1] tensor in -128..127 on {x.device}")
 
 
 @quantize_act.register_fake
 def _(x, scale, zero):
+    _check_quantize_act(x, scale, zero)
     m = x.shape[0]
     return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(m, dtype=torch.float32),
             x.new_empty(m, dtype=torch.int32))
@@ -117,22 +130,27 @@ def qact_linear(xq: Tensor, x_scale: Tensor, x_zero: Tensor, qweight: Tensor, sc
     (:func:`fxkernels.reference.weight_sums`, computed once at load). Returns ``[M, N]`` in
     ``out_dtype``.
     """
+    _check_qact_linear(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype)
+    return dispatch.run("qact_linear", xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype)
+
+
+def _check_qact_linear(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype) -> int:
     if xq.dim() != 2 or xq.dtype != torch.int8:
         _fail("xq", f"{xq.dtype} {tuple(xq.shape)}", "int8 [M, K]")
     m, k = xq.shape
-    if x_scale.shape != (m,) or x_scale.dtype != torch.float32:
-        _fail("x_scale", f"{x_scale.dtype} {tuple(x_scale.shape)}", f"float32 [{m}]")
-    if x_zero.shape != (m,) or x_zero.dtype != torch.int32:
-        _fail("x_zero", f"{x_zero.dtype} {tuple(x_zero.shape)}", f"int32 [{m}]")
+    for name, t, dt in (("x_scale", x_scale, torch.float32), ("x_zero", x_zero, torch.int32)):
+        if tuple(t.shape) != (m,) or t.dtype != dt or t.device != xq.device:
+            _fail(name, f"{t.dtype} {tuple(t.shape)} on {t.device}", f"{dt} [{m}] on {xq.device}")
     n = check_weight_args(qweight, scale, zero, bits, k, xq.device)
-    if wsum.shape != scale.shape or wsum.dtype != torch.int32:
+    if wsum.shape != scale.shape or wsum.dtype != torch.int32 or wsum.device != xq.device:
         _fail("wsum", f"{wsum.dtype} {tuple(wsum.shape)}", f"int32 {tuple(scale.shape)} like scale")
     _check_bias(bias, n, xq.device)
     if out_dtype not in FLOAT_ACTS:
         _fail("out_dtype", out_dtype, f"one of {FLOAT_ACTS}")
-    return dispatch.run("qact_linear", xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype)
+    return n
 
 
 @qact_linear.register_fake
 def _(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype):
-    return xq.new_empty(xq.shape[0], qweight.shape[0], dtype=out_dtype)
+    n = _check_qact_linear(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype)
+    return xq.new_empty(xq.shape[0], n, dtype=out_dtype)

