@@ -1,0 +1,58 @@
+"""End-to-end decode speed: greedy tokens/s at batch 1, and the dequantized reference model that
+a quantized model must agree with token for token."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from fxkernels.nn import QuantLinear, set_submodule
+
+
+def dequantized_reference(model: nn.Module) -> nn.Module:
+    """A float copy in which every QuantLinear is an nn.Linear holding its dequantized weight:
+    what the quantized model computes, without any quantized kernel."""
+    ref = copy.deepcopy(model)
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, QuantLinear):
+            if m.spec.act_bits:
+                raise ValueError(f"dequantized_reference: layer {name!r} quantizes activations; "
+                                 "no float model computes the same function")
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.data = m.dequantized_weight()
+            if m.bias is not None:
+                lin.bias.data = m.bias.clone()
+            set_submodule(ref, name, lin)
+    return ref
+
+
+@torch.inference_mode()
+def greedy_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> Tuple[torch.Tensor, float]:
+    """``(generated ids [new_tokens], seconds spent after the prompt)``: a plain KV-cache greedy loop
+    (the per-token work a serving loop does, without generate()'s bookkeeping)."""
+    out = model(input_ids=ids, use_cache=True)
+    cache = out.past_key_values
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    tokens = [nxt]
+    t = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt)
+    secs = time.perf_counter() - t
+    return torch.cat(tokens, dim=1)[0], secs
+
+
+def tokens_per_second(model: nn.Module, ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> float:
+    """Median decode rate (tokens after the first) over ``repeats`` runs, after one warm-up."""
+    greedy_decode(model, ids, 4)
+    rates = []
+    for _ in range(repeats):
+        _, secs = greedy_decode(model, ids, new_tokens)
+        rates.append((new_tokens - 1) / secs)
+    return sorted(rates)[len(rates) // 2]
