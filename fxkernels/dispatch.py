@@ -21,6 +21,7 @@ import dataclasses
 import importlib
 import os
 import threading
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 BACKEND_MODULES = ("cuda", "triton", "cpu")  # import order; priority decides the run order
@@ -80,6 +81,9 @@ def _ensure_loaded() -> None:
                 importlib.import_module(f"fxkernels.backends.{name}")
             except ImportError as e:  # a missing optional dependency or extension
                 set_backend_status(name, False, f"import failed: {e}")
+                if name == "cpu":  # always built by setup.py: its absence deserves a word
+                    warnings.warn(f"fxkernels: compiled CPU kernels unavailable ({e}); "
+                                  "falling back to the pure-torch reference (slow)", RuntimeWarning, stacklevel=3)
             except Exception as e:  # a broken backend must not take the package down
                 set_backend_status(name, False, f"import error: {type(e).__name__}: {e}")
         _loaded = True

@@ -119,3 +119,5 @@ def test_missing_extension_does_not_break_import():
     assert out.returncode == 0, out.stderr
     assert "torch.Size([2, 8])" in out.stdout
     assert "CPU True" in out.stdout and "_C" in out.stdout
+    warning_lines = [l for l in out.stderr.splitlines() if "compiled CPU kernels unavailable" in l]
+    assert len(warning_lines) == 1, out.stderr
