@@ -1,0 +1,370 @@
+"""Triton backend: fused dequant-GEMM for weight-only INT2..8 layers (W4A16 / W8A16) on CUDA GPUs.
+
+Importing this module is cheap and never needs triton: the kernels
+(:mod:`fxkernels.backends.triton_kernels`) are imported on first use. On CPU tensors the kernel
+runs only in Triton's interpreter, as a test tool: ``TRITON_INTERPRET=1`` in the environment and
+the backend forced (``fxkernels.use_backend("triton")``).
+
+Configurations: one candidate list per M bucket (:data:`BUCKETS`). On a GPU the first call of
+each (device, layer shape, dtype, layout) times the bucket's candidates with
+``triton.testing.do_bench`` and keeps the fastest (``FXK_TRITON_AUTOTUNE=0``: take the bucket's
+first candidate, no timing). In the interpreter a single fixed configuration runs
+(:data:`INTERPRETER_CONFIG`), since the interpreter cannot compare timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import sys
+import threading
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .. import dispatch
+from ..dispatch import Kernel, register, set_backend_status
+
+KERNEL_NAME = "triton_dequant_linear"
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One tiling: BM x BN output tile, BK-deep K steps, warps per CTA, software-pipeline stages."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+
+    def __str__(self) -> str:
+        return f"BM{self.bm}-BN{self.bn}-BK{self.bk}-w{self.warps}-s{self.stages}"
+
+
+# Candidates per M bucket: (largest M of the bucket, configurations), first = default.
+# Decode (M <= 16): BM = 16 is the smallest tensor-core tile; narrow BN and deep BK give many
+# CTAs each streaming long contiguous weight rows, and split-K (chosen from the SM count) fills
+# the GPU when N / BN is small. Large M: 128-wide tiles and 8 warps, where Hopper/Ampere reach
+# tensor-core peak; stages are sized so that the pipelined x and weight tiles fit A100 shared
+# memory (164 KiB) as well as H100 (227 KiB).
+BUCKETS: Tuple[Tuple[Optional[int], Tuple[Config, ...]], ...] = (
+    (16, (Config(16, 32, 256, 4, 4), Config(16, 64, 256, 4, 3), Config(16, 64, 128, 4, 4),
+          Config(16, 16, 512, 4, 4))),
+    (64, (Config(32, 64, 128, 4, 4), Config(64, 64, 128, 4, 3), Config(32, 128, 128, 4, 3),
+          Config(16, 64, 256, 4, 3))),
+    (256, (Config(64, 128, 64, 4, 4), Config(128, 128, 64, 8, 3), Config(64, 256, 64, 8, 3),
+           Config(128, 64, 64, 4, 4))),
+    (None, (Config(128, 128, 64, 8, 3), Config(128, 256, 64, 8, 3), Config(128, 128, 128, 8, 3),
+            Config(64, 256, 64, 8, 4))),
+)
+INTERPRETER_CONFIG = Config(16, 32, 32, 4, 1)
+GROUP_M = 8
+REDUCE_BLOCK = 1024
+MAX_SPLIT_K = 16
+MODE3_MAX_BK = 32
+MODE3_MAX_STAGES = 2
+
+
+def shipped_configs() -> List[Config]:
+    """Every configuration this backend may launch on a GPU (for compile checks)."""
+    seen: List[Config] = []
+    for _, cfgs in BUCKETS:
+        seen.extend(c for c in cfgs if c not in seen)
+    return seen
+
+
+def bucket_configs(m: int) -> Tuple[Config, ...]:
+    for limit, cfgs in BUCKETS:
+        if limit is None or m <= limit:
+            return cfgs
+    raise AssertionError("unreachable: the last bucket has no limit")
+
+
+# -- environment ------------------------------------------------------------------------------
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Mirror of triton's own TRITON_INTERPRET parsing (read at kernel decoration time)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+_kernels_lock = threading.Lock()
+
+
+def kernels():
+    """The kernel module, (re)decorated for the current mode (GPU compile or interpreter).
+
+    ``@triton.jit`` fixes the mode when it decorates, so if TRITON_INTERPRET changed since the
+    module was imported (tests set it before their first call) the module is reloaded."""
+    with _kernels_lock:
+        mod = sys.modules.get("fxkernels.backends.triton_kernels")
+        if mod is None:
+            mod = importlib.import_module("fxkernels.backends.triton_kernels")
+        elif mod.INTERPRETED != interpreting():
+            mod = importlib.reload(mod)
+        return mod
+
+
+_sm_cache: Dict[int, Tuple[Tuple[int, int], int]] = {}
+
+
+def _device_facts(device: torch.device) -> Tuple[Tuple[int, int], int]:
+    """(compute capability, SM count), cached: can_implement must not query the driver per call."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    hit = _sm_cache.get(idx)
+    if hit is None:
+        p = torch.cuda.get_device_properties(idx)
+        hit = _sm_cache[idx] = ((p.major, p.minor), p.multi_processor_count)
+    return hit
+
+
+# -- planning a launch ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a launch needs besides tensors: derived from a Config and the problem."""
+
+    cfg: Config
+    bk: int
+    scale_mode: int
+    split_k: int
+    k_per_split: int
+    magic: bool
+    magic_bits: int
+    magic_bias: int
+    stages: int
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def make_plan(cfg: Config, m: int, n: int, k: int, groups: int, bits: int, dtype: torch.dtype,
+              num_sms: int, split_k: Optional[int] = None) -> Plan:
+    """Choose the scale mode, the K step and the split of K for one configuration.
+
+    ``split_k=None`` picks it: when the output tiles cannot occupy every SM (decode on narrow
+    layers), K is split so that about two CTAs per SM stream weights, capped so that every split
+    keeps at least four K steps (otherwise the fp32 partials cost more traffic than they hide)."""
+    bk = cfg.bk
+    gs = k // groups
+    if groups == 1:
+        mode = 0
+    else:
+        while gs % bk and bk > 16:
+            bk //= 2  # one group per K step: a per-row scale vector instead of a gather
+        if gs % bk:
+            # Gathered [BN, BK] scale and zero tiles are 16x the weight tile's bytes and the
+            # pipeliner stages them in shared memory: a short K step and two stages keep them
+            # within A100's 163 KiB. Rare group sizes only (no power of two >= 16 divides them).
+            mode, bk = 3, min(cfg.bk, MODE3_MAX_BK)
+        else:
+            mode = 1 if cfg.bm <= 32 else 2
+    ksteps = -(-k // bk)
+    if split_k is None:
+        tiles = -(-m // cfg.bm) * -(-n // cfg.bn)
+        split_k = 1
+        if tiles < num_sms:
+            split_k = max(1, min(MAX_SPLIT_K, (2 * num_sms) // tiles, ksteps // 4))
+    split_k = max(1, min(split_k, ksteps, _INT32_MAX // max(1, m * n)))  # workspace offsets are 32-bit
+    k_per_split = -(-ksteps // split_k) * bk  # whole K steps: group tiles stay aligned
+    split_k = -(-k // k_per_split)
+    if dtype == torch.float16:
+        magic, mbits, mbias = True, 0x6400, 1024   # 1024.0: fp16 spacing 1 up to 2048
+    elif dtype == torch.bfloat16 and bits <= 4:
+        magic, mbits, mbias = True, 0x4300, 128    # 128.0: bf16 spacing 1 up to 256 (q < 128 only)
+    else:
+        magic, mbits, mbias = False, 0, 0
+    stages = min(cfg.stages, MODE3_MAX_STAGES) if mode == 3 else cfg.stages
+    return Plan(cfg, bk, mode, split_k, k_per_split, magic, mbits, mbias, stages)
+
+
+def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+           bias: Optional[torch.Tensor], bits: int, in_features: int, cfg: Config,
+           split_k: Optional[int] = None) -> torch.Tensor:
+    """Run the kernel with an explicit configuration (tests and autotuning call this directly).
+
+    x: fp16/bf16/fp32 ``[M, K]``; qweight: uint8 ``[N, K/2]`` (bits <= 4) or int8 ``[N, K]``;
+    scale fp32 / zero int32 ``[N, G]``; bias ``[N]`` or None. Returns ``[M, N]`` in x.dtype."""
+    km = kernels()
+    m, k = x.shape
+    n, groups = scale.shape
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    num_sms = _device_facts(x.device)[1] if x.device.type == "cuda" else 4
+    plan = make_plan(cfg, m, n, k, groups, bits, x.dtype, num_sms, split_k)
+    out = y if plan.split_k == 1 else torch.empty((plan.split_k, m, n), device=x.device, dtype=torch.float32)
+    grid = (-(-m // cfg.bm) * -(-n // cfg.bn), plan.split_k)
+    km.dequant_gemm_kernel[grid](
+        x, qweight, scale, zero, bias if bias is not None else scale, out,
+        m, n, k, k // 2, k // groups, plan.k_per_split, plan.k_per_split // 2,
+        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1),
+        y.stride(0), y.stride(1),
+        PACKED=bits <= 4, SCALE_MODE=plan.scale_mode, MAGIC=plan.magic, MAGIC_BITS=plan.magic_bits,
+        MAGIC_BIAS=plan.magic_bias, HAS_BIAS=bias is not None, USE_WORKSPACE=plan.split_k > 1,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        EMULATE_BF16=km.INTERPRETED and x.dtype == torch.bfloat16,
+        BM=cfg.bm, BN=cfg.bn, BK=plan.bk, GROUP_M=GROUP_M, num_warps=cfg.warps, num_stages=plan.stages)
+    if plan.split_k > 1:
+        km.splitk_reduce_kernel[(-(-(m * n) // REDUCE_BLOCK),)](
+            out, bias if bias is not None else scale, y, m, n, plan.split_k,
+            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4)
+    return y
+
+
+# -- configuration choice ---------------------------------------------------------------------
+_tuned: Dict[tuple, Config] = {}
+_tune_lock = threading.Lock()
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("FXK_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def choose_config(x, qweight, scale, zero, bias, bits, in_features) -> Config:
+    if x.device.type != "cuda":
+        return INTERPRETER_CONFIG
+    m = x.shape[0]
+    cands = bucket_configs(m)
+    if not _autotune_enabled():
+        return cands[0]
+    bucket = next(limit for limit, cfgs in BUCKETS if cfgs is cands)
+    key = (x.device.index, bucket, qweight.shape[0], in_features, scale.shape[1], bits <= 4, x.dtype,
+           bias is not None)
+    hit = _tuned.get(key)
+    if hit is not None:
+        return hit
+    if torch.cuda.is_current_stream_capturing():
+        return cands[0]  # timing inside a CUDA-graph capture is impossible; warm up before capturing
+    with _tune_lock:
+        hit = _tuned.get(key)
+        if hit is None:
+            hit = _tuned[key] = _time_candidates(cands, x, qweight, scale, zero, bias, bits, in_features)
+    return hit
+
+
+def _time_candidates(cands, x, qweight, scale, zero, bias, bits, in_features) -> Config:
+    from triton.testing import do_bench
+
+    best, best_ms, errors = None, float("inf"), []
+    for cfg in cands:
+        try:
+            ms = do_bench(lambda: launch(x, qweight, scale, zero, bias, bits, in_features, cfg),
+                          warmup=5, rep=20)
+        except Exception as e:  # e.g. triton OutOfResources on a smaller GPU: skip that tiling
+            errors.append(f"{cfg}: {type(e).__name__}: {e}")
+            warnings.warn(f"triton_dequant_linear: configuration {cfg} failed and is skipped: {errors[-1]}")
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError("triton_dequant_linear: every configuration failed: " + "; ".join(errors))
+    return best
+
+
+def tuned_configs() -> Dict[tuple, Config]:
+    """What autotuning chose so far (for benchmark reports)."""
+    return dict(_tuned)
+
+
+# -- dispatch hooks ---------------------------------------------------------------------------
+def can_implement(x, qweight, scale, zero, bias, bits, in_features) -> Tuple[bool, str]:
+    if not _HAVE_TRITON:
+        return False, "triton is not installed"
+    dev = x.device.type
+    if dev == "cuda":
+        if interpreting():
+            return False, "TRITON_INTERPRET=1 is set: kernels are decorated for the CPU interpreter"
+        cc, _ = _device_facts(x.device)
+        if cc < (8, 0):
+            return False, f"compute capability {cc[0]}.{cc[1]}; expected >= 8.0 (bf16 tensor cores, cp.async)"
+    elif dev == "cpu":
+        if not interpreting():
+            return False, "CPU tensor: runs on CUDA, or on CPU only under TRITON_INTERPRET=1 (a test tool)"
+        if dispatch._forced() not in ("triton", KERNEL_NAME):
+            return False, "CPU tensor under TRITON_INTERPRET=1: only when forced (use_backend('triton'))"
+    else:
+        return False, f"device {dev!r}; expected cuda (or cpu under TRITON_INTERPRET=1)"
+    if x.dtype not in _ACT_DTYPES:
+        return False, f"x.dtype {x.dtype}; expected one of fp16, bf16, fp32"
+    if not 2 <= bits <= 8:
+        return False, f"bits={bits}; expected 2..8"
+    m, n = x.shape[0], qweight.shape[0]
+    # Offsets are 32-bit inside the kernel (64-bit address math halves the index throughput).
+    biggest = max(x.numel(), qweight.numel(), m * n)
+    if biggest > _INT32_MAX:
+        return False, f"a tensor of {biggest} elements exceeds the kernel's 32-bit offsets (max {_INT32_MAX})"
+    return True, "fused dequant-GEMM"
+
+
+def run(x, qweight, scale, zero, bias, bits, in_features):
+    cfg = choose_config(x, qweight, scale, zero, bias, bits, in_features)
+    return launch(x, qweight, scale, zero, bias, bits, in_features, cfg)
+
+
+_HAVE_TRITON = _have_triton()
+if not _HAVE_TRITON:
+    set_backend_status("triton", False, "triton is not installed")
+elif torch.cuda.is_available():
+    set_backend_status("triton", True, "CUDA device found")
+elif interpreting():
+    set_backend_status("triton", True, "TRITON_INTERPRET=1: CPU interpreter (tests only, force the backend)")
+else:
+    set_backend_status("triton", False,
+                       "no CUDA device (TRITON_INTERPRET=1 + use_backend('triton') runs the interpreter)")
+# Above the CPU kernels and the reference; the CUDA extension's hand-written kernels, where they
+# exist for an op, may rank higher.
+register(Kernel(KERNEL_NAME, "triton", "dequant_linear", run, can_implement, priority=100))
+
+
+# -- ahead-of-time compilation (GPU-less checks) -----------------------------------------------
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def compile_variant(arch: int, cfg: Config, bits: int, dtype: torch.dtype, scale_mode: int,
+                    split_k: int = 1, has_bias: bool = True, bk: Optional[int] = None):
+    """Compile the GEMM kernel for ``sm_<arch>`` without a GPU (``triton.compile`` on an
+    ``ASTSource``); returns the compiled kernel (``.asm['cubin']``, ``.metadata.shared``).
+
+    Integer arguments and pointers are declared 16-divisible, as the JIT specializes them for
+    LLaMA-like shapes, so the checked code is the vectorized code a GPU would run."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    km = kernels()
+    if km.INTERPRETED:
+        raise RuntimeError("compile_variant: TRITON_INTERPRET=1 is set; compile in a process without it")
+    plan_bk = bk or (min(cfg.bk, MODE3_MAX_BK) if scale_mode == 3 else cfg.bk)
+    stages = min(cfg.stages, MODE3_MAX_STAGES) if scale_mode == 3 else cfg.stages
+    magic = make_plan(cfg, 16, 4096, 4096, 1, bits, dtype, 132)
+    sig = {"x_ptr": _PTR[dtype], "w_ptr": "*u8" if bits <= 4 else "*i8", "s_ptr": "*fp32", "z_ptr": "*i32",
+           "b_ptr": "*fp32", "y_ptr": _PTR[dtype] if split_k == 1 else "*fp32"}
+    ints = ("M", "N", "K", "KH", "GS", "K_PER_SPLIT", "KH_PER_SPLIT", "stride_xm", "stride_wn", "stride_sn",
+            "stride_ym")
+    sig.update({name: "i32" for name in ints})
+    # The JIT turns integer arguments equal to 1 into constants; unit strides are what make the
+    # loads vectorizable, so the check compiles them that way too.
+    units = {name: 1 for name in ("stride_xk", "stride_wk", "stride_sg", "stride_yn")}
+    consts = dict(PACKED=bits <= 4, SCALE_MODE=scale_mode, MAGIC=magic.magic, MAGIC_BITS=magic.magic_bits,
+                  MAGIC_BIAS=magic.magic_bias, HAS_BIAS=has_bias, USE_WORKSPACE=split_k > 1,
+                  DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", EMULATE_BF16=False,
+                  BM=cfg.bm, BN=cfg.bn, BK=plan_bk, GROUP_M=GROUP_M)
+    consts.update(units)
+    sig.update({name: "constexpr" for name in consts})
+    names = km.dequant_gemm_kernel.arg_names
+    div16 = [(names.index(n),) for n in ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KH",
+                                          "GS", "K_PER_SPLIT", "KH_PER_SPLIT", "stride_xm", "stride_wn",
+                                          "stride_ym")]
+    attrs = {k: [["tt.divisibility", 16]] for k in div16}
+    src = ASTSource(fn=km.dequant_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.warps, "num_stages": stages})
