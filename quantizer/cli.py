@@ -6,6 +6,7 @@ Run ``flexround <command> --help`` for each command's options and examples.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -69,16 +70,19 @@ def cmd_quantize(a) -> int:
         from .api import QuantizeConfig, quantize
         from .data import calibration_ids, calibration_text, read_text
 
-        text = read_text(a.calibration) if a.calibration else calibration_text()
-        calib = calibration_ids(tok, a.nsamples, a.seqlen, seed=a.seed, text=text)
-        kwargs = dict(method=a.method, weight=spec, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                      skip=tuple(a.skip), resume_dir=a.resume_dir)
-        for k in ("iters", "lr", "batch_size"):
+        if spec.act_bits and spec.act_mode != "static":
+            print("error: learned methods calibrate static per-tensor activations; use --act-mode static "
+                  "(or --method rtn for dynamic per-token activations)", file=sys.stderr)
+            return 2
+        kwargs = dict(method=a.method, weight=dataclasses.replace(spec, act_bits=None, act_mode="dynamic"),
+                      act_bits=spec.act_bits, seed=a.seed, skip=tuple(a.skip), resume_dir=a.resume_dir)
+        for k in ("iters", "lr", "batch_size", "nsamples", "seqlen"):
             if getattr(a, k) is not None:
                 kwargs[k] = getattr(a, k)
-        if spec.act_bits:
-            kwargs["act_bits"] = spec.act_bits
-        model = quantize(model, calib, QuantizeConfig(**kwargs))
+        config = QuantizeConfig(**kwargs)
+        text = read_text(a.calibration) if a.calibration else calibration_text()
+        calib = calibration_ids(tok, config.nsamples, config.seqlen, seed=a.seed, text=text)
+        model = quantize(model, calib, config)
     secs = time.time() - t
     save_quantized(model, a.out, tokenizer=tok, extra={"method": a.method, "source": a.model, "seconds": round(secs, 1)})
     print(f"quantized with {a.method} ({spec}) in {secs:.1f} s -> {a.out}")
@@ -139,6 +143,34 @@ def cmd_bench(a) -> int:
     return 2
 
 
+def cmd_plot(a) -> int:
+    from . import plots
+
+    if a.kind == "grid-shift":
+        if not (a.model and a.quantized and a.layer):
+            print("error: plot grid-shift needs --model (float), --quantized (checkpoint) and --layer", file=sys.stderr)
+            return 2
+        from fxkernels.checkpoint import load_quantized
+
+        from .models import load_model
+
+        fp, _ = load_model(a.model)
+        q = load_quantized(a.quantized)
+        try:
+            qlayer, flayer = q.get_submodule(a.layer), fp.get_submodule(a.layer)
+        except AttributeError:
+            names = [n for n, m in q.named_modules() if hasattr(m, "qweight")][:5]
+            print(f"error: --layer {a.layer!r} is not in the checkpoint; quantized layers include {names}", file=sys.stderr)
+            return 2
+        path = plots.plot_grid_shift(flayer.weight, qlayer, a.out, title=a.title or "")
+    elif a.kind == "ppl":
+        path = plots.plot_ppl_vs_bits(plots.read_rows(a.results), a.out, fp_ppl=a.fp32, title=a.title or "")
+    else:
+        path = plots.plot_speed_vs_m(plots.read_rows(a.results), a.out, title=a.title or "")
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
@@ -166,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mse", action="store_true", help="RTN: search the clipping range by MSE")
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="layer names/patterns kept in float")
     q.add_argument("--calibration", help="text file or directory (default: the shipped Wikipedia split)")
-    q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=512)
-    q.add_argument("--iters", type=int, default=None)
-    q.add_argument("--lr", type=float, default=None)
-    q.add_argument("--batch-size", type=int, default=None)
+    q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: QuantizeConfig's)")
+    q.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window")
+    q.add_argument("--iters", type=int, default=None, help="optimizer steps per block")
+    q.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    q.add_argument("--batch-size", type=int, default=None, help="calibration windows per step")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--resume-dir", default=None, help="directory to keep finished blocks in (resumable)")
     q.add_argument("--out", required=True, help="output checkpoint directory")
@@ -202,6 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--full", action="store_true", help="full (K, N, M) grid instead of the quick subset")
     b.add_argument("--threads", type=int, default=None)
     b.set_defaults(func=cmd_bench)
+
+    pl = sub.add_parser("plot", help="PNG plots: grid shift, perplexity vs bits, kernel speed vs M",
+                        description="grid-shift: learned code minus round-to-nearest code against |W| for one layer "
+                        "(FlexRound paper, Figure 3). ppl: perplexity vs bits per method from a JSON/JSONL file of "
+                        "{method, bits, ppl} rows. speed: time vs M per kernel from {kernel, M, ms} rows.")
+    pl.add_argument("kind", choices=["grid-shift", "ppl", "speed"])
+    pl.add_argument("--out", required=True, help="PNG path")
+    pl.add_argument("--model", help="grid-shift: the float model source")
+    pl.add_argument("--quantized", help="grid-shift: the quantized checkpoint directory")
+    pl.add_argument("--layer", help="grid-shift: dotted layer name, e.g. model.layers.0.self_attn.q_proj")
+    pl.add_argument("--results", help="ppl/speed: JSON list or JSON-lines rows")
+    pl.add_argument("--fp32", type=float, default=None, help="ppl: the float model's perplexity (dashed line)")
+    pl.add_argument("--title", default=None)
+    pl.set_defaults(func=cmd_plot)
 
     d = sub.add_parser("demo", help="the main job: quantize SmolLM2-135M, evaluate, generate, time")
     d.add_argument("--out", default="out/demo", help="where checkpoints and the report go")
