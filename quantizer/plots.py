@@ -86,6 +86,7 @@ def plot_ppl_vs_bits(rows: Iterable[dict], path: str, fp_ppl: float = None, titl
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     if fp_ppl:
         ax.axhline(fp_ppl, color="black", ls="--", lw=1, label=f"fp32 ({fp_ppl:.2f})")
+    ax.set_xticks(sorted({b for pts in by_method.values() for b, _ in pts}))
     ax.set_yscale("log")
     ax.set_xlabel("weight bits")
     ax.set_ylabel("perplexity (lower is better)")
