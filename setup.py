@@ -50,7 +50,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "pytest-timeout"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "pytest-timeout", "matplotlib"],
         "hf": ["transformers>=4.45", "safetensors>=0.4", "gguf", "accelerate", "sentencepiece"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
