@@ -7,6 +7,7 @@ from .format import FORMAT_VERSION, QuantSpec, dequantize, pack, quantize_rtn, u
 from .dispatch import available_kernels, use_backend
 from .nn import QuantLinear, replace_linears
 from . import ops  # registers the fxk:: torch.library ops
+from . import hf as _hf  # from_pretrained support: registers quant_method 'flexround' lazily
 
 __version__ = "0.1.0"
 

@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="fewer evaluation windows (smoke test)")
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=cmd_demo)
+    from .inspect_ckpt import add_parsers  # `inspect` and `export` subcommands
+    add_parsers(sub)
     return p
 
 
