@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, Hashable
+from typing import Callable, Dict, Hashable, Tuple
 
 import torch
 
-_cache: "weakref.WeakKeyDictionary[torch.Tensor, Dict[Hashable, tuple]]" = weakref.WeakKeyDictionary()
+# Keyed by id(weight) with a weak reference to check identity: a WeakKeyDictionary cannot hold
+# tensors, because on a hash match it compares keys with ``==``, which for tensors is
+# elementwise and raises "Boolean value of Tensor ... is ambiguous" on the second lookup.
+_cache: Dict[int, Tuple["weakref.ref[torch.Tensor]", Dict[Hashable, tuple]]] = {}
+
+
+def _forget(key: int, ref: "weakref.ref") -> None:
+    slot = _cache.get(key)
+    if slot is not None and slot[0] is ref:
+        del _cache[key]
 
 
 def cached_repack(weight: torch.Tensor, tag: Hashable, make: Callable[[], object]):
     """``make()`` once per (weight tensor, tag); redone only if the tensor is written in place."""
-    entries = _cache.setdefault(weight, {})
+    key = id(weight)
+    slot = _cache.get(key)
+    if slot is None or slot[0]() is not weight:
+        ref = weakref.ref(weight, lambda r, key=key: _forget(key, r))
+        slot = _cache[key] = (ref, {})
+    entries = slot[1]
     hit = entries.get(tag)
     if hit is not None and hit[0] == weight._version:
         return hit[1]

@@ -1,0 +1,329 @@
+// Torch-facing driver of the CPU kernels: argument checks, one-time repacks, per-call
+// activation preparation, thread partitioning, and the portable scalar kernels (the fallback on
+// CPUs without AVX2/FMA/F16C, and the path tests force with set_isa("scalar")).
+#include "kernels_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu_features.h"
+#include "kernels.h"
+
+namespace fxk {
+
+// ---- ISA selection -----------------------------------------------------------------------
+static std::atomic<bool> g_force_scalar{false};
+
+static bool have_avx2() {
+  const auto& f = cpu_features();
+  return f.avx2 && f.fma && f.f16c;
+}
+
+void set_isa(const std::string& isa) {
+  if (isa == "scalar") {
+    g_force_scalar = true;
+  } else if (isa == "auto" || isa == "avx2") {
+    TORCH_CHECK(isa != "avx2" || have_avx2(), "set_isa: isa='avx2' but this CPU lacks AVX2/FMA/F16C");
+    g_force_scalar = false;
+  } else {
+    TORCH_CHECK(false, "set_isa: isa='", isa, "'; expected 'auto', 'avx2' or 'scalar'");
+  }
+}
+
+std::string active_isa() { return (!g_force_scalar && have_avx2()) ? "avx2" : "scalar"; }
+
+static bool use_avx2() { return !g_force_scalar.load(std::memory_order_relaxed) && have_avx2(); }
+
+// Work per thread chunk: at least ~256K multiply-adds, so that small layers (and M=1 decode of
+// a 135M model's 576-wide linears) do not pay a fork/join for microseconds of work.
+static int64_t tile_grain(int64_t M, int64_t K) {
+  const int64_t per_tile = 8 * K * (M > 0 ? M : 1);
+  const int64_t g = (256 * 1024 + per_tile - 1) / per_tile;
+  return g < 1 ? 1 : g;
+}
+
+static at::Tensor as_f32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
+}
+
+static void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": device ", t.device(), "; expected a CPU tensor");
+}
+
+// ---- activation quantization -------------------------------------------------------------
+static void quant_rows_scalar(const float* x, int64_t K, const float* inv, const int32_t* z, int8_t* xq,
+                              int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float fi = inv[r], fz = (float)z[r];
+    for (int64_t k = 0; k < K; ++k) {
+      float v = std::nearbyint(x[r * K + k] * fi) + fz;
+      v = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
+      xq[r * K + k] = (int8_t)(int)v;
+    }
+  }
+}
+
+static void minmax_rows_scalar(const float* x, int64_t K, float* mn, float* mx, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float lo = 0.f, hi = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = x[r * K + k];
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    mn[r] = lo;
+    mx[r] = hi;
+  }
+}
+
+std::vector<at::Tensor> quantize_act(const at::Tensor& x_in, const c10::optional<at::Tensor>& scale,
+                                     const c10::optional<at::Tensor>& zero) {
+  check_cpu(x_in, "x");
+  TORCH_CHECK(x_in.dim() == 2, "quantize_act: x.shape ", x_in.sizes(), "; expected [M, K]");
+  TORCH_CHECK(scale.has_value() == zero.has_value(), "quantize_act: give both scale and zero or neither");
+  const at::Tensor x = as_f32(x_in);
+  const int64_t M = x.size(0), K = x.size(1);
+  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor sa, za;
+  const bool avx2 = use_avx2();
+  const int64_t grain = (64 * 1024 + K) / (K > 0 ? K : 1);
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->numel() == 1 && zero->numel() == 1, "quantize_act: static scale/zero must have one element");
+    const float s = scale->to(at::kFloat).item<float>();
+    const int32_t z = zero->to(at::kInt).item<int32_t>();
+    sa = at::full({M}, s, x.options());
+    za = at::full({M}, z, x.options().dtype(at::kInt));
+  } else {
+    sa = at::empty({M}, x.options());
+    za = at::empty({M}, x.options().dtype(at::kInt));
+    std::vector<float> mn(M), mx(M);
+    at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+      if (avx2)
+        minmax_rows_avx2(x.data_ptr<float>(), K, mn.data(), mx.data(), r0, r1);
+      else
+        minmax_rows_scalar(x.data_ptr<float>(), K, mn.data(), mx.data(), r0, r1);
+    });
+    float* ps = sa.data_ptr<float>();
+    int32_t* pz = za.data_ptr<int32_t>();
+    for (int64_t r = 0; r < M; ++r) {
+      // The reference's fp32 rule, operation for operation (every step is one IEEE rounding).
+      float s = (mx[r] - mn[r]) / 255.0f;
+      if (!(s > 0.f)) s = 1.0f;
+      float zf = std::nearbyint(-128.0f - mn[r] / s);
+      zf = zf < -128.f ? -128.f : (zf > 127.f ? 127.f : zf);
+      ps[r] = s;
+      pz[r] = (int32_t)zf;
+    }
+  }
+  std::vector<float> inv(M);
+  const float* ps = sa.data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r) inv[r] = 1.0f / ps[r];
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    if (avx2)
+      quant_rows_avx2(x.data_ptr<float>(), K, inv.data(), za.data_ptr<int32_t>(), xq.data_ptr<int8_t>(), r0, r1);
+    else
+      quant_rows_scalar(x.data_ptr<float>(), K, inv.data(), za.data_ptr<int32_t>(), xq.data_ptr<int8_t>(), r0, r1);
+  });
+  return {xq, sa, za};
+}
+
+// ---- repacks -----------------------------------------------------------------------------
+// [N, C] -> [NT, C, 8] with rows past N zero: the "rows in lanes" transposition of 8-row tiles.
+static at::Tensor rows_in_lanes(const at::Tensor& t, int64_t inner = 1) {
+  const int64_t N = t.size(0), NT = (N + 7) / 8;
+  at::Tensor p = t;
+  if (NT * 8 != N) p = at::constant_pad_nd(t, {0, 0, 0, NT * 8 - N}, 0);
+  const int64_t C = p.size(1) / inner;
+  return p.reshape({NT, 8, C, inner}).permute({0, 2, 1, 3}).contiguous();
+}
+
+static int64_t storage_offset(int64_t bits) { return bits <= 4 ? 0 : 128; }
+
+std::vector<at::Tensor> repack_dequant(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
+                                       int64_t bits, int64_t K) {
+  const int64_t G = scale.size(1), gs = K / G;
+  // A code pair would straddle two groups, or K is odd (the last byte holds one code): scalar path.
+  if (bits <= 4 && (K % 2 || (G > 1 && gs % 2))) return {};
+  auto w = rows_in_lanes(qweight.contiguous());
+  auto zc = rows_in_lanes((zero.to(at::kInt) - storage_offset(bits)).contiguous());
+  auto sc = rows_in_lanes(scale.to(at::kFloat).contiguous());
+  return {w, zc, sc};
+}
+
+std::vector<at::Tensor> repack_qact(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
+                                    const at::Tensor& wsum, int64_t bits, int64_t K) {
+  const int64_t G = scale.size(1), gs = K / G;
+  const int64_t step = bits <= 4 ? 8 : 2;
+  if (G > 1 && gs % step) return {};  // groups not aligned to the kernel step: scalar path
+  const int64_t Kp = (K + step - 1) / step * step;
+  at::Tensor q = qweight.contiguous();
+  const int64_t cols = bits <= 4 ? Kp / 2 : Kp;
+  if (q.size(1) != cols) q = at::constant_pad_nd(q, {0, cols - q.size(1)}, 0);
+  auto w = rows_in_lanes(q, bits <= 4 ? 4 : 2);
+  auto zc = rows_in_lanes((zero.to(at::kInt) - storage_offset(bits)).contiguous());
+  auto ws = rows_in_lanes(wsum.to(at::kInt).contiguous());
+  auto sc = rows_in_lanes(scale.to(at::kFloat).contiguous());
+  return {w, zc, ws, sc, at::scalar_tensor(Kp, at::kLong)};
+}
+
+// ---- weight-only linear --------------------------------------------------------------------
+static void dq_rows_scalar(const float* x, const uint8_t* qw, const float* s, const int32_t* z, const float* bias,
+                           float* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t bits, int64_t n0, int64_t n1) {
+  const int64_t gs = K / G, off = storage_offset(bits);
+  const int64_t row_bytes = bits <= 4 ? (K + 1) / 2 : K;
+  std::vector<float> w(K);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = qw + n * row_bytes;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t q = bits <= 4 ? ((r[k / 2] >> (4 * (k & 1))) & 15) : (int32_t)(int8_t)r[k] + off;
+      const int64_t g = k / gs;
+      w[k] = (float)(q - z[n * G + g]) * s[n * G + g];  // the reference's exact dequantization
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += x[m * K + k] * w[k];
+      y[m * N + n] = acc + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+at::Tensor dequant_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scale,
+                          const at::Tensor& zero, const std::vector<at::Tensor>& packed,
+                          const c10::optional<at::Tensor>& bias_in, int64_t bits, int64_t K) {
+  check_cpu(x_in, "x");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "dequant_linear: x.shape ", x_in.sizes(), "; expected [M, ", K, "]");
+  const at::Tensor x = as_f32(x_in);
+  const int64_t M = x.size(0), N = qweight.size(0), G = scale.size(1);
+  at::Tensor bias = bias_in.has_value() ? as_f32(*bias_in) : at::Tensor();
+  auto y = at::empty({M, N}, x.options());
+  const float* pb = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (use_avx2() && !packed.empty()) {
+    DqArgs a{(const uint8_t*)packed[0].data_ptr(), packed[1].data_ptr<int32_t>(), packed[2].data_ptr<float>(),
+             x.data_ptr<float>(), pb, y.data_ptr<float>(), M, N, K, G, (int)bits};
+    const int64_t NT = (N + 7) / 8;
+    at::parallel_for(0, NT, tile_grain(M, K), [&](int64_t t0, int64_t t1) { dq_tiles_avx2(a, t0, t1); });
+  } else {
+    auto s = scale.to(at::kFloat).contiguous();
+    auto z = zero.to(at::kInt).contiguous();
+    auto q = qweight.contiguous();
+    at::parallel_for(0, N, tile_grain(M, K) * 8, [&](int64_t n0, int64_t n1) {
+      dq_rows_scalar(x.data_ptr<float>(), (const uint8_t*)q.data_ptr(), s.data_ptr<float>(), z.data_ptr<int32_t>(),
+                     pb, y.data_ptr<float>(), M, N, K, G, bits, n0, n1);
+    });
+  }
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+// ---- integer-activation linear -------------------------------------------------------------
+static void qa_rows_scalar(const int8_t* xq, const float* sa, const int32_t* za, const uint8_t* qw, const float* s,
+                           const int32_t* z, const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
+                           int64_t bits, int64_t n0, int64_t n1) {
+  const int64_t gs = K / G, off = storage_offset(bits);
+  const int64_t row_bytes = bits <= 4 ? (K + 1) / 2 : K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = qw + n * row_bytes;
+    for (int64_t m = 0; m < M; ++m) {
+      float yf = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t zc = z[n * G + g] - off;
+        int64_t acc = 0;  // exact: |terms| <= 255 * 255
+        for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+          const int64_t c = bits <= 4 ? ((r[k / 2] >> (4 * (k & 1))) & 15) : (int64_t)(int8_t)r[k];
+          acc += ((int64_t)xq[m * K + k] - za[m]) * (c - zc);
+        }
+        yf += (float)acc * s[n * G + g];
+      }
+      y[m * N + n] = yf * sa[m] + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+// Activations in the layout the AVX2 kernel reads, plus per-group corrections.
+static void prep_acts(const int8_t* xq, const int32_t* za, int64_t M, int64_t K, int64_t Kp, int64_t G, int64_t Kg,
+                      int64_t bits, std::vector<int8_t>& x8, std::vector<int16_t>& x16, std::vector<int32_t>& xc) {
+  const int64_t gsp = Kp / G;  // padded columns per group (== Kg unless G == 1 and K was padded)
+  xc.assign(M * G, 0);
+  if (bits <= 4) x8.assign(M * Kp, 0); else x16.assign(M * Kp, 0);
+  static const int perm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xr = xq + m * K;
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t sx = 0;
+      for (int64_t k = g * gsp; k < g * gsp + Kg && k < K; ++k) sx += xr[k];
+      xc[m * G + g] = sx - (int32_t)Kg * za[m];
+    }
+    if (bits <= 4) {
+      int8_t* o = x8.data() + m * Kp;
+      for (int64_t b = 0; b < Kp; b += 8)
+        for (int i = 0; i < 8; ++i) {
+          const int64_t k = b + perm[i];
+          o[b + i] = k < K ? xr[k] : 0;
+        }
+    } else {
+      int16_t* o = x16.data() + m * Kp;
+      for (int64_t k = 0; k < K; ++k) o[k] = xr[k];
+    }
+  }
+}
+
+at::Tensor qact_linear(const at::Tensor& xq_in, const at::Tensor& sa_in, const at::Tensor& za_in,
+                       const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
+                       const at::Tensor& wsum, const std::vector<at::Tensor>& packed,
+                       const c10::optional<at::Tensor>& bias_in, int64_t bits, at::ScalarType out_dtype) {
+  check_cpu(xq_in, "xq");
+  const at::Tensor xq = xq_in.contiguous(), sa = as_f32(sa_in), za = za_in.to(at::kInt).contiguous();
+  const int64_t M = xq.size(0), K = xq.size(1), N = qweight.size(0), G = scale.size(1);
+  TORCH_CHECK(K / G <= 32768, "qact_linear: ", K / G, " columns per group; the int32 accumulator is exact only up to 32768");
+  at::Tensor bias = bias_in.has_value() ? as_f32(*bias_in) : at::Tensor();
+  const float* pb = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  auto y = at::empty({M, N}, sa.options());
+  if (use_avx2() && !packed.empty()) {
+    const int64_t Kp = packed[4].item<int64_t>();
+    static thread_local std::vector<int8_t> x8;
+    static thread_local std::vector<int16_t> x16;
+    static thread_local std::vector<int32_t> xc;
+    prep_acts(xq.data_ptr<int8_t>(), za.data_ptr<int32_t>(), M, K, Kp, G, K / G, bits, x8, x16, xc);
+    QaArgs a{(const uint8_t*)packed[0].data_ptr(), packed[1].data_ptr<int32_t>(), packed[2].data_ptr<int32_t>(),
+             packed[3].data_ptr<float>(), bits <= 4 ? x8.data() : nullptr, bits <= 4 ? nullptr : x16.data(),
+             xc.data(), sa.data_ptr<float>(), za.data_ptr<int32_t>(), pb, y.data_ptr<float>(),
+             M, N, Kp, G, K / G, (int)bits};
+    const int64_t NT = (N + 7) / 8;
+    at::parallel_for(0, NT, tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { qa_tiles_avx2(a, t0, t1); });
+  } else {
+    auto s = scale.to(at::kFloat).contiguous();
+    auto z = zero.to(at::kInt).contiguous();
+    auto q = qweight.contiguous();
+    at::parallel_for(0, N, tile_grain(M, K) * 8, [&](int64_t n0, int64_t n1) {
+      qa_rows_scalar(xq.data_ptr<int8_t>(), sa.data_ptr<float>(), za.data_ptr<int32_t>(), (const uint8_t*)q.data_ptr(),
+                     s.data_ptr<float>(), z.data_ptr<int32_t>(), pb, y.data_ptr<float>(), M, N, K, G, bits, n0, n1);
+    });
+  }
+  return out_dtype == at::kFloat ? y : y.to(out_dtype);
+}
+
+// ---- memory read probe (benchmarks) ------------------------------------------------------------
+int64_t read_probe(const at::Tensor& buf) {
+  TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous(), "read_probe: buf must be a contiguous CPU tensor");
+  const uint8_t* p = (const uint8_t*)buf.data_ptr();
+  const int64_t n = buf.numel() * buf.element_size();
+  const int64_t chunk = 1 << 20;
+  std::atomic<uint64_t> acc{0};
+  at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t b = c0 * chunk, e = std::min(n, c1 * chunk);
+    uint64_t r = 0;
+    if (use_avx2()) {
+      r = read_probe_avx2(p + b, e - b);
+    } else {
+      for (int64_t i = b; i < e; ++i) r ^= p[i];
+    }
+    acc.fetch_xor(r);
+  });
+  return (int64_t)acc.load();
+}
+
+}  // namespace fxk

@@ -1,0 +1,432 @@
+// AVX2/FMA kernels. Every function carries the target attribute (the module is compiled for
+// baseline x86-64) and only the entry points declared in kernels.h have external linkage; the
+// driver calls them after cpu_features() said AVX2+FMA+F16C are present.
+//
+// Layout choice (see kernels.h): output rows live in the 8 SIMD lanes. A GEMV then needs no
+// horizontal sums, one vector of per-group scale / zero serves 8 rows, and the activation is a
+// broadcast shared by all 8 rows, so the weight stream is read exactly once with unit stride.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+#define FXK_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace fxk {
+namespace {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+FXK_AVX2 inline void store_rows(float* yrow, int64_t n0, int64_t N, __m256 v) {
+  if (n0 + 8 <= N) {
+    _mm256_storeu_ps(yrow + n0, v);
+  } else {  // last, partial tile: rows past N are padding
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int64_t i = 0; n0 + i < N; ++i) yrow[n0 + i] = tmp[i];
+  }
+}
+
+FXK_AVX2 inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// ------------------------------------------------------------------------------------------
+// Weight-only: y[m, n] = sum_g s[n, g] * sum_{k in g} x[m, k] * (q[n, k] - z[n, g])
+// (q - z) is formed in integers and converted exactly, then FMA'd against a broadcast activation. Several accumulators per
+// activation row hide the 4-cycle FMA latency when MR is small.
+// ------------------------------------------------------------------------------------------
+template <int MR>
+struct DqAcc {
+  static constexpr int NA = MR <= 2 ? 4 : (MR <= 4 ? 2 : 1);
+};
+
+template <int MR, bool NIB>
+FXK_AVX2 void dq_block(const DqArgs& a, int64_t t, int64_t m0) {
+  constexpr int NA = DqAcc<MR>::NA;
+  const int64_t K = a.K, G = a.G, gs = K / G;
+  const float* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = a.x + (m0 + m) * K;
+  __m256 acc[MR][NA], tot[MR];
+  for (int m = 0; m < MR; ++m) {
+    tot[m] = _mm256_setzero_ps();
+    for (int j = 0; j < NA; ++j) acc[m][j] = _mm256_setzero_ps();
+  }
+  const __m256i m15 = _mm256_set1_epi32(15);
+
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256i zc = _mm256_loadu_si256((const __m256i*)(a.zc + (t * G + g) * 8));
+    const __m256 sc = _mm256_loadu_ps(a.sc + (t * G + g) * 8);
+    const int64_t k0 = g * gs, k1 = k0 + gs;
+    int64_t k = k0;
+    if (NIB) {
+      // One byte per row holds k (low nibble) and k+1 (high nibble): a single 8-byte load
+      // zero-extended to 32-bit lanes yields both codes for 8 rows with one AND and one shift.
+      const uint8_t* wp = a.w + t * (K / 2) * 8;
+      for (; k + 4 <= k1; k += 4) {
+        __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wp + (k / 2) * 8)));
+        __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wp + (k / 2 + 1) * 8)));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v0, m15), zc));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), zc));
+        __m256 w2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v1, m15), zc));
+        __m256 w3 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), zc));
+        for (int m = 0; m < MR; ++m) {
+          acc[m][0 % NA] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(xr[m] + k), acc[m][0 % NA]);
+          acc[m][1 % NA] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(xr[m] + k + 1), acc[m][1 % NA]);
+          acc[m][2 % NA] = _mm256_fmadd_ps(w2, _mm256_broadcast_ss(xr[m] + k + 2), acc[m][2 % NA]);
+          acc[m][3 % NA] = _mm256_fmadd_ps(w3, _mm256_broadcast_ss(xr[m] + k + 3), acc[m][3 % NA]);
+        }
+      }
+      for (; k + 2 <= k1; k += 2) {
+        __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wp + (k / 2) * 8)));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v0, m15), zc));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), zc));
+        for (int m = 0; m < MR; ++m) {
+          acc[m][0] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(xr[m] + k), acc[m][0]);
+          acc[m][1 % NA] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(xr[m] + k + 1), acc[m][1 % NA]);
+        }
+      }
+    } else {
+      const int8_t* wp = (const int8_t*)a.w + t * K * 8;
+      for (; k + 4 <= k1; k += 4) {
+        __m256 w[4];
+        for (int j = 0; j < 4; ++j) {
+          __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wp + (k + j) * 8)));
+          w[j] = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, zc));
+        }
+        for (int m = 0; m < MR; ++m)
+          for (int j = 0; j < 4; ++j)
+            acc[m][j % NA] = _mm256_fmadd_ps(w[j], _mm256_broadcast_ss(xr[m] + k + j), acc[m][j % NA]);
+      }
+      for (; k < k1; ++k) {
+        __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wp + k * 8)));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, zc));
+        for (int m = 0; m < MR; ++m)
+          acc[m][0] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(xr[m] + k), acc[m][0]);
+      }
+    }
+    // (q - z) is an exact small integer in fp32, so the group's scale is applied once to the
+    // group's partial sum instead of once per weight (one multiply per 8 rows x group).
+    for (int m = 0; m < MR; ++m) {
+      __m256 sg = acc[m][0];
+      for (int j = 1; j < NA; ++j) sg = _mm256_add_ps(sg, acc[m][j]);
+      tot[m] = _mm256_fmadd_ps(sg, sc, tot[m]);
+      for (int j = 0; j < NA; ++j) acc[m][j] = _mm256_setzero_ps();
+    }
+  }
+  const int64_t n0 = t * 8;
+  __m256 b = _mm256_setzero_ps();
+  if (a.bias) {
+    if (n0 + 8 <= a.N) {
+      b = _mm256_loadu_ps(a.bias + n0);
+    } else {
+      alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t i = 0; n0 + i < a.N; ++i) tmp[i] = a.bias[n0 + i];
+      b = _mm256_load_ps(tmp);
+    }
+  }
+  for (int m = 0; m < MR; ++m) store_rows(a.y + (m0 + m) * a.N, n0, a.N, _mm256_add_ps(tot[m], b));
+}
+
+template <bool NIB>
+FXK_AVX2 void dq_rows(const DqArgs& a, int64_t t, int64_t m0, int64_t mr) {
+  switch (mr) {
+    case 1: dq_block<1, NIB>(a, t, m0); break;
+    case 2: dq_block<2, NIB>(a, t, m0); break;
+    case 3: dq_block<3, NIB>(a, t, m0); break;
+    case 4: dq_block<4, NIB>(a, t, m0); break;
+    case 5: dq_block<5, NIB>(a, t, m0); break;
+    default: dq_block<6, NIB>(a, t, m0); break;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Integer activations. INT4: vpmaddubsw(unsigned nibble codes, signed int8 activations): each
+// int16 lane is c0*x0 + c1*x1 with |.| <= 2*15*128 = 3840, so eight of them (32 k) sum in int16
+// without saturation before one vpmaddwd widens to int32. INT8: codes are full-range signed,
+// where vpmaddubsw could saturate, so both operands are widened to int16 and vpmaddwd (exact)
+// does the pairs. Zero points are folded afterwards in exact int32 arithmetic:
+//   sum (xq - za)(c - zc) = acc - zc * (sum xq - Kg za) - za * sum c.
+// ------------------------------------------------------------------------------------------
+template <int MR>
+FXK_AVX2 inline void qa_epilogue(const QaArgs& a, int64_t t, int64_t g, int64_t m0, const __m256i* acc32,
+                                 __m256* yf) {
+  const __m256i zc = _mm256_loadu_si256((const __m256i*)(a.zc + (t * a.G + g) * 8));
+  const __m256i ws = _mm256_loadu_si256((const __m256i*)(a.ws + (t * a.G + g) * 8));
+  const __m256 sc = _mm256_loadu_ps(a.sc + (t * a.G + g) * 8);
+  for (int m = 0; m < MR; ++m) {
+    const __m256i xc = _mm256_set1_epi32(a.xc[(m0 + m) * a.G + g]);
+    const __m256i za = _mm256_set1_epi32(a.za[m0 + m]);
+    __m256i ex = _mm256_sub_epi32(acc32[m], _mm256_add_epi32(_mm256_mullo_epi32(zc, xc), _mm256_mullo_epi32(za, ws)));
+    yf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ex), sc, yf[m]);
+  }
+}
+
+template <int MR>
+FXK_AVX2 inline void qa_store(const QaArgs& a, int64_t t, int64_t m0, const __m256* yf) {
+  const int64_t n0 = t * 8;
+  __m256 b = _mm256_setzero_ps();
+  if (a.bias) {
+    alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < 8 && n0 + i < a.N; ++i) tmp[i] = a.bias[n0 + i];
+    b = _mm256_load_ps(tmp);
+  }
+  for (int m = 0; m < MR; ++m)
+    store_rows(a.y + (m0 + m) * a.N, n0, a.N, _mm256_fmadd_ps(yf[m], _mm256_set1_ps(a.sa[m0 + m]), b));
+}
+
+template <int MR>
+FXK_AVX2 void qa4_block(const QaArgs& a, int64_t t, int64_t m0) {
+  const int64_t Kp = a.Kp, G = a.G, steps = Kp / G / 8;  // 8-column steps per group
+  const uint8_t* wt = a.w + t * (Kp / 8) * 32;
+  const int8_t* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = a.x8 + (m0 + m) * Kp;
+  const __m256i m15 = _mm256_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 yf[MR];
+  for (int m = 0; m < MR; ++m) yf[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc32[MR];
+    for (int m = 0; m < MR; ++m) acc32[m] = _mm256_setzero_si256();
+    const int64_t s0 = g * steps, s1 = s0 + steps;
+    for (int64_t sb = s0; sb < s1; sb += 4) {
+      const int64_t se = imin(sb + 4, s1);
+      __m256i acc16[MR];
+      for (int m = 0; m < MR; ++m) acc16[m] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int64_t s = sb; s < se; ++s) {
+        const __m256i w = _mm256_loadu_si256((const __m256i*)(wt + s * 32));
+        const __m256i lo = _mm256_and_si256(w, m15);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m15);
+        for (int m = 0; m < MR; ++m) {
+          const __m256i xl = _mm256_set1_epi32(load_i32(xr[m] + s * 8));
+          const __m256i xh = _mm256_set1_epi32(load_i32(xr[m] + s * 8 + 4));
+          acc16[m] = _mm256_add_epi16(acc16[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
+                                                                 _mm256_maddubs_epi16(hi, xh)));
+        }
+      }
+      for (int m = 0; m < MR; ++m) acc32[m] = _mm256_add_epi32(acc32[m], _mm256_madd_epi16(acc16[m], ones));
+    }
+    qa_epilogue<MR>(a, t, g, m0, acc32, yf);
+  }
+  qa_store<MR>(a, t, m0, yf);
+}
+
+template <int MR>
+FXK_AVX2 void qa8_block(const QaArgs& a, int64_t t, int64_t m0) {
+  const int64_t Kp = a.Kp, G = a.G, steps = Kp / G / 2;  // 2-column steps per group
+  const int8_t* wt = (const int8_t*)a.w + t * (Kp / 2) * 16;
+  const int16_t* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = a.x16 + (m0 + m) * Kp;
+  __m256 yf[MR];
+  for (int m = 0; m < MR; ++m) yf[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc32[MR];
+    for (int m = 0; m < MR; ++m) acc32[m] = _mm256_setzero_si256();
+    const int64_t s0 = g * steps, s1 = s0 + steps;
+    int64_t s = s0;
+    for (; s + 2 <= s1; s += 2) {
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt + s * 16)));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt + s * 16 + 16)));
+      for (int m = 0; m < MR; ++m) {
+        const __m256i p0 = _mm256_madd_epi16(w0, _mm256_set1_epi32(load_i32(xr[m] + 2 * s)));
+        const __m256i p1 = _mm256_madd_epi16(w1, _mm256_set1_epi32(load_i32(xr[m] + 2 * s + 2)));
+        acc32[m] = _mm256_add_epi32(acc32[m], _mm256_add_epi32(p0, p1));
+      }
+    }
+    for (; s < s1; ++s) {
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt + s * 16)));
+      for (int m = 0; m < MR; ++m)
+        acc32[m] = _mm256_add_epi32(acc32[m], _mm256_madd_epi16(w0, _mm256_set1_epi32(load_i32(xr[m] + 2 * s))));
+    }
+    qa_epilogue<MR>(a, t, g, m0, acc32, yf);
+  }
+  qa_store<MR>(a, t, m0, yf);
+}
+
+// GEMV (M = 1) with INT4 codes: two tiles (16 rows) share every activation broadcast and each
+// 32-column block is fully unrolled, which brings the loop to ~9 instructions per 64 MACs so the
+// kernel stays memory-bound on two cores. Requires 32-aligned groups (or G == 1 and Kp % 32 == 0).
+FXK_AVX2 void qa4_gemv2(const QaArgs& a, int64_t t) {
+  const int64_t Kp = a.Kp, G = a.G, steps = Kp / G / 8;
+  const uint8_t* w0 = a.w + t * (Kp / 8) * 32;
+  const uint8_t* w1 = w0 + (Kp / 8) * 32;
+  const int8_t* xr = a.x8;
+  const __m256i m15 = _mm256_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 yf[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+    for (int64_t sb = g * steps; sb < (g + 1) * steps; sb += 4) {
+      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int64_t s = sb + j;
+        const __m256i xl = _mm256_set1_epi32(load_i32(xr + s * 8));
+        const __m256i xh = _mm256_set1_epi32(load_i32(xr + s * 8 + 4));
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)(w0 + s * 32));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i*)(w1 + s * 32));
+        s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v0, m15), xl),
+                                                   _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m15), xh)));
+        s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v1, m15), xl),
+                                                   _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m15), xh)));
+      }
+      acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(s0, ones));
+      acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(s1, ones));
+    }
+    qa_epilogue<1>(a, t, g, 0, &acc0, &yf[0]);
+    qa_epilogue<1>(a, t + 1, g, 0, &acc1, &yf[1]);
+  }
+  qa_store<1>(a, t, 0, &yf[0]);
+  qa_store<1>(a, t + 1, 0, &yf[1]);
+}
+
+FXK_AVX2 void qa_rows(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
+  if (a.bits <= 4) {
+    switch (mr) {
+      case 1: qa4_block<1>(a, t, m0); break;
+      case 2: qa4_block<2>(a, t, m0); break;
+      case 3: qa4_block<3>(a, t, m0); break;
+      default: qa4_block<4>(a, t, m0); break;
+    }
+  } else {
+    switch (mr) {
+      case 1: qa8_block<1>(a, t, m0); break;
+      case 2: qa8_block<2>(a, t, m0); break;
+      case 3: qa8_block<3>(a, t, m0); break;
+      case 4: qa8_block<4>(a, t, m0); break;
+      case 5: qa8_block<5>(a, t, m0); break;
+      default: qa8_block<6>(a, t, m0); break;
+    }
+  }
+}
+
+}  // namespace
+
+// Cache blocking: a block of activation rows (sized to stay in the 512 KiB L2 next to one
+// weight tile) is swept over this thread's tiles; each 8-row weight tile is then reused from
+// L1/L2 by every MR-row micro-block of that activation block.
+static int64_t rows_per_block(int64_t row_bytes, int64_t mr) {
+  int64_t mb = (192 * 1024) / (row_bytes > 0 ? row_bytes : 1);
+  mb = mb / mr * mr;
+  return mb < mr ? mr : mb;
+}
+
+FXK_AVX2 void dq_tiles_avx2(const DqArgs& a, int64_t t0, int64_t t1) {
+  const int64_t mb = rows_per_block(a.K * 4, 6);
+  for (int64_t b0 = 0; b0 < a.M; b0 += mb) {
+    const int64_t b1 = imin(a.M, b0 + mb);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m0 = b0; m0 < b1; m0 += 6) {
+        if (a.bits <= 4)
+          dq_rows<true>(a, t, m0, imin(6, b1 - m0));
+        else
+          dq_rows<false>(a, t, m0, imin(6, b1 - m0));
+      }
+  }
+}
+
+FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
+  const int64_t mr = a.bits <= 4 ? 4 : 6;
+  if (a.M == 1 && a.bits <= 4 && (a.Kp / a.G) % 32 == 0) {
+    int64_t t = t0;
+    for (; t + 2 <= t1; t += 2) qa4_gemv2(a, t);
+    for (; t < t1; ++t) qa_rows(a, t, 0, 1);
+    return;
+  }
+  const int64_t mb = rows_per_block(a.Kp * (a.bits <= 4 ? 1 : 2), mr);
+  for (int64_t b0 = 0; b0 < a.M; b0 += mb) {
+    const int64_t b1 = imin(a.M, b0 + mb);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m0 = b0; m0 < b1; m0 += mr) qa_rows(a, t, m0, imin(mr, b1 - m0));
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Activation quantization, bit-exact with the reference: fp32 multiply by the fp32 reciprocal,
+// round half to even (vroundps with the default MXCSR mode, same as rint), add the zero, clamp.
+// ------------------------------------------------------------------------------------------
+FXK_AVX2 void quant_rows_avx2(const float* x, int64_t K, const float* inv, const int32_t* z, int8_t* xq,
+                              int64_t r0, int64_t r1) {
+  const __m256 lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * K;
+    int8_t* qr = xq + r * K;
+    const float fi = inv[r];
+    const float fz = (float)z[r];
+    const __m256 vi = _mm256_set1_ps(fi), vz = _mm256_set1_ps(fz);
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      __m256i q[4];
+      for (int j = 0; j < 4; ++j) {
+        __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8 * j), vi),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vz), lo), hi);
+        q[j] = _mm256_cvtps_epi32(v);
+      }
+      // packs work per 128-bit lane; the final dword permutation restores k order.
+      __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256((__m256i*)(qr + k), _mm256_permutevar8x32_epi32(p, perm));
+    }
+    for (; k < K; ++k) {
+      float v = __builtin_nearbyintf(xr[k] * fi) + fz;
+      v = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
+      qr[k] = (int8_t)(int)v;
+    }
+  }
+}
+
+FXK_AVX2 void minmax_rows_avx2(const float* x, int64_t K, float* mn, float* mx, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * K;
+    int64_t k = 0;
+    float lo = 0.f, hi = 0.f;  // the grid always contains 0, so starting from 0 is exact
+    if (K >= 8) {
+      __m256 vl = _mm256_loadu_ps(xr), vh = vl;
+      for (k = 8; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_loadu_ps(xr + k);
+        vl = _mm256_min_ps(vl, v);
+        vh = _mm256_max_ps(vh, v);
+      }
+      alignas(32) float tl[8], th[8];
+      _mm256_store_ps(tl, vl);
+      _mm256_store_ps(th, vh);
+      for (int j = 0; j < 8; ++j) {
+        lo = tl[j] < lo ? tl[j] : lo;
+        hi = th[j] > hi ? th[j] : hi;
+      }
+    }
+    for (; k < K; ++k) {
+      lo = xr[k] < lo ? xr[k] : lo;
+      hi = xr[k] > hi ? xr[k] : hi;
+    }
+    mn[r] = lo;
+    mx[r] = hi;
+  }
+}
+
+}  // namespace fxk
+
+namespace fxk {
+// Memory read-bandwidth probe: XOR-reduce every 32-byte line of [p, p + n). Eight independent
+// loads per iteration and no arithmetic dependency on the data keep the core out of the way,
+// so the time is set by DRAM, unlike torch.sum whose fp32 reduction is compute-limited here.
+FXK_AVX2 uint64_t read_probe_avx2(const uint8_t* p, int64_t n) {
+  __m256i a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 256 <= n; i += 256)
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_xor_si256(a[j], _mm256_loadu_si256((const __m256i*)(p + i + 32 * j)));
+  for (int j = 1; j < 8; ++j) a[0] = _mm256_xor_si256(a[0], a[j]);
+  alignas(32) uint64_t t[4];
+  _mm256_store_si256((__m256i*)t, a[0]);
+  uint64_t r = t[0] ^ t[1] ^ t[2] ^ t[3];
+  for (; i < n; ++i) r ^= p[i];
+  return r;
+}
+}  // namespace fxk

@@ -1,0 +1,299 @@
+"""The CPU backend (fxkernels/backends/cpu.py + csrc/cpu) against fxkernels.reference.
+
+Integer parts are compared bit for bit; float outputs within bounds derived from the number of
+fp32 roundings each kernel performs (qact_linear) or within 2x torch's own fp32 matmul error
+against a float64 result (dequant_linear). Every test runs the AVX2 kernels (when the CPU has
+them) and the forced scalar fallback.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxkernels
+from fxkernels import dispatch, ops
+from fxkernels import reference as R
+from fxkernels.format import QuantSpec, pack
+
+cpu = pytest.importorskip("fxkernels.backends.cpu", reason="fxkernels._C CPU extension not built")
+
+ISAS = ["auto", "scalar"]
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with cpu.isa(request.param):
+        if request.param == "scalar":
+            assert cpu.active_isa() == "scalar"
+        yield request.param
+
+
+def make_weight(n, k, bits, groups, gen, zero_mode="random"):
+    q = torch.randint(0, 2 ** bits, (n, k), generator=gen)
+    qw = pack(q, QuantSpec(bits=bits, granularity="channel"))
+    scale = torch.rand(n, groups, generator=gen) * 0.1 + 0.01
+    if zero_mode == "random":
+        zero = torch.randint(0, 2 ** bits, (n, groups), generator=gen, dtype=torch.int32)
+    else:
+        zero = torch.full((n, groups), 2 ** (bits - 1), dtype=torch.int32)
+    return qw, scale, zero
+
+
+# (M, N, K, G): odd M; N not a multiple of 8; K not a multiple of 8/32 (padded for G == 1);
+# group sizes aligned to the AVX2 steps (32, 24, 8) and not (6 -> scalar path inside the backend).
+SHAPES = [
+    (1, 16, 64, 1),
+    (1, 13, 34, 1),
+    (3, 40, 96, 3),
+    (17, 9, 256, 4),
+    (3, 24, 48, 2),
+    (2, 8, 12, 2),
+    (17, 31, 130, 1),
+    (5, 7, 2, 1),
+]
+
+
+# -- quantize_act ------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,k", [(1, 1), (1, 4096), (3, 33), (17, 100), (8, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_act_dynamic_bit_exact(isa, m, k, dtype):
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 5).to(dtype)
+    if m > 1:
+        x[1] = x[1].abs() + 0.1  # all-positive row: lo clamps to 0
+        if m > 2:
+            x[2] = 0  # all-zero row: scale falls back to 1
+    with fxkernels.use_backend("cpu"):
+        xq, sa, za = ops.quantize_act(x, None, None)
+    rq, rs, rz = R.quantize_act(x)
+    assert torch.equal(sa, rs) and torch.equal(za, rz)
+    assert torch.equal(xq, rq), f"{int((xq != rq).sum())} codes differ"
+
+
+def test_quantize_act_static_ties_and_clamping(isa):
+    # scale 2**-3: x * (1/scale) is exact, so x = (j + 0.5) / 8 lands exactly on a tie and
+    # must round half to even; values beyond the grid must clamp to -128 / 127.
+    scale = torch.tensor([0.125])
+    zero = torch.tensor([3], dtype=torch.int32)
+    j = torch.arange(-300, 300, dtype=torch.float32)
+    x = torch.cat([(j + 0.5) / 8, j / 8, (j + 0.25) / 8]).reshape(3, -1)
+    with fxkernels.use_backend("cpu"):
+        xq, sa, za = ops.quantize_act(x, scale, zero)
+    rq, rs, rz = R.quantize_act(x, scale, zero)
+    assert torch.equal(xq, rq) and torch.equal(sa, rs) and torch.equal(za, rz)
+    assert int(xq.min()) == -128 and int(xq.max()) == 127
+    # spot-check the tie rule itself, independent of the reference: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+    half = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5]]) / 8
+    with fxkernels.use_backend("cpu"):
+        hq, _, _ = ops.quantize_act(half, scale, torch.tensor([0], dtype=torch.int32))
+    assert hq.tolist() == [[0, 2, 2, 0, -2]]
+
+
+# -- qact_linear: the integer part is exact -------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+@pytest.mark.parametrize("m,n,k,g", SHAPES)
+def test_qact_linear_integer_exact(isa, bits, m, n, k, g):
+    """With every scale 1 the output is the exact integer sum (all |values| < 2**24, so fp32
+    holds them and the float epilogue adds no rounding): must equal the reference bit for bit."""
+    gen = torch.Generator().manual_seed(bits * 7919 + m * 31 + n * 7 + k)
+    qw, _, zero = make_weight(n, k, bits, g, gen)
+    scale = torch.ones(n, g)
+    xq = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    za = torch.randint(-128, 128, (m,), generator=gen, dtype=torch.int32)
+    sa = torch.ones(m)
+    ws = R.weight_sums(qw, bits, k, g)
+    with fxkernels.use_backend("cpu"):
+        y = ops.qact_linear(xq, sa, za, qw, scale, zero, ws, None, bits, torch.float32)
+    ref = R.qact_linear(xq, sa, za, qw, scale, zero, ws, None, bits, torch.float32)
+    assert torch.equal(y, ref), f"max diff {(y - ref).abs().max().item()}"
+
+
+@pytest.mark.parametrize("bits,k", [(4, 4096), (8, 256)])
+def test_qact_linear_extreme_codes_no_saturation(isa, bits, k):
+    """Largest products the formats allow: xq = -128 with za = 127 and codes at the far end
+    from their zero. INT4 stresses the int16 partial sums of vpmaddubsw (8 x 3840 per flush),
+    INT8 the vpmaddwd pairs; the result (< 2**24) must be exact."""
+    n, m = 16, 2
+    qmax = 2 ** bits - 1
+    qw = pack(torch.full((n, k), qmax), QuantSpec(bits=bits))
+    qw_lo = pack(torch.zeros(n, k, dtype=torch.int64), QuantSpec(bits=bits))
+    zero_hi = torch.zeros(n, 1, dtype=torch.int32)
+    zero_lo = torch.full((n, 1), qmax, dtype=torch.int32)
+    xq = torch.full((m, k), -128, dtype=torch.int8)
+    za = torch.full((m,), 127, dtype=torch.int32)
+    sa, scale = torch.ones(m), torch.ones(n, 1)
+    for w, z in ((qw, zero_hi), (qw_lo, zero_lo)):
+        ws = R.weight_sums(w, bits, k, 1)
+        with fxkernels.use_backend("cpu"):
+            y = ops.qact_linear(xq, sa, za, w, scale, z, ws, None, bits, torch.float32)
+        ref = R.qact_linear(xq, sa, za, w, scale, z, ws, None, bits, torch.float32)
+        assert torch.equal(y, ref)
+        assert abs(float(ref[0, 0])) == 255 * qmax * k
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,n,k,g", SHAPES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_qact_linear_float_epilogue(isa, bits, m, n, k, g, out_dtype):
+    """Real scales and bias: the kernel does one rounding per group converting the exact
+    integer, one per scale multiply-add and one for the final rescale + bias, so it is within
+    (G + 3) fp32 eps of the summed magnitudes of the reference (computed in float64)."""
+    gen = torch.Generator().manual_seed(bits * 13 + m * 5 + n * 3 + k)
+    qw, scale, zero = make_weight(n, k, bits, g, gen)
+    x = torch.randn(m, k, generator=gen)
+    xq, sa, za = R.quantize_act(x)
+    ws = R.weight_sums(qw, bits, k, g)
+    bias = torch.randn(n, generator=gen)
+    with fxkernels.use_backend("cpu"):
+        y = ops.qact_linear(xq, sa, za, qw, scale, zero, ws, bias, bits, out_dtype)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    # float64 ground truth and the magnitude the roundings scale with
+    c = R.stored_codes(qw, bits, k).double()
+    zc = (zero - R.storage_offset(bits)).double().repeat_interleave(k // g, dim=1)
+    xc = xq.double() - za.double()[:, None]
+    per_group = torch.einsum("mgk,ngk->mng", xc.reshape(m, g, -1), (c - zc).reshape(n, g, -1))
+    terms = per_group * scale.double()[None] * sa.double()[:, None, None]
+    exact = terms.sum(-1) + bias.double()
+    mag = terms.abs().sum(-1) + bias.double().abs()
+    tol = (g + 3) * EPS32 * mag
+    if out_dtype != torch.float32:
+        tol = tol + torch.finfo(out_dtype).eps * exact.abs()
+    err = (y.double() - exact).abs()
+    assert (err <= tol).all(), f"max err/tol {(err / tol).max().item():.2f}"
+
+
+# -- dequant_linear: within 2x torch's own fp32 matmul error -----------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("m,n,k,g", SHAPES + [(1, 64, 1024, 8), (8, 33, 512, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequant_linear_accuracy(isa, bits, m, n, k, g, dtype):
+    gen = torch.Generator().manual_seed(bits * 3 + m * 17 + n * 11 + k)
+    qw, scale, zero = make_weight(n, k, bits, g, gen)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen)
+    with fxkernels.use_backend("cpu"):
+        y = ops.dequant_linear(x, qw, scale, zero, bias, bits, k)
+    assert y.dtype == dtype and y.shape == (m, n)
+    w = R.dequant_weight(qw, scale, zero, bits, k)  # exact fp32 weight
+    exact = x.double() @ w.double().t() + bias.double()
+    torch_err = (F.linear(x.float(), w, bias).double() - exact).abs().max().item()
+    floor = EPS32 * ((x.double().abs() @ w.double().abs().t()) + bias.double().abs()).max().item()
+    tol = 2 * max(torch_err, floor)
+    err = (y.double() - exact).abs()
+    if dtype != torch.float32:  # both outputs end with one rounding to the narrow type
+        err = err - torch.finfo(dtype).eps * exact.abs()
+    assert err.max().item() <= tol, f"err {err.max().item():.3g} > tol {tol:.3g}"
+
+
+@pytest.mark.parametrize("k,g", [(33, 1), (35, 5)])
+def test_odd_in_features_nibbles(isa, k, g):
+    """Kernel-level arguments allow an odd K for nibble codes (the last byte holds one code)."""
+    gen = torch.Generator().manual_seed(k)
+    qw, scale, zero = make_weight(12, k + 1, 4, g, gen)
+    x = torch.randn(3, k, generator=gen)
+    with fxkernels.use_backend("cpu"):
+        y = ops.dequant_linear(x, qw, scale, zero, None, 4, k)
+        xq, sa, za = ops.quantize_act(x, None, None)
+        ws = R.weight_sums(qw, 4, k, g)
+        yq = ops.qact_linear(xq, torch.ones(3), za, qw, torch.ones_like(scale), zero, ws, None, 4, torch.float32)
+    torch.testing.assert_close(y, R.dequant_linear(x, qw, scale, zero, None, 4, k), rtol=1e-5, atol=1e-5)
+    ref = R.qact_linear(xq, torch.ones(3), za, qw, torch.ones_like(scale), zero, ws, None, 4, torch.float32)
+    assert torch.equal(yq, ref)
+
+
+def test_dequant_linear_matches_reference_backend_on_quantlinear(isa):
+    """The whole QuantLinear path (W4 g32 asym, weight-only and W4A8 dynamic) on both backends."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    x = torch.randn(3, 5, 96)
+    for spec in (QuantSpec(bits=4, granularity="group", group_size=32),
+                 QuantSpec(bits=4, granularity="group", group_size=32, act_bits=8)):
+        layer = fxkernels.QuantLinear.from_linear(lin, spec)
+        with fxkernels.use_backend("cpu"):
+            y = layer(x)
+        with fxkernels.use_backend("reference"):
+            ref = layer(x)
+        assert y.shape == (3, 5, 40)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- dispatch, caching and refusals --------------------------------------------------------------
+class _Spy:
+    """Stands in for fxkernels._C inside the backend module and counts what is called."""
+
+    def __init__(self, real):
+        self._real, self.calls = real, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self._real, name)
+
+        def wrapped(*a, **kw):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*a, **kw)
+
+        return wrapped
+
+
+def test_use_backend_cpu_runs_the_extension(monkeypatch):
+    spy = _Spy(cpu._C)
+    monkeypatch.setattr(cpu, "_C", spy)
+    gen = torch.Generator().manual_seed(1)
+    qw, scale, zero = make_weight(24, 64, 4, 2, gen)
+    ws = R.weight_sums(qw, 4, 64, 2)
+    x = torch.randn(2, 64, generator=gen)
+    with fxkernels.use_backend("cpu"):
+        assert dispatch.select("dequant_linear", x, qw, scale, zero, None, 4, 64).name == "cpu_dequant_linear"
+        ops.dequant_linear(x, qw, scale, zero, None, 4, 64)
+        ops.dequant_linear(x, qw, scale, zero, None, 4, 64)
+        xq, sa, za = ops.quantize_act(x, None, None)
+        ops.qact_linear(xq, sa, za, qw, scale, zero, ws, None, 4, torch.float32)
+        ops.qact_linear(xq, sa, za, qw, scale, zero, ws, None, 4, torch.float32)
+    assert spy.calls["dequant_linear"] == 2 and spy.calls["qact_linear"] == 2
+    assert spy.calls["quantize_act"] == 1
+    # the repack happens once per weight, not per call
+    assert spy.calls["repack_dequant"] == 1 and spy.calls["repack_qact"] == 1
+    # an in-place write to the weight invalidates the repack, and the new weight is used
+    qw.bitwise_xor_(0x11)
+    with fxkernels.use_backend("cpu"):
+        y = ops.dequant_linear(x, qw, scale, zero, None, 4, 64)
+    assert spy.calls["repack_dequant"] == 2
+    torch.testing.assert_close(y, R.dequant_linear(x, qw, scale, zero, None, 4, 64), rtol=1e-5, atol=1e-5)
+
+
+def test_refusals_name_the_reason():
+    ok, why = cpu._qa_can(torch.zeros(1, 8, dtype=torch.int8, device="meta"), None, None, None,
+                          torch.ones(8, 1), None, None, None, 8, torch.float32)
+    assert not ok and "meta" in why and "CPU" in why
+    k = cpu.MAX_GROUP_COLUMNS * 2
+    xq = torch.zeros(1, k, dtype=torch.int8)
+    qw = torch.zeros(8, k, dtype=torch.int8)
+    scale, zero = torch.ones(8, 1), torch.full((8, 1), 128, dtype=torch.int32)
+    ws = torch.zeros(8, 1, dtype=torch.int32)
+    args = (xq, torch.ones(1), torch.zeros(1, dtype=torch.int32), qw, scale, zero, ws, None, 8, torch.float32)
+    ok, why = cpu._qa_can(*args)
+    assert not ok and str(k) in why and str(cpu.MAX_GROUP_COLUMNS) in why
+    with fxkernels.use_backend("cpu"), pytest.raises(RuntimeError, match="columns per group"):
+        ops.qact_linear(*args)
+    with pytest.raises(ValueError, match="isa"):
+        cpu.set_isa("avx512")
+
+
+def test_backend_reports_status():
+    rows = [r for r in fxkernels.available_kernels() if r["backend"] == "cpu"]
+    assert {r["name"] for r in rows} >= {"cpu_dequant_linear", "cpu_quantize_act", "cpu_qact_linear"}
+    assert all(r["usable"] for r in rows)
+
+
+def test_opcheck_with_cpu_backend():
+    gen = torch.Generator().manual_seed(2)
+    qw, scale, zero = make_weight(16, 32, 4, 1, gen)
+    ws = R.weight_sums(qw, 4, 32, 1)
+    x = torch.randn(3, 32, generator=gen)
+    xq, sa, za = R.quantize_act(x)
+    bias = torch.randn(16, generator=gen)
+    with fxkernels.use_backend("cpu"):
+        torch.library.opcheck(torch.ops.fxk.dequant_linear.default, (x, qw, scale, zero, bias, 4, 32))
+        torch.library.opcheck(torch.ops.fxk.quantize_act.default, (x, None, None))
+        torch.library.opcheck(torch.ops.fxk.qact_linear.default,
+                              (xq, sa, za, qw, scale, zero, ws, bias, 4, torch.float32))
