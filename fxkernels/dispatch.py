@@ -113,6 +113,11 @@ def use_backend(name: str):
         stack.pop()
 
 
+def selection_state() -> tuple:
+    """What besides the arguments decides a selection (part of callers' kernel-cache keys)."""
+    return os.environ.get("FXK_DISABLED_KERNELS", ""), _forced(), len(_registry[OPS[0]])
+
+
 def candidates(op: str) -> List[Kernel]:
     _ensure_loaded()
     return list(_registry[op])

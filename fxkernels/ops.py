@@ -154,3 +154,11 @@ def _check_qact_linear(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bi
 def _(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype):
     n = _check_qact_linear(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype)
     return xq.new_empty(xq.shape[0], n, dtype=out_dtype)
+
+
+def check_args(op: str, *args) -> None:
+    """Validate ``fxk::<op>`` arguments without running it (fast paths that call kernels directly)."""
+    {"dequant_linear": _check_dequant_linear, "quantize_act": _check_quantize_act,
+     "qact_linear": _check_qact_linear}[op](*args)
+    if op == "quantize_act" and args[1] is not None and not bool(args[1].reshape(()) > 0):
+        _fail("scale", float(args[1].reshape(())), "a positive float32 [1] tensor")

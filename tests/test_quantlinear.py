@@ -120,3 +120,26 @@ def test_reference_backend_can_be_forced():
     with use_backend("reference"):
         y = layer(x)
     assert torch.equal(y, layer(x)) or torch.allclose(y, layer(x), atol=1e-5)
+
+
+def test_eager_fast_path_and_compiled_graph_agree():
+    torch.manual_seed(0)
+    for spec, kw in ((QuantSpec(4, "group", 16), {}),
+                     (QuantSpec(8, "tensor", act_bits=8, act_mode="static"),
+                      dict(act_scale=torch.tensor([0.03]), act_zero=torch.tensor([2], dtype=torch.int32)))):
+        layer = QuantLinear.from_linear(nn.Linear(32, 16), spec, **kw)
+        x = torch.randn(3, 32)
+        eager = layer(x)
+        assert layer._kernels, "eager calls should cache their kernel choice"
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x), eager)
+
+
+def test_kernel_cache_follows_forced_backend():
+    layer = QuantLinear.from_linear(nn.Linear(32, 16), QuantSpec(4, "channel"))
+    x = torch.randn(2, 32)
+    layer(x)
+    with use_backend("reference"):
+        layer(x)
+    chosen = {k.backend for k in layer._kernels.values()}
+    assert "reference" in chosen and len(layer._kernels) == 2
