@@ -98,16 +98,21 @@ class QuantLinear(nn.Module):
     # -- running -----------------------------------------------------------------------------
     def _kernel_args(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Grouped ``[N, G]`` scale/zero and weight sums, derived once per set of buffers."""
+        if torch.compiler.is_compiling():  # graphs hold no Python-side caches: derive in-graph
+            return self._derive()
         key = (self.qweight.data_ptr(), self.qweight._version, self.scale.data_ptr(), self.scale._version,
                self.zero.data_ptr(), self.zero._version, self.qweight.device)
         if key != self._derived_key:
-            scale_g = as_grouped(self.scale, self.spec, self.out_features)
-            zero_g = as_grouped(self.zero, self.spec, self.out_features)
-            wsum = (weight_sums(self.qweight, self.spec.bits, self.in_features, scale_g.shape[1])
-                    if self.spec.act_bits else None)
-            self._derived = (scale_g, zero_g, wsum)
+            self._derived = self._derive()
             self._derived_key = key
         return self._derived
+
+    def _derive(self):
+        scale_g = as_grouped(self.scale, self.spec, self.out_features)
+        zero_g = as_grouped(self.zero, self.spec, self.out_features)
+        wsum = (weight_sums(self.qweight, self.spec.bits, self.in_features, scale_g.shape[1])
+                if self.spec.act_bits else None)
+        return scale_g, zero_g, wsum
 
     def _call(self, op: str, x: torch.Tensor, *args):
         """Run ``fxk::<op>(*args)``; ``x`` is the activation that decides the kernel.
