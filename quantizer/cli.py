@@ -18,6 +18,8 @@ EPILOG = """examples:
   flexround quantize --model smollm2 --method rtn --bits 4 --granularity channel --out out/w4
   flexround eval --model out/w4                    # perplexity on the held-out Wikipedia text
   flexround generate --model out/w4 --prompt "The capital of France is"
+  flexround inspect out/w4                         # layers, bits, sizes, compression ratio
+  flexround export --format gptq --model out/w4 --out out/w4-gptq
   flexround kernels                                # which kernels can run here, and why not
 """
 
