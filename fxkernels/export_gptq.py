@@ -1,7 +1,7 @@
 """Export a flexround checkpoint to the GPTQ tensor layout that GPTQ loaders read.
 
 Loaders: transformers (through optimum + gptqmodel), gptqmodel, vLLM (``gptq``/``gptq_marlin``),
-AutoGPTQ. The layout, the zero-point convention and every refusal are documented in docs/GPTQ.md.
+AutoGPTQ. The layout, the zero-point convention and every refusal are documented in docs/FORMAT.md.
 
 Per quantized linear ``<name>`` (weight ``W [N, K]`` = out x in, ``b`` bits, ``pf = 32 // b`` codes
 per int32, ``G`` groups):

@@ -180,6 +180,12 @@ def cmd_demo(a) -> int:
     return run_demo(out_dir=a.out, quick=a.quick)
 
 
+def cmd_vision(a) -> int:
+    from .vision.cli import main as vision_main
+    vision_main(a.vision_args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flexround", description="FlexRound post-training quantization and fast "
                                 "INT4/INT8 kernels.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -256,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="fewer evaluation windows (smoke test)")
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=cmd_demo)
+    v = sub.add_parser("vision", help="quantize ImageNet MobileNetV2 (the paper's CNN setting)", add_help=False,
+                       description="Arguments go to `python -m quantizer.vision.cli`; `flexround vision --help` "
+                       "lists them.")
+    v.add_argument("vision_args", nargs=argparse.REMAINDER)
+    v.set_defaults(func=cmd_vision)
     from .inspect_ckpt import add_parsers  # `inspect` and `export` subcommands
     add_parsers(sub)
     return p

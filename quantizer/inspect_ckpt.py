@@ -188,7 +188,7 @@ def add_parsers(sub) -> None:
 
     e = sub.add_parser("export", help="convert a flexround checkpoint to another layout (GPTQ)",
                        description="Write a GPTQ-layout Hugging Face directory (qweight/qzeros/scales/g_idx, "
-                       "quantization_config quant_method 'gptq') that GPTQ loaders read. See docs/GPTQ.md.")
+                       "quantization_config quant_method 'gptq') that GPTQ loaders read. See docs/FORMAT.md.")
     e.add_argument("--format", default="gptq", choices=["gptq"], help="target layout (default gptq)")
     e.add_argument("--model", required=True, help="flexround checkpoint directory")
     e.add_argument("--out", required=True, help="output directory")

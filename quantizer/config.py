@@ -1,0 +1,149 @@
+"""Versioned configuration of a quantization run (every method shares one dataclass).
+
+Method-specific knobs go in ``options`` (passed to the rounding's constructor, e.g.
+``{"beta_start": 20}`` for AdaRound). ``to_dict``/``from_dict`` round-trip through JSON; the
+resume directory stores the dict and refuses to continue under a different one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+from fxkernels.format import QuantSpec
+
+CONFIG_VERSION = 1
+METHODS = ("rtn", "flexround", "adaround", "signround")
+
+# Learning rates that worked on SmolLM2-135M in short schedules (see docs/RESULTS.md). FlexRound
+# and AdaRound use Adam (FlexRound on log-parameters); SignRound uses signed SGD whose step is a
+# fraction of one quantization step, AutoRound's 1/iters rule.
+DEFAULT_LR = {"flexround": 3e-3, "adaround": 1e-2, "signround": None, "rtn": 0.0}
+
+
+@dataclasses.dataclass
+class QuantizeConfig:
+    """One quantization run.
+
+    method: "flexround" | "signround" | "adaround" | "rtn".
+    weight: the weight format (bits, granularity, group_size, symmetric) of every quantized linear.
+    act_bits: None (weight-only) or 8: per-tensor static int8 activations on every linear input,
+        initialized from calibration statistics and learned (LSQ) with the weights.
+    iters: optimizer steps per block (0: export the initial grid, i.e. RTN).
+    lr: step size of the rounding parameters (None: the method's default, DEFAULT_LR).
+    act_lr: Adam step size of the activation log-scales and zero points.
+    lr_decay: decay Adam's step size linearly to 0 over ``iters`` (SignRound always decays).
+    nsamples, seqlen: calibration windows used (the calibration tensor may hold more).
+    batch_size: windows per optimizer step.
+    init: "mse" (clipping-searched RTN grid) or "minmax" initial grid (FlexRound, AdaRound).
+    qdrop: probability of feeding a block input element from the float model instead of the
+        quantized one while learning (QDrop); 0 disables.
+    loss: "mse" (block-output mean squared error) or "token" (each token's error relative to its
+        target's mean square, so that massive-activation tokens do not own the gradient).
+    eval_samples: windows on which "loss before -> after" is measured per block.
+    skip: names or glob patterns of linears left in float (lm_head by default).
+    resume_dir: directory where finished blocks are saved; a rerun continues after them.
+    options: keyword options of the rounding module (see quantizer.rounding).
+    """
+
+    method: str = "flexround"
+    weight: QuantSpec = dataclasses.field(default_factory=lambda: QuantSpec(bits=4, granularity="channel"))
+    act_bits: Optional[int] = None
+    iters: int = 100
+    lr: Optional[float] = None
+    act_lr: float = 2e-3
+    lr_decay: bool = True
+    nsamples: int = 64
+    seqlen: int = 256
+    batch_size: int = 1
+    seed: int = 0
+    init: str = "mse"
+    qdrop: float = 0.0
+    eval_samples: int = 8
+    loss: str = "mse"
+    skip: Tuple[str, ...] = ("lm_head",)
+    resume_dir: Optional[str] = None
+    progress: bool = True
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        if isinstance(self.weight, dict):
+            self.weight = QuantSpec.from_dict(self.weight)
+        if isinstance(self.skip, (list, str)):
+            self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, expected):
+            raise ValueError(f"QuantizeConfig: {name}={getattr(self, name)!r}; expected {expected}")
+
+        if self.method not in METHODS:
+            bad("method", f"one of {METHODS}")
+        if not isinstance(self.weight, QuantSpec):
+            bad("weight", "a fxkernels.QuantSpec")
+        if self.weight.act_bits is not None:
+            bad("weight", "a weight-only QuantSpec (set activations with act_bits=8)")
+        if self.act_bits not in (None, 8):
+            bad("act_bits", "None or 8")
+        for name in ("iters",):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(name, "a non-negative integer")
+        for name in ("nsamples", "seqlen", "batch_size", "eval_samples"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, "a positive integer")
+        if self.batch_size > self.nsamples:
+            bad("batch_size", f"at most nsamples={self.nsamples}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            bad("lr", "None or a positive number")
+        if not (isinstance(self.act_lr, (int, float)) and self.act_lr >= 0):
+            bad("act_lr", "a non-negative number")
+        if self.loss not in ("mse", "token"):
+            bad("loss", "'mse' or 'token'")
+        if self.init not in ("mse", "minmax"):
+            bad("init", "'mse' or 'minmax'")
+        if not (isinstance(self.qdrop, (int, float)) and 0 <= self.qdrop <= 1):
+            bad("qdrop", "a probability in [0, 1]")
+        if not isinstance(self.options, dict):
+            bad("options", "a dict of keyword options for the rounding module")
+        if self.version != CONFIG_VERSION:
+            bad("version", f"{CONFIG_VERSION} (this quantizer's config version)")
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        if self.method == "signround":
+            return 1.0 / max(self.iters, 1)
+        return DEFAULT_LR[self.method]
+
+    @property
+    def layer_spec(self) -> QuantSpec:
+        """The QuantSpec of exported layers (weights plus static activations if any)."""
+        if self.act_bits:
+            return dataclasses.replace(self.weight, act_bits=self.act_bits, act_mode="static")
+        return self.weight
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["weight"] = self.weight.to_dict()
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantizeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"QuantizeConfig: unknown fields {sorted(unknown)}; expected {sorted(known)}")
+        return cls(**d)
+
+    def fingerprint_dict(self) -> dict:
+        """The fields that change the result (what a resume directory must agree on)."""
+        d = self.to_dict()
+        for k in ("resume_dir", "progress"):
+            d.pop(k)
+        return d

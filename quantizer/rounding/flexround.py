@@ -1,0 +1,123 @@
+"""FlexRound (Lee et al., ICML 2023): learnable rounding by element-wise division.
+
+``W_hat = s1 * (clamp(round(W / (s1 * S2 * s3 [* s4])) + zero, 0, qmax) - zero)``
+
+* ``s1``: the grid size that ships (scalar per tensor, vector per channel, matrix per group);
+* ``S2``: one positive factor per weight, the element-wise divisor that lets each weight move
+  across a rounding boundary with a step proportional to its own magnitude (large weights are
+  the ones allowed to change code most, the paper's key property);
+* ``s3``: one per output channel; ``s4``: one per input channel (convolutions only).
+
+All four are stored as logs (positive by construction, scale-free step sizes for Adam) and start
+at the RTN grid with ``S2 = s3 = s4 = 1``, so step 0 reproduces RTN exactly. ``zero`` is the
+integer zero point of the initial grid and stays fixed: learning it would make the grid's
+origin move by fractions of a step that cannot ship. At export ``S2, s3, s4`` fold into the codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxkernels.format import QuantSpec
+
+from .base import WeightQuantizer, init_grid
+
+
+class _FlexRoundFn(torch.autograd.Function):
+    """The fake-quantized weight and its straight-through gradients in one pass each way.
+
+    Autograd through the composed ops keeps ~20 weight-sized temporaries per step; on a 2-core
+    CPU that costs as much as the block's own matmuls. With ``d = s1 * exp(log_S2 + log_s3
+    [+ log_s4])``, ``v = W / d``, ``q = clamp(round(v) + zero, 0, qmax)`` and
+    ``W_hat = (q - zero) * s1``, the straight-through gradients are (``m``: unclamped mask)
+
+    * ``dL/dlog d = -s1 * m * g * v`` (shared by ``log_S2``, and summed for ``log_s3``/``log_s4``),
+    * ``dL/ds1 = sum(g * (q - zero)) + sum(dL/dlog d) / s1``.
+    """
+
+    @staticmethod
+    def forward(ctx, w3, s1, log_S2, log_row, log_col, zero, qmax):
+        logs = log_S2 + log_row
+        if log_col is not None:
+            logs = logs + log_col
+        v = w3 / (s1 * logs.exp())
+        r = torch.round(v) + zero
+        inside = (r >= 0) & (r <= qmax)
+        qz = torch.clamp(r, 0, qmax) - zero
+        ctx.save_for_backward(v, inside, qz, s1)
+        ctx.col = log_col is not None
+        return qz * s1
+
+    @staticmethod
+    def backward(ctx, g):
+        v, inside, qz, s1 = ctx.saved_tensors
+        glog = torch.where(inside, g, 0.0).mul_(v).mul_(-s1)
+
+        def reduce_to(t, like):
+            dims = [d for d in range(t.dim()) if like.shape[d] == 1 and t.shape[d] != 1]
+            return t.sum(dim=dims, keepdim=True) if dims else t
+
+        g_row = reduce_to(glog, torch.empty(glog.shape[0], 1, 1))
+        g_col = glog.sum(dim=0, keepdim=True) if ctx.col else None
+        g_s1 = reduce_to(g * qz, s1) + reduce_to(glog, s1) / s1
+        return None, g_s1, glog, g_row, g_col, None, None
+
+
+class FlexRoundQuantizer(WeightQuantizer):
+    method = "flexround"
+
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec, init: str = "mse",
+                 learn_s1: bool = True, learn_s3: bool = True, learn_s4: bool = True,
+                 s1_lr_scale: float = 0.3):
+        super().__init__(weight, spec)
+        scale, zero = init_grid(self.weight, spec, init)
+        n, k = self.grid.n, self.grid.k
+        # s1 = s1_init * exp(log_s1) with log_s1 = 0 at start: exp(0) == 1 exactly, so step 0 is
+        # RTN bit for bit (exp(log(s)) would not round-trip in fp32).
+        self.register_buffer("s1_init", scale)
+        self.log_s1 = nn.Parameter(torch.zeros_like(scale), requires_grad=learn_s1)
+        self.log_S2 = nn.Parameter(torch.zeros(n, k))
+        self.log_s3 = nn.Parameter(torch.zeros(n, 1), requires_grad=learn_s3)
+        self.is_conv = len(self.weight_shape) > 2
+        if self.is_conv:
+            # One factor per input channel, shared by its kh*kw taps.
+            self.log_s4 = nn.Parameter(torch.zeros(self.weight_shape[1]), requires_grad=learn_s4)
+        else:
+            self.register_parameter("log_s4", None)
+        self.register_buffer("zero", zero.float())
+        self.s1_lr_scale = float(s1_lr_scale)
+
+    def scale_zero(self):
+        return self.s1_init * self.log_s1.exp(), self.zero
+
+    def codes_float(self, scale, zero):
+        """Codes only (export path); same arithmetic as :class:`_FlexRoundFn`."""
+        logs = self.grid.w3(self.log_S2) + self.log_s3.reshape(-1, 1, 1)
+        col = self._log_col()
+        if col is not None:
+            logs = logs + col
+        v = self.grid.w3(self.weight) / (self.grid.s3(scale) * logs.exp())
+        return torch.clamp(torch.round(v) + self.grid.s3(zero), 0, self.spec.qmax)
+
+    def _log_col(self):
+        """``log_s4`` per weight column as ``[1, G, K/G]`` (each input channel covers kh*kw taps)."""
+        if self.log_s4 is None:
+            return None
+        taps = self.grid.k // self.weight_shape[1]
+        return self.log_s4.repeat_interleave(taps).reshape(1, self.grid.groups, -1)
+
+    def forward(self):
+        scale, zero = self.scale_zero()
+        w_hat = _FlexRoundFn.apply(self.grid.w3(self.weight), self.grid.s3(scale), self.grid.w3(self.log_S2),
+                                   self.log_s3.reshape(-1, 1, 1), self._log_col(), self.grid.s3(zero),
+                                   self.spec.qmax)
+        return w_hat.reshape(self.weight_shape)
+
+    def param_groups(self, lr: float):
+        # s1 moves every weight of its row/group at once; s1_lr_scale < 1 tempers it.
+        groups = [{"params": [p for p in (self.log_S2, self.log_s3, self.log_s4)
+                              if p is not None and p.requires_grad], "lr": lr}]
+        if self.log_s1.requires_grad:
+            groups.append({"params": [self.log_s1], "lr": lr * self.s1_lr_scale})
+        return groups
