@@ -55,6 +55,29 @@ def _dedup_state(model: nn.Module):
     return tensors, tied
 
 
+@contextlib.contextmanager
+def atomic_directory(directory: str, prefix: str = ".tmp-"):
+    """Yield a temporary sibling of ``directory`` to write into; on success it replaces
+    ``directory`` (an existing one is moved aside first and removed after), on any error it is
+    deleted. Readers never see a half-written checkpoint."""
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(directory):
+            old = directory + ".old-" + os.path.basename(tmp)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_quantized(model: nn.Module, directory: str, tokenizer=None, extra: Optional[dict] = None) -> str:
     """Write ``model`` (with QuantLinear layers) to ``directory`` atomically; returns the path.
 
@@ -73,10 +96,7 @@ def save_quantized(model: nn.Module, directory: str, tokenizer=None, extra: Opti
     if extra:
         config["extra"] = extra
     directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with atomic_directory(directory) as tmp:
         hf_config = getattr(model, "config", None)
         if hf_config is not None and hasattr(hf_config, "to_json_file"):
             hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
@@ -88,16 +108,6 @@ def save_quantized(model: nn.Module, directory: str, tokenizer=None, extra: Opti
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=1, sort_keys=True)
-        if os.path.exists(directory):
-            old = directory + ".old-" + os.path.basename(tmp)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

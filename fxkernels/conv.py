@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -288,7 +286,7 @@ def save_quantized_cnn(model: nn.Module, directory: str, extra: Optional[dict] =
     QuantConv2d geometry and spec). Atomic like :func:`fxkernels.checkpoint.save_quantized`."""
     from safetensors.torch import save_file
 
-    from .checkpoint import CONFIG_NAME, QUANT_METHOD, WEIGHTS_NAME, quant_layers
+    from .checkpoint import CONFIG_NAME, QUANT_METHOD, WEIGHTS_NAME, atomic_directory, quant_layers
 
     convs = {n: m.geometry() for n, m in model.named_modules() if isinstance(m, QuantConv2d)}
     if not convs:
@@ -300,22 +298,10 @@ def save_quantized_cnn(model: nn.Module, directory: str, extra: Optional[dict] =
     if extra:
         config["extra"] = extra
     directory = os.path.abspath(directory)
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(directory))
-    try:
+    with atomic_directory(directory) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=1, sort_keys=True)
-        if os.path.exists(directory):
-            old = directory + ".old-" + os.path.basename(tmp)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

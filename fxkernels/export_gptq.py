@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -290,6 +289,8 @@ def export_gptq(model_or_ckpt_dir: Union[str, os.PathLike, nn.Module], out_dir: 
     """
     from safetensors.torch import save_file
 
+    from .checkpoint import atomic_directory
+
     if isinstance(model_or_ckpt_dir, nn.Module):
         layers, tensors, tied, hf_config, extra_files = _read_model(model_or_ckpt_dir)
     elif isinstance(model_or_ckpt_dir, (str, os.PathLike)):
@@ -320,10 +321,7 @@ def export_gptq(model_or_ckpt_dir: Union[str, os.PathLike, nn.Module], out_dir: 
     hf_config["quantization_config"] = qcfg
 
     out_dir = os.path.abspath(os.fspath(out_dir))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-gptq-", dir=parent)
-    try:
+    with atomic_directory(out_dir, prefix=".tmp-gptq-") as tmp:
         for path in extra_files:
             shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
         if tokenizer is not None:
@@ -333,14 +331,4 @@ def export_gptq(model_or_ckpt_dir: Union[str, os.PathLike, nn.Module], out_dir: 
         with open(os.path.join(tmp, "quantize_config.json"), "w") as f:
             json.dump(qcfg, f, indent=2, sort_keys=True)
         save_file(out, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "quant_method": "gptq"})
-        if os.path.exists(out_dir):
-            old = out_dir + ".old-" + os.path.basename(tmp)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

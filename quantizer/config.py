@@ -21,6 +21,15 @@ METHODS = ("rtn", "flexround", "adaround", "signround")
 DEFAULT_LR = {"flexround": 3e-3, "adaround": 1e-2, "signround": None, "rtn": 0.0}
 
 
+def method_learning_rate(method: str, lr: Optional[float], iters: int) -> float:
+    """``lr`` if given, else the method's default (SignRound: AutoRound's 1/iters rule)."""
+    if lr is not None:
+        return float(lr)
+    if method == "signround":
+        return 1.0 / max(iters, 1)
+    return DEFAULT_LR[method]
+
+
 @dataclasses.dataclass
 class QuantizeConfig:
     """One quantization run.
@@ -60,7 +69,7 @@ class QuantizeConfig:
     init: str = "mse"
     qdrop: float = 0.0
     eval_samples: int = 8
-    loss: str = "mse"
+    loss: str = "token"
     skip: Tuple[str, ...] = ("lm_head",)
     resume_dir: Optional[str] = None
     progress: bool = True
@@ -114,11 +123,7 @@ class QuantizeConfig:
     # -- derived -------------------------------------------------------------------------
     @property
     def learning_rate(self) -> float:
-        if self.lr is not None:
-            return float(self.lr)
-        if self.method == "signround":
-            return 1.0 / max(self.iters, 1)
-        return DEFAULT_LR[self.method]
+        return method_learning_rate(self.method, self.lr, self.iters)
 
     @property
     def layer_spec(self) -> QuantSpec:

@@ -309,6 +309,21 @@ def _set_hard(wrappers, hard: bool):
         w.wq.hard = hard if w.wq.method == "adaround" else True
 
 
+def optimizer_step(opts, scheds, wrappers: Dict[str, nn.Module], loss: torch.Tensor) -> None:
+    """One learning step: gradients of ``loss``, every optimizer and schedule, then the roundings'
+    projections (SignRound keeps its offsets inside their box)."""
+    for o in opts:
+        o.zero_grad()
+    loss.backward()
+    for o in opts:
+        o.step()
+    for sch in scheds:
+        sch.step()
+    for w in wrappers.values():
+        if hasattr(w.wq, "project"):
+            w.wq.project()
+
+
 def reconstruction_loss(y: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
     """Block-output error. ``"mse"``: plain mean squared error. ``"token"``: each token's squared
     error divided by its target's mean square. LLM residual streams carry "massive activation"
@@ -398,18 +413,9 @@ def _learn_block(i: int, block: nn.Module, wrappers: Dict[str, QuantWrapper], xq
         if keep_best and float(rec.detach()) < best_loss:
             best_loss = float(rec.detach())
             best_state = copy.deepcopy({k: w.state_dict() for k, w in wrappers.items()})
-        for o in opts:
-            o.zero_grad()
-        loss.backward()
-        for o in opts:
-            o.step()
-        for sch in scheds:
-            sch.step()
-        for w in wrappers.values():
-            if hasattr(w.wq, "project"):
-                w.wq.project()
+        optimizer_step(opts, scheds, wrappers, loss)
         if cfg.progress and step % 10 == 0:
-            it.set_postfix(loss=f"{float(rec):.3e}")
+            it.set_postfix(loss=f"{float(rec.detach()):.3e}")
     if keep_best and best_state is not None:
         for k, w in wrappers.items():
             w.load_state_dict(best_state[k])

@@ -19,13 +19,8 @@ CASES = list(itertools.product(("rtn", "flexround", "adaround", "signround"),
                                (None, 8)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops: thread hand-offs cost more than the work on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny ops: thread hand-offs cost more than the work (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(method, spec, act_bits, seed=0):

@@ -43,13 +43,8 @@ def logits_err(model, ref, ids):
     return float((model(ids).logits - ref).pow(2).mean())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops: thread hand-offs cost more than the work, badly so on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny ops: thread hand-offs cost more than the work (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +72,29 @@ def test_flexround_beats_rtn_and_exports_quantlinear(ref_model):
         q = [n for n, mod in m.named_modules() if isinstance(mod, QuantLinear)]
         assert len(q) == 14 and "lm_head" not in q
         assert isinstance(m.lm_head, nn.Linear)
+    assert errs["flexround"] < 0.9 * errs["rtn"], errs
+
+
+def test_token_normalized_loss(ref_model):
+    """Each token's error is divided by its target's mean square: a token scaled 1000x weighs the
+    same as before, and learning with this loss still beats RTN."""
+    from quantizer.reconstruct import reconstruction_loss
+
+    t = torch.randn(2, 5, 16)
+    y = t + 0.1 * torch.randn(2, 5, 16)
+    base = reconstruction_loss(y, t, "token")
+    t2, y2 = t.clone(), y.clone()
+    t2[:, 0] *= 1000
+    y2[:, 0] *= 1000
+    torch.testing.assert_close(reconstruction_loss(y2, t2, "token"), base)
+    assert reconstruction_loss(y2, t2, "mse") > 1e4 * reconstruction_loss(y, t, "mse")
+
+    state, ids, ref = ref_model
+    errs = {}
+    for method in ("rtn", "flexround"):
+        m = fresh(state)
+        quantize(m, calib(), base_cfg(method=method, loss="token"), log=quiet)
+        errs[method] = logits_err(m, ref, ids)
     assert errs["flexround"] < 0.9 * errs["rtn"], errs
 
 
@@ -145,6 +163,8 @@ def test_bad_calibration_and_config():
         QuantizeConfig(nsamples=8, batch_size=9)
     with pytest.raises(ValueError, match="act_bits=4"):
         QuantizeConfig(act_bits=4)
+    with pytest.raises(ValueError, match="loss='l1'"):
+        QuantizeConfig(loss="l1")
     ids = prepare_calibration([torch.arange(30), torch.arange(30)[None]], nsamples=2, seqlen=25)
     assert ids.shape == (2, 25) and int(ids[1, 0]) == 25
 

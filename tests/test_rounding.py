@@ -14,13 +14,8 @@ SPECS = [QuantSpec(bits=b, granularity=g, group_size=16 if g == "group" else Non
 METHODS = ("rtn", "flexround", "adaround", "signround")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops: thread hand-offs cost more than the work on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny ops: thread hand-offs cost more than the work (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weight(n=24, k=64, seed=0):

@@ -10,8 +10,9 @@ import torch
 from fxkernels.format import QuantSpec
 
 from .adaround import AdaRoundQuantizer
-from .base import RTNQuantizer, RoundSTE, WeightQuantizer, round_ste
+from .base import RoundSTE, WeightQuantizer, round_ste
 from .flexround import FlexRoundQuantizer
+from .rtn import RTNQuantizer
 from .signround import SignRoundQuantizer
 
 QUANTIZERS = {

@@ -148,22 +148,3 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.method}, weight={self.weight_shape}, spec={self.spec}"
-
-
-class RTNQuantizer(WeightQuantizer):
-    """Round to nearest on a min-max or MSE-searched grid; nothing to learn."""
-
-    method = "rtn"
-
-    def __init__(self, weight: torch.Tensor, spec: QuantSpec, init: str = "minmax"):
-        super().__init__(weight, spec)
-        scale, zero = init_grid(self.weight, spec, init)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero.float())
-
-    def scale_zero(self):
-        return self.scale, self.zero
-
-    def codes_float(self, scale, zero):
-        w3 = self.grid.w3(self.weight)
-        return torch.clamp(torch.round(w3 / self.grid.s3(scale)) + self.grid.s3(zero), 0, self.spec.qmax)

@@ -33,11 +33,12 @@ from fxkernels.conv import QuantConv2d
 from fxkernels.format import QuantSpec
 from fxkernels.nn import QuantLinear, set_submodule
 
+from ..config import method_learning_rate
+from ..reconstruct import optimizer_step
 from ..rounding import make_quantizer
 from ..rounding.base import round_ste
 
 METHODS = ("rtn", "adaround", "flexround", "signround")
-DEFAULT_LR = {"rtn": 0.0, "adaround": 1e-2, "flexround": 3e-3, "signround": None}
 
 
 @dataclasses.dataclass
@@ -104,11 +105,7 @@ class CNNQuantConfig:
 
     @property
     def learning_rate(self) -> float:
-        if self.lr is not None:
-            return float(self.lr)
-        if self.method == "signround":
-            return 1.0 / max(self.iters, 1)
-        return DEFAULT_LR[self.method]
+        return method_learning_rate(self.method, self.lr, self.iters)
 
 
 # -- activations ----------------------------------------------------------------------------
@@ -377,16 +374,7 @@ def _learn_unit(i: int, unit: nn.Module, wrappers: Dict[str, LayerWrapper], xq: 
                 loss = loss + reg_weight * torch.stack(regs).mean()
         if not torch.isfinite(loss):
             raise RuntimeError(f"unit {i}: loss became {float(loss)} at iteration {step}; try a smaller lr (now {lr:g})")
-        for o in opts:
-            o.zero_grad()
-        loss.backward()
-        for o in opts:
-            o.step()
-        for s in scheds:
-            s.step()
-        for w in wrappers.values():
-            if hasattr(w.wq, "project"):
-                w.wq.project()
+        optimizer_step(opts, scheds, wrappers, loss)
     _set_hard(wrappers, True)
     after = _mse(unit, xq[:ne], targets[:ne], 32)
     if not after <= before:
