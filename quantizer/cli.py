@@ -78,7 +78,7 @@ def cmd_quantize(a) -> int:
             return 2
         kwargs = dict(method=a.method, weight=dataclasses.replace(spec, act_bits=None, act_mode="dynamic"),
                       act_bits=spec.act_bits, seed=a.seed, skip=tuple(a.skip), resume_dir=a.resume_dir)
-        for k in ("iters", "lr", "batch_size", "nsamples", "seqlen"):
+        for k in ("iters", "lr", "batch_size", "nsamples", "seqlen", "loss", "qdrop"):
             if getattr(a, k) is not None:
                 kwargs[k] = getattr(a, k)
         config = QuantizeConfig(**kwargs)
@@ -205,12 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation grid: static per-tensor (learned) or dynamic per-token")
     q.add_argument("--mse", action="store_true", help="RTN: search the clipping range by MSE")
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="layer names/patterns kept in float")
-    q.add_argument("--calibration", help="text file or directory (default: the shipped Wikipedia split)")
+    q.add_argument("--calibration", help="text file, directory of .txt files, or dataset:NAME[:CONFIG[:SPLIT[:FIELD]]] "
+                   "(needs `datasets`; default: the shipped Wikipedia calibration split)")
     q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: QuantizeConfig's)")
     q.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window")
     q.add_argument("--iters", type=int, default=None, help="optimizer steps per block")
     q.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     q.add_argument("--batch-size", type=int, default=None, help="calibration windows per step")
+    q.add_argument("--loss", default=None, choices=["token", "mse"],
+                   help="block-output loss: per-token normalized (default) or plain MSE")
+    q.add_argument("--qdrop", type=float, default=None, help="QDrop probability of feeding float inputs (default 0)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--resume-dir", default=None, help="directory to keep finished blocks in (resumable)")
     q.add_argument("--out", required=True, help="output checkpoint directory")

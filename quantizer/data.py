@@ -27,8 +27,43 @@ def eval_text() -> str:
     return _wiki()[-EVAL_CHARS:]
 
 
+DATASET_PREFIX = "dataset:"
+
+
+def dataset_text(spec: str, max_chars: int = 5_000_000) -> str:
+    """Text of a Hugging Face ``datasets`` dataset: ``dataset:NAME[:CONFIG[:SPLIT[:FIELD]]]``
+    (split ``train`` and field ``text`` by default), rows joined by blank lines up to ``max_chars``."""
+    parts = spec[len(DATASET_PREFIX):].split(":")
+    if not parts[0]:
+        raise ValueError(f"calibration: {spec!r}; expected dataset:NAME[:CONFIG[:SPLIT[:FIELD]]], "
+                         "e.g. dataset:wikitext:wikitext-2-raw-v1:train:text")
+    name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    field = parts[3] if len(parts) > 3 and parts[3] else "text"
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError(f"calibration: {spec!r} needs the `datasets` package (pip install datasets), or give a "
+                         "text file or a directory of .txt files instead") from e
+    ds = datasets.load_dataset(name, config, split=split)
+    if field not in ds.column_names:
+        raise ValueError(f"calibration: dataset {name!r} has columns {ds.column_names}; field {field!r} is not one")
+    out, size = [], 0
+    for row in ds:
+        t = row[field]
+        if t and t.strip():
+            out.append(t)
+            size += len(t)
+            if size >= max_chars:
+                break
+    return "\n\n".join(out)
+
+
 def read_text(path: str) -> str:
-    """A text file, or every .txt/.md file of a directory concatenated in name order."""
+    """A text file, every .txt/.md file of a directory concatenated in name order, or a
+    ``dataset:NAME[:CONFIG[:SPLIT[:FIELD]]]`` spec read with the ``datasets`` package."""
+    if path.startswith(DATASET_PREFIX):
+        return dataset_text(path)
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if n.endswith((".txt", ".md")))
         if not names:

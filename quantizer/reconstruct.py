@@ -431,6 +431,28 @@ def _learn_block(i: int, block: nn.Module, wrappers: Dict[str, QuantWrapper], xq
     return before, after
 
 
+@torch.no_grad()
+def _smooth(block: nn.Module, names, x: torch.Tensor, kw: dict, batch: int, alpha: float) -> List[str]:
+    """Per-channel max |input| of the block's float linears on ``x``, then quantizer.smooth."""
+    from .smooth import smooth_block
+
+    absmax: Dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def f(module, args):
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
+        return f
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in names]
+    try:
+        run_block(block, x, kw, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return smooth_block(block, absmax, alpha)
+
+
 def reconstruct(model: nn.Module, ids: torch.Tensor, cfg: QuantizeConfig,
                 log: Callable[[str], None] = _log_default) -> nn.Module:
     """Quantize every linear of ``model``'s blocks in place (see the module docstring)."""
@@ -480,6 +502,9 @@ def reconstruct(model: nn.Module, ids: torch.Tensor, cfg: QuantizeConfig,
             before = after = float("nan")
         else:
             torch.manual_seed(cfg.seed * 1_000_003 + i)
+            if cfg.smooth is not None:
+                smoothed = _smooth(block, names, xq[:min(cfg.eval_samples, xq.shape[0])], kw, prop_batch, cfg.smooth)
+                log(f"{label}: smoothed the inputs of {len(smoothed)} linears (alpha={cfg.smooth})")
             wrappers = _wrap_block(block, names, cfg)
             try:
                 before, after = _learn_block(i, block, wrappers, xq, xfp, targets, kw, cfg, label, log)

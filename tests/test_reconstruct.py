@@ -273,3 +273,30 @@ def test_smollm2_flexround_w4_beats_rtn():
                                             progress=False), log=quiet)
         ppl[method] = perplexity(model, tok, windows=3, progress=False)
     assert ppl["flexround"] < ppl["rtn"], ppl
+
+
+def test_smoothing_preserves_the_float_block_and_runs_w8a8(ref_model):
+    from quantizer.smooth import smooth_block, smoothing_pairs
+
+    state, ids, ref = ref_model
+    m = fresh(state)
+    block = m.model.layers[0]
+    assert [c for _, _, cs in smoothing_pairs(block) for c in cs] == [
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    g = torch.Generator().manual_seed(0)
+    absmax = {"self_attn.q_proj": torch.rand(64, generator=g) * 50, "self_attn.k_proj": torch.rand(64, generator=g),
+              "self_attn.v_proj": torch.rand(64, generator=g), "mlp.gate_proj": torch.rand(64, generator=g) * 9,
+              "mlp.up_proj": torch.rand(64, generator=g), "mlp.down_proj": torch.rand(128, generator=g) * 100}
+    down_before = block.mlp.down_proj.weight.clone()
+    assert len(smooth_block(block, absmax, 0.5)) == 6
+    assert not torch.equal(block.mlp.down_proj.weight, down_before)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        smooth_block(block, absmax, 1.5)
+    with pytest.raises(ValueError, match="smooth=0.5.*act_bits=8"):
+        QuantizeConfig(smooth=0.5)
+
+    m = fresh(state)
+    quantize(m, calib(), base_cfg(weight=QuantSpec(bits=8, granularity="tensor"), act_bits=8, smooth=0.5), log=quiet)
+    assert logits_err(m, ref, ids) < 0.05 * float(ref.pow(2).mean())
