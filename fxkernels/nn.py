@@ -97,11 +97,11 @@ class QuantLinear(nn.Module):
 
     # -- running -----------------------------------------------------------------------------
     def _kernel_args(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Grouped ``[N, G]`` scale/zero and weight sums, derived once per set of buffers."""
-        if torch.compiler.is_compiling():  # graphs hold no Python-side caches: derive in-graph
-            return self._derive()
-        key = (self.qweight.data_ptr(), self.qweight._version, self.scale.data_ptr(), self.scale._version,
-               self.zero.data_ptr(), self.zero._version, self.qweight.device)
+        """Grouped ``[N, G]`` scale/zero and weight sums, derived once per set of buffers (eager
+        mode only: graphs hold no Python-side caches and call :meth:`_derive` in-graph)."""
+        b = self._buffers  # direct dict reads: nn.Module.__getattr__ is slow on this hot path
+        qw, sc, zr = b["qweight"], b["scale"], b["zero"]
+        key = (qw.data_ptr(), qw._version, sc.data_ptr(), sc._version, zr.data_ptr(), zr._version, qw.device)
         if key != self._derived_key:
             self._derived = self._derive()
             self._derived_key = key
@@ -114,7 +114,7 @@ class QuantLinear(nn.Module):
                 if self.spec.act_bits else None)
         return scale_g, zero_g, wsum
 
-    def _call(self, op: str, x: torch.Tensor, *args):
+    def _call(self, op: str, x: torch.Tensor, *args, traced: bool = False):
         """Run ``fxk::<op>(*args)``; ``x`` is the activation that decides the kernel.
 
         In eager mode the torch.library layer costs tens of microseconds per call, which at ~200
@@ -122,7 +122,7 @@ class QuantLinear(nn.Module):
         validate and select once per (op, device, dtype, M bucket, alignment, dispatch state) and
         then call the kernel directly; tracing (torch.compile, export, fake tensors) goes through
         the registered op so graphs see one opaque, schema-checked node."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not torch.Tensor:
+        if traced:
             return getattr(ops, op)(*args)
         m = x.shape[0]
         key = (op, x.device, x.dtype, m if m <= 16 else -1, x.data_ptr() % 16 == 0, dispatch.selection_state())
@@ -140,14 +140,16 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        scale_g, zero_g, wsum = self._kernel_args()
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x2) is not torch.Tensor
+        scale_g, zero_g, wsum = self._derive() if traced else self._kernel_args()
+        b = self._buffers
         if self.spec.act_bits:
-            xq, sa, za = self._call("quantize_act", x2, x2, self.act_scale, self.act_zero)
-            y = self._call("qact_linear", x2, xq, sa, za, self.qweight, scale_g, zero_g, wsum, self.bias,
-                           self.spec.bits, x.dtype)
+            xq, sa, za = self._call("quantize_act", x2, x2, b.get("act_scale"), b.get("act_zero"), traced=traced)
+            y = self._call("qact_linear", x2, xq, sa, za, b["qweight"], scale_g, zero_g, wsum, b["bias"],
+                           self.spec.bits, x.dtype, traced=traced)
         else:
-            y = self._call("dequant_linear", x2, x2, self.qweight, scale_g, zero_g, self.bias, self.spec.bits,
-                           self.in_features)
+            y = self._call("dequant_linear", x2, x2, b["qweight"], scale_g, zero_g, b["bias"], self.spec.bits,
+                           self.in_features, traced=traced)
         return y.reshape(*lead, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
