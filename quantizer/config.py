@@ -49,9 +49,9 @@ class QuantizeConfig:
         quantized one while learning (QDrop); 0 disables.
     loss: "mse" (block-output mean squared error) or "token" (each token's error relative to its
         target's mean square, so that massive-activation tokens do not own the gradient).
-    smooth: None, or SmoothQuant's alpha in [0, 1] (W8A8 only): before learning a block, migrate
-        per-channel activation range into the weights where the producer is a norm or a linear
-        (quantizer.smooth); 0.5 balances the two.
+    smooth: SmoothQuant's alpha in [0, 1], used only with act_bits=8 (None disables): before
+        learning a block, migrate per-channel activation range into the weights where the producer
+        is a norm or a linear (quantizer.smooth); 0.5 balances the two.
     eval_samples: windows on which "loss before -> after" is measured per block.
     skip: names or glob patterns of linears left in float (lm_head by default).
     resume_dir: directory where finished blocks are saved; a rerun continues after them.
@@ -73,7 +73,7 @@ class QuantizeConfig:
     qdrop: float = 0.0
     eval_samples: int = 8
     loss: str = "token"
-    smooth: Optional[float] = None
+    smooth: Optional[float] = 0.5
     skip: Tuple[str, ...] = ("lm_head",)
     resume_dir: Optional[str] = None
     progress: bool = True
@@ -115,8 +115,6 @@ class QuantizeConfig:
             bad("act_lr", "a non-negative number")
         if self.smooth is not None and not (isinstance(self.smooth, (int, float)) and 0 <= self.smooth <= 1):
             bad("smooth", "None or an alpha in [0, 1]")
-        if self.smooth is not None and not self.act_bits:
-            bad("smooth", "None unless act_bits=8 (smoothing only helps activation quantization)")
         if self.loss not in ("mse", "token"):
             bad("loss", "'mse' or 'token'")
         if self.init not in ("mse", "minmax"):

@@ -502,7 +502,7 @@ def reconstruct(model: nn.Module, ids: torch.Tensor, cfg: QuantizeConfig,
             before = after = float("nan")
         else:
             torch.manual_seed(cfg.seed * 1_000_003 + i)
-            if cfg.smooth is not None:
+            if cfg.smooth is not None and cfg.act_bits:
                 smoothed = _smooth(block, names, xq[:min(cfg.eval_samples, xq.shape[0])], kw, prop_batch, cfg.smooth)
                 log(f"{label}: smoothed the inputs of {len(smoothed)} linears (alpha={cfg.smooth})")
             wrappers = _wrap_block(block, names, cfg)

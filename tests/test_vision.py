@@ -224,7 +224,7 @@ def test_config_rejects_bad_values():
 
 
 @pytest.mark.slow
-def test_real_mobilenet_w8_rtn_agrees_on_real_photos():
+def test_real_mobilenet_w8_rtn_agrees_on_real_photos(tmp_path, capsys):
     """Real ImageNet weights on real photos: W8 per-tensor RTN stays close to fp32 while W4
     per-tensor RTN destroys the network (the gap the learned methods must close). Per-tensor grids
     are hard on BN-folded depthwise convs even at 8 bits (measured: 81 % agreement, KL 0.12 on 32
@@ -244,5 +244,17 @@ def test_real_mobilenet_w8_rtn_agrees_on_real_photos():
         dep, _, _ = quantize_mobilenet(net, calib, CNNQuantConfig(method="rtn", bits=bits, iters=0),
                                        log=lambda m: None)
         res[bits] = agreement(net, dep, evals)
+        if bits == 8:
+            from fxkernels.conv import save_quantized_cnn
+            save_quantized_cnn(dep, str(tmp_path / "w8"))
     assert res[8]["top1_agreement"] >= 0.6 and res[8]["mean_kl"] < 0.5, res
     assert res[4]["top1_agreement"] < 0.3 and res[4]["mean_kl"] > 10 * res[8]["mean_kl"], res
+
+    # `flexround eval` on the saved checkpoint reports the same agreement as the in-memory network.
+    import json
+
+    from quantizer.cli import main
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "w8"), "--images", "24"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["images"] == 24 and abs(out["top1_agreement"] - res[8]["top1_agreement"]) < 1e-6, (out, res)
