@@ -61,7 +61,7 @@ class QuantizeConfig:
     method: str = "flexround"
     weight: QuantSpec = dataclasses.field(default_factory=lambda: QuantSpec(bits=4, granularity="channel"))
     act_bits: Optional[int] = None
-    iters: int = 100
+    iters: int = 200
     lr: Optional[float] = None
     act_lr: float = 2e-3
     lr_decay: bool = True

@@ -57,11 +57,11 @@ def test_minilm_w8a8_per_tensor_embeddings_match_fp32():
     from quantizer.sentence_embed import embed, load_minilm
 
     model, tok = load_minilm()
-    evals = sentences(eval_text(), 64)
+    evals = sentences(eval_text(), 200)
     ref = embed(model, tok, evals)
-    calib = calibration_windows(tok, 32, 128, calibration_text())
-    quantize(model, calib, QuantizeConfig(method="flexround", weight=QuantSpec(8, "tensor"), act_bits=8, iters=50,
-                                          nsamples=32, seqlen=128, progress=False), log=lambda s: None)
+    calib = calibration_windows(tok, 64, 128, calibration_text())
+    quantize(model, calib, QuantizeConfig(method="flexround", weight=QuantSpec(8, "tensor"), act_bits=8, iters=100,
+                                          nsamples=64, seqlen=128, progress=False), log=lambda s: None)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 36
     mean, _ = cosine_to_reference(ref, embed(model, tok, evals))
     assert mean >= 0.99, mean
