@@ -40,7 +40,7 @@ from torch import nn
 
 from . import ops
 from .format import FORMAT_VERSION, QuantSpec, as_grouped, check_weight, dequantize, pack, quantize_rtn
-from .nn import QuantLinear, set_submodule
+from .nn import QuantLinear, check_grid, set_submodule, store_grid
 from .reference import weight_sums
 
 IntPair = Union[int, Tuple[int, int]]
@@ -115,33 +115,13 @@ class QuantConv2d(nn.Module):
         if codes.shape[1] != layer.in_features:
             raise ValueError(f"QuantConv2d.from_codes: codes have {codes.shape[1]} columns; expected "
                              f"in_channels/groups*kh*kw = {layer.in_features}")
-        # Validate grid/activations exactly as QuantLinear does (same format, same rules).
-        shape = spec.scale_shape(codes.shape[0], layer.in_features)
-        if tuple(scale.shape) != shape or tuple(zero.shape) != shape:
-            raise ValueError(f"QuantConv2d.from_codes: scale {tuple(scale.shape)} / zero {tuple(zero.shape)}; "
-                             f"expected {shape} for {spec}")
-        if not torch.isfinite(scale).all() or (scale <= 0).any():
-            raise ValueError("QuantConv2d.from_codes: scale has non-positive or non-finite entries; expected "
-                             "positive finite scales")
-        if zero.dtype.is_floating_point and not torch.equal(zero, zero.round()):
-            raise ValueError("QuantConv2d.from_codes: zero has fractional values; expected integer zero points")
-        if (zero < 0).any() or (zero > spec.qmax).any():
-            raise ValueError(f"QuantConv2d.from_codes: zero spans [{int(zero.min())}, {int(zero.max())}]; "
-                             f"expected [0, {spec.qmax}]")
-        static = spec.act_bits is not None and spec.act_mode == "static"
-        if static != (act_scale is not None and act_zero is not None) or (act_scale is None) != (act_zero is None):
-            raise ValueError(f"QuantConv2d.from_codes: act_scale/act_zero must be given exactly when {spec} has "
-                             "static activations")
-        layer.qweight.copy_(_pack_padded(codes, zero, spec))
-        layer.scale.copy_(scale.float())
-        layer.zero.copy_(zero.to(torch.int32))
-        if bias is not None:
-            if tuple(bias.shape) != (codes.shape[0],):
-                raise ValueError(f"QuantConv2d.from_codes: bias shape {tuple(bias.shape)}; expected ({codes.shape[0]},)")
-            layer.bias.copy_(bias.detach().float())
-        if static:
-            layer.act_scale.copy_(act_scale.detach().float().reshape(1))
-            layer.act_zero.copy_(act_zero.detach().to(torch.int32).reshape(1))
+        # Same format, same rules as QuantLinear.
+        static = check_grid("QuantConv2d.from_codes", spec, codes.shape[0], layer.in_features, scale, zero,
+                            act_scale, act_zero)
+        if bias is not None and tuple(bias.shape) != (codes.shape[0],):
+            raise ValueError(f"QuantConv2d.from_codes: bias shape {tuple(bias.shape)}; expected ({codes.shape[0]},)")
+        store_grid(layer, _pack_padded(codes, zero, spec), scale, zero, bias, act_scale if static else None,
+                   act_zero if static else None)
         return layer
 
     @classmethod

@@ -17,6 +17,44 @@ from .format import QuantSpec, as_grouped, check_weight, pack, quantize_rtn
 from .reference import weight_sums
 
 
+
+def check_grid(who: str, spec: QuantSpec, n: int, k: int, scale: torch.Tensor, zero: torch.Tensor,
+               act_scale: Optional[torch.Tensor], act_zero: Optional[torch.Tensor]) -> bool:
+    """Validate a learned grid for an ``[n, k]`` weight (shapes, positive scales, integer zeros in
+    range, activation grid present exactly when ``spec`` has static activations); returns whether
+    the activations are static. ``who`` prefixes the error messages."""
+    shape = spec.scale_shape(n, k)
+    if tuple(scale.shape) != shape or tuple(zero.shape) != shape:
+        raise ValueError(f"{who}: scale {tuple(scale.shape)} / zero {tuple(zero.shape)}; expected {shape} for {spec}")
+    if not torch.isfinite(scale).all() or (scale <= 0).any():
+        raise ValueError(f"{who}: scale has non-positive or non-finite entries; expected positive finite scales")
+    if zero.dtype.is_floating_point and not torch.equal(zero, zero.round()):
+        raise ValueError(f"{who}: zero has fractional values; expected integer zero points")
+    if (zero < 0).any() or (zero > spec.qmax).any():
+        raise ValueError(f"{who}: zero spans [{int(zero.min())}, {int(zero.max())}]; expected [0, {spec.qmax}]")
+    static = spec.act_bits is not None and spec.act_mode == "static"
+    if static and (act_scale is None or act_zero is None):
+        raise ValueError(f"{who}: {spec} needs act_scale and act_zero (static per-tensor activations)")
+    if not static and (act_scale is not None or act_zero is not None):
+        raise ValueError(f"{who}: act_scale/act_zero given but {spec} has no static activation grid")
+    return static
+
+
+@torch.no_grad()
+def store_grid(layer: nn.Module, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               bias: Optional[torch.Tensor], act_scale: Optional[torch.Tensor],
+               act_zero: Optional[torch.Tensor]) -> None:
+    """Copy validated codes and grids into a freshly built quantized layer's buffers."""
+    layer.qweight.copy_(packed)
+    layer.scale.copy_(scale.float())
+    layer.zero.copy_(zero.to(torch.int32))
+    if bias is not None:
+        layer.bias.copy_(bias.detach().float())
+    if act_scale is not None:
+        layer.act_scale.copy_(act_scale.detach().float().reshape(1))
+        layer.act_zero.copy_(act_zero.detach().to(torch.int32).reshape(1))
+
+
 class QuantLinear(nn.Module):
     """``y = x @ dequant(qweight).T + bias`` with optional int8 activations.
 
@@ -58,30 +96,10 @@ class QuantLinear(nn.Module):
         if codes.dim() != 2:
             raise ValueError(f"from_codes: codes shape {tuple(codes.shape)}; expected [out_features, in_features]")
         n, k = codes.shape
-        shape = spec.scale_shape(n, k)
-        if tuple(scale.shape) != shape or tuple(zero.shape) != shape:
-            raise ValueError(f"from_codes: scale {tuple(scale.shape)} / zero {tuple(zero.shape)}; "
-                             f"expected {shape} for {spec}")
-        if not torch.isfinite(scale).all() or (scale <= 0).any():
-            raise ValueError("from_codes: scale has non-positive or non-finite entries; expected positive finite scales")
-        if zero.dtype.is_floating_point and not torch.equal(zero, zero.round()):
-            raise ValueError("from_codes: zero has fractional values; expected integer zero points")
-        if (zero < 0).any() or (zero > spec.qmax).any():
-            raise ValueError(f"from_codes: zero spans [{int(zero.min())}, {int(zero.max())}]; expected [0, {spec.qmax}]")
-        static = spec.act_bits is not None and spec.act_mode == "static"
-        if static and (act_scale is None or act_zero is None):
-            raise ValueError(f"from_codes: {spec} needs act_scale and act_zero (static per-tensor activations)")
-        if not static and (act_scale is not None or act_zero is not None):
-            raise ValueError(f"from_codes: act_scale/act_zero given but {spec} has no static activation grid")
+        static = check_grid("from_codes", spec, n, k, scale, zero, act_scale, act_zero)
         layer = cls(k, n, spec, bias=bias is not None, device=codes.device)
-        layer.qweight.copy_(pack(codes, spec))
-        layer.scale.copy_(scale.float())
-        layer.zero.copy_(zero.to(torch.int32))
-        if bias is not None:
-            layer.bias.copy_(bias.detach().float())
-        if static:
-            layer.act_scale.copy_(act_scale.detach().float().reshape(1))
-            layer.act_zero.copy_(act_zero.detach().to(torch.int32).reshape(1))
+        store_grid(layer, pack(codes, spec), scale, zero, bias, act_scale if static else None,
+                   act_zero if static else None)
         return layer
 
     @classmethod
