@@ -40,7 +40,7 @@ from torch import nn
 
 from . import ops
 from .format import FORMAT_VERSION, QuantSpec, as_grouped, check_weight, dequantize, pack, quantize_rtn
-from .nn import QuantLinear, check_grid, set_submodule, store_grid
+from .nn import QuantLinear, check_grid, replace_modules, set_submodule, store_grid
 from .reference import weight_sums
 
 IntPair = Union[int, Tuple[int, int]]
@@ -245,19 +245,8 @@ def replace_convs(model: nn.Module, spec: QuantSpec, skip=(), overrides: Optiona
                   mse: bool = False) -> nn.Module:
     """Replace every ``nn.Conv2d`` of ``model`` (in place) by an RTN :class:`QuantConv2d`;
     ``skip``/``overrides`` as in :func:`fxkernels.replace_linears`."""
-    from .nn import _matches
-
-    overrides = dict(overrides or {})
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, nn.Conv2d):
-            continue
-        layer_spec = next((s for p, s in overrides.items() if _matches(name, [p])), None)
-        if layer_spec is None:
-            if _matches(name, skip):
-                continue
-            layer_spec = spec
-        set_submodule(model, name, QuantConv2d.from_conv(mod, layer_spec, mse=mse))
-    return model
+    return replace_modules(model, nn.Conv2d, lambda m, sp: QuantConv2d.from_conv(m, sp, mse=mse), spec, skip,
+                           overrides)
 
 
 def save_quantized_cnn(model: nn.Module, directory: str, extra: Optional[dict] = None) -> str:

@@ -188,6 +188,23 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def replace_modules(model: nn.Module, kind: type, build, spec: QuantSpec, skip: Iterable[str] = (),
+                    overrides: Optional[Dict[str, QuantSpec]] = None) -> nn.Module:
+    """Replace every ``kind`` module of ``model`` (in place) by ``build(module, layer_spec)``.
+    ``skip``/``overrides`` as in :func:`replace_linears` (an override wins over ``skip``)."""
+    overrides = dict(overrides or {})
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, kind):
+            continue
+        layer_spec = next((s for p, s in overrides.items() if _matches(name, [p])), None)
+        if layer_spec is None:
+            if _matches(name, skip):
+                continue
+            layer_spec = spec
+        set_submodule(model, name, build(mod, layer_spec))
+    return model
+
+
 def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str] = ("lm_head",),
                     overrides: Optional[Dict[str, QuantSpec]] = None, mse: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by an RTN :class:`QuantLinear`.
@@ -196,14 +213,5 @@ def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str] = ("l
     overrides: pattern -> spec for layers that need another format (e.g. ``{"lm_head": W8}``);
     an override wins over ``skip``. Returns ``model``.
     """
-    overrides = dict(overrides or {})
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, nn.Linear):
-            continue
-        layer_spec = next((s for p, s in overrides.items() if _matches(name, [p])), None)
-        if layer_spec is None:
-            if _matches(name, skip):
-                continue
-            layer_spec = spec
-        set_submodule(model, name, QuantLinear.from_linear(mod, layer_spec, mse=mse))
-    return model
+    return replace_modules(model, nn.Linear, lambda m, sp: QuantLinear.from_linear(m, sp, mse=mse), spec, skip,
+                           overrides)
