@@ -286,14 +286,22 @@ def test_smoothing_preserves_the_float_block_and_runs_w8a8(ref_model):
     m = fresh(state)
     block = m.model.layers[0]
     assert [c for _, _, cs in smoothing_pairs(block) for c in cs] == [
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+        "self_attn.o_proj"]
     g = torch.Generator().manual_seed(0)
     absmax = {"self_attn.q_proj": torch.rand(64, generator=g) * 50, "self_attn.k_proj": torch.rand(64, generator=g),
               "self_attn.v_proj": torch.rand(64, generator=g), "mlp.gate_proj": torch.rand(64, generator=g) * 9,
-              "mlp.up_proj": torch.rand(64, generator=g), "mlp.down_proj": torch.rand(128, generator=g) * 100}
+              "mlp.up_proj": torch.rand(64, generator=g), "mlp.down_proj": torch.rand(128, generator=g) * 100,
+              "self_attn.o_proj": torch.rand(64, generator=g) * 20}
     down_before = block.mlp.down_proj.weight.clone()
-    assert len(smooth_block(block, absmax, 0.5)) == 6
+    o_before = block.self_attn.o_proj.weight.clone()
+    assert len(smooth_block(block, absmax, 0.5)) == 7
     assert not torch.equal(block.mlp.down_proj.weight, down_before)
+    # grouped-query attention (4 query heads, 2 value heads): the two query heads that read one
+    # value head got the same column factors, which is what keeps the logits below unchanged
+    ratio = (block.self_attn.o_proj.weight / o_before).mean(0).view(2, 2, 16)
+    assert not torch.allclose(ratio, torch.ones_like(ratio))
+    torch.testing.assert_close(ratio[:, 0], ratio[:, 1])
     with torch.no_grad():
         torch.testing.assert_close(m(ids).logits, ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="alpha=1.5"):
