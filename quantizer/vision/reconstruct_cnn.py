@@ -51,6 +51,8 @@ class CNNQuantConfig:
     (``first_last_bits``). iters, batch_size, lr, act_lr: per-unit optimization (lr None: the
     method's default). qdrop: probability of feeding a float input element instead of the
     quantized one while learning (QDrop). init: FlexRound/AdaRound initial grid ("mse"/"minmax").
+    equalize: cross-layer equalization before quantizing (``quantizer.vision.equalize``; the float
+    function is unchanged, ReLU6 becomes a per-channel clip).
     """
 
     method: str = "flexround"
@@ -66,6 +68,7 @@ class CNNQuantConfig:
     qdrop: float = 0.0
     init: str = "mse"
     seed: int = 0
+    equalize: bool = True
     eval_samples: int = 32
     options: Dict = dataclasses.field(default_factory=dict)
 
@@ -93,6 +96,8 @@ class CNNQuantConfig:
             bad("lr", "None or a positive number")
         if self.init not in ("mse", "minmax"):
             bad("init", "'mse' or 'minmax'")
+        if not isinstance(self.equalize, bool):
+            bad("equalize", "True or False")
 
     def weight_spec(self, first_or_last: bool) -> QuantSpec:
         return QuantSpec(bits=self.first_last_bits if first_or_last else self.bits, granularity=self.granularity,
@@ -395,6 +400,9 @@ def quantize_mobilenet(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfi
     ``stats`` has per-unit losses and seconds. ``model`` itself is not modified."""
     if calib.dim() != 4 or calib.shape[1] != 3:
         raise ValueError(f"quantize_mobilenet: calib shape {tuple(calib.shape)}; expected [n, 3, H, W] images")
+    if cfg.equalize:
+        from .equalize import equalize_mobilenet
+        model = equalize_mobilenet(copy.deepcopy(model))
     fp = copy.deepcopy(model).eval()
     work = copy.deepcopy(model).eval()
     deployed = copy.deepcopy(model).eval()
