@@ -216,36 +216,53 @@ FXK_AVX2 void qa4_block(const QaArgs& a, int64_t t, int64_t m0) {
   qa_store<MR>(a, t, m0, yf);
 }
 
-template <int MR>
+// INT8 x INT8 micro-kernel: NTL tiles (8 output rows each) x MR activation rows. vpmaddwd has
+// no accumulating form without VNNI (absent on Zen 3), so each 16 MACs cost a vpmaddwd plus a
+// vpaddd; what register blocking can remove is everything else around them. With NTL = 2 every
+// activation broadcast feeds two tiles and every widened weight vector feeds MR rows, so a k-pair
+// costs 2 widening loads + MR broadcasts for 2*MR vpmaddwd (12 accumulators at MR = 6, which
+// with 2 weight vectors, one broadcast and one product fills the 16 ymm registers exactly).
+template <int MR, int NTL>
 FXK_AVX2 void qa8_block(const QaArgs& a, int64_t t, int64_t m0) {
   const int64_t Kp = a.Kp, G = a.G, steps = Kp / G / 2;  // 2-column steps per group
-  const int8_t* wt = (const int8_t*)a.w + t * (Kp / 2) * 16;
+  const int8_t* wt[NTL];
+  for (int j = 0; j < NTL; ++j) wt[j] = (const int8_t*)a.w + (t + j) * (Kp / 2) * 16;
   const int16_t* xr[MR];
   for (int m = 0; m < MR; ++m) xr[m] = a.x16 + (m0 + m) * Kp;
-  __m256 yf[MR];
-  for (int m = 0; m < MR; ++m) yf[m] = _mm256_setzero_ps();
+  __m256 yf[NTL][MR];
+  for (int j = 0; j < NTL; ++j)
+    for (int m = 0; m < MR; ++m) yf[j][m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256i acc32[MR];
-    for (int m = 0; m < MR; ++m) acc32[m] = _mm256_setzero_si256();
+    __m256i acc32[NTL][MR];
+    for (int j = 0; j < NTL; ++j)
+      for (int m = 0; m < MR; ++m) acc32[j][m] = _mm256_setzero_si256();
     const int64_t s0 = g * steps, s1 = s0 + steps;
-    int64_t s = s0;
-    for (; s + 2 <= s1; s += 2) {
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt + s * 16)));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt + s * 16 + 16)));
+    for (int64_t s = s0; s < s1; ++s) {
+      __m256i w[NTL];
+      for (int j = 0; j < NTL; ++j) w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt[j] + s * 16)));
       for (int m = 0; m < MR; ++m) {
-        const __m256i p0 = _mm256_madd_epi16(w0, _mm256_set1_epi32(load_i32(xr[m] + 2 * s)));
-        const __m256i p1 = _mm256_madd_epi16(w1, _mm256_set1_epi32(load_i32(xr[m] + 2 * s + 2)));
-        acc32[m] = _mm256_add_epi32(acc32[m], _mm256_add_epi32(p0, p1));
+        if (NTL == 2) {
+          // One asm block per activation row: GCC 12 otherwise hoists all MR broadcasts and
+          // vpmaddwd ahead of the adds and, at 12 live accumulators, spills half of them to the
+          // stack on every k step. The block is the same broadcast / 2x(vpmaddwd, vpaddd) the
+          // intrinsics would give, in this order, with the accumulators tied to their registers.
+          __m256i xb, p;
+          asm("vpbroadcastd %[x], %[xb]\n\t"
+              "vpmaddwd %[xb], %[w0], %[p]\n\t"
+              "vpaddd %[p], %[a0], %[a0]\n\t"
+              "vpmaddwd %[xb], %[w1], %[xb]\n\t"
+              "vpaddd %[xb], %[a1], %[a1]"
+              : [a0] "+x"(acc32[0][m]), [a1] "+x"(acc32[NTL - 1][m]), [xb] "=&x"(xb), [p] "=&x"(p)
+              : [w0] "x"(w[0]), [w1] "x"(w[NTL - 1]), [x] "m"(*(const int32_t*)(xr[m] + 2 * s)));
+        } else {
+          const __m256i xb = _mm256_set1_epi32(load_i32(xr[m] + 2 * s));
+          for (int j = 0; j < NTL; ++j) acc32[j][m] = _mm256_add_epi32(acc32[j][m], _mm256_madd_epi16(w[j], xb));
+        }
       }
     }
-    for (; s < s1; ++s) {
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt + s * 16)));
-      for (int m = 0; m < MR; ++m)
-        acc32[m] = _mm256_add_epi32(acc32[m], _mm256_madd_epi16(w0, _mm256_set1_epi32(load_i32(xr[m] + 2 * s))));
-    }
-    qa_epilogue<MR>(a, t, g, m0, acc32, yf);
+    for (int j = 0; j < NTL; ++j) qa_epilogue<MR>(a, t + j, g, m0, acc32[j], yf[j]);
   }
-  qa_store<MR>(a, t, m0, yf);
+  for (int j = 0; j < NTL; ++j) qa_store<MR>(a, t + j, m0, yf[j]);
 }
 
 // GEMV (M = 1) with INT4 codes: two tiles (16 rows) share every activation broadcast and each
@@ -285,6 +302,18 @@ FXK_AVX2 void qa4_gemv2(const QaArgs& a, int64_t t) {
   qa_store<1>(a, t + 1, 0, &yf[1]);
 }
 
+template <int NTL>
+FXK_AVX2 void qa8_rows(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
+  switch (mr) {
+    case 1: qa8_block<1, NTL>(a, t, m0); break;
+    case 2: qa8_block<2, NTL>(a, t, m0); break;
+    case 3: qa8_block<3, NTL>(a, t, m0); break;
+    case 4: qa8_block<4, NTL>(a, t, m0); break;
+    case 5: qa8_block<5, NTL>(a, t, m0); break;
+    default: qa8_block<6, NTL>(a, t, m0); break;
+  }
+}
+
 FXK_AVX2 void qa_rows(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
   if (a.bits <= 4) {
     switch (mr) {
@@ -294,14 +323,7 @@ FXK_AVX2 void qa_rows(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
       default: qa4_block<4>(a, t, m0); break;
     }
   } else {
-    switch (mr) {
-      case 1: qa8_block<1>(a, t, m0); break;
-      case 2: qa8_block<2>(a, t, m0); break;
-      case 3: qa8_block<3>(a, t, m0); break;
-      case 4: qa8_block<4>(a, t, m0); break;
-      case 5: qa8_block<5>(a, t, m0); break;
-      default: qa8_block<6>(a, t, m0); break;
-    }
+    qa8_rows<1>(a, t, m0, mr);
   }
 }
 
@@ -341,7 +363,11 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
   const int64_t mb = rows_per_block(a.Kp * (a.bits <= 4 ? 1 : 2), mr);
   for (int64_t b0 = 0; b0 < a.M; b0 += mb) {
     const int64_t b1 = imin(a.M, b0 + mb);
-    for (int64_t t = t0; t < t1; ++t)
+    int64_t t = t0;
+    if (a.bits > 4)  // W8A8: tile pairs share each activation broadcast (see qa8_block)
+      for (; t + 2 <= t1; t += 2)
+        for (int64_t m0 = b0; m0 < b1; m0 += mr) qa8_rows<2>(a, t, m0, imin(mr, b1 - m0));
+    for (; t < t1; ++t)
       for (int64_t m0 = b0; m0 < b1; m0 += mr) qa_rows(a, t, m0, imin(mr, b1 - m0));
   }
 }
