@@ -236,6 +236,26 @@ def test_dequant_linear_accuracy(isa, bits, m, n, k, g, dtype):
     assert err.max().item() <= tol, f"err {err.max().item():.3g} > tol {tol:.3g}"
 
 
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+@pytest.mark.parametrize("n,k,g", [(51, 130, 1), (51, 96, 4), (24, 200, 5), (17, 240, 6), (9, 12, 2),
+                                   (33, 4096, 1), (40, 4096, 32)])
+def test_dequant_linear_gemv_accuracy(isa, bits, n, k, g):
+    """M = 1 runs its own AVX2 kernel (two tiles, zero point folded out of the loop for nibble
+    codes): odd tile counts, group sizes leaving a 2-column tail, long rows; same bound as above."""
+    gen = torch.Generator().manual_seed(bits * 5 + n * 3 + k + g)
+    qw, scale, zero = make_weight(n, k, bits, g, gen)
+    x = torch.randn(1, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    with fxkernels.use_backend("cpu"):
+        y = ops.dequant_linear(x, qw, scale, zero, bias, bits, k)
+    w = R.dequant_weight(qw, scale, zero, bits, k)
+    exact = x.double() @ w.double().t() + bias.double()
+    torch_err = (F.linear(x, w, bias).double() - exact).abs().max().item()
+    floor = EPS32 * ((x.double().abs() @ w.double().abs().t()) + bias.double().abs()).max().item()
+    err = (y.double() - exact).abs().max().item()
+    assert err <= 2 * max(torch_err, floor), f"err {err:.3g} > tol {2 * max(torch_err, floor):.3g}"
+
+
 @pytest.mark.parametrize("k,g", [(33, 1), (35, 5)])
 def test_odd_in_features_nibbles(isa, k, g):
     """Kernel-level arguments allow an odd K for nibble codes (the last byte holds one code)."""
