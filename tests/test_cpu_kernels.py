@@ -109,6 +109,56 @@ def test_qact_linear_integer_exact(isa, bits, m, n, k, g):
     assert torch.equal(y, ref), f"max diff {(y - ref).abs().max().item()}"
 
 
+# Shapes for the register-blocked micro-kernels: W8A8 runs 2 tiles (16 output rows) x 6 rows,
+# W4A8 4 rows (and a 2-tile GEMV at M = 1), so these cover full blocks plus every remainder:
+# M % 6 in 1..5, an odd tile count (N = 51, 7 tiles), K not a multiple of 8/32/64, groups of
+# 24/40 columns, per-channel, and an activation block boundary (M = 200 with K = 2048).
+BLOCK_SHAPES = [
+    (1, 51, 130, 1),
+    (3, 51, 96, 4),
+    (13, 24, 200, 5),
+    (37, 51, 130, 1),
+    (37, 17, 240, 6),
+    (40, 72, 64, 1),
+    (200, 24, 2048, 16),
+]
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("m,n,k,g", BLOCK_SHAPES)
+def test_qact_linear_blocked_integer_exact(isa, bits, m, n, k, g):
+    """Unit scales, random asymmetric zeros and activations: every block shape and remainder
+    of the AVX2 micro-kernels equals the reference bit for bit."""
+    gen = torch.Generator().manual_seed(bits * 101 + m * 13 + n * 5 + k + g)
+    qw, _, zero = make_weight(n, k, bits, g, gen)
+    scale = torch.ones(n, g)
+    xq = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    za = torch.randint(-128, 128, (m,), generator=gen, dtype=torch.int32)
+    sa = torch.ones(m)
+    ws = R.weight_sums(qw, bits, k, g)
+    with fxkernels.use_backend("cpu"):
+        y = ops.qact_linear(xq, sa, za, qw, scale, zero, ws, None, bits, torch.float32)
+    ref = R.qact_linear(xq, sa, za, qw, scale, zero, ws, None, bits, torch.float32)
+    assert torch.equal(y, ref), f"max diff {(y - ref).abs().max().item()}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,n,k,g", BLOCK_SHAPES[:5])
+def test_qact_linear_blocked_real_scales_match_reference(isa, bits, m, n, k, g):
+    """Real scales, bias and symmetric zeros, through quantize_act: the kernel performs the
+    same fp32 operations per group as the reference's order, so results agree to a few ulps."""
+    gen = torch.Generator().manual_seed(bits * 7 + m + n + k)
+    qw, scale, zero = make_weight(n, k, bits, g, gen, zero_mode="sym")
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    ws = R.weight_sums(qw, bits, k, g)
+    with fxkernels.use_backend("cpu"):
+        xq, sa, za = ops.quantize_act(x, None, None)
+        y = ops.qact_linear(xq, sa, za, qw, scale, zero, ws, bias, bits, torch.float32)
+    ref = R.qact_linear(xq, sa, za, qw, scale, zero, ws, bias, bits, torch.float32)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits,k", [(4, 4096), (8, 256)])
 def test_qact_linear_extreme_codes_no_saturation(isa, bits, k):
     """Largest products the formats allow: xq = -128 with za = 127 and codes at the far end
@@ -184,6 +234,26 @@ def test_dequant_linear_accuracy(isa, bits, m, n, k, g, dtype):
     if dtype != torch.float32:  # both outputs end with one rounding to the narrow type
         err = err - torch.finfo(dtype).eps * exact.abs()
     assert err.max().item() <= tol, f"err {err.max().item():.3g} > tol {tol:.3g}"
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+@pytest.mark.parametrize("n,k,g", [(51, 130, 1), (51, 96, 4), (24, 200, 5), (17, 240, 6), (9, 12, 2),
+                                   (33, 4096, 1), (40, 4096, 32)])
+def test_dequant_linear_gemv_accuracy(isa, bits, n, k, g):
+    """M = 1 runs its own AVX2 kernel (two tiles, zero point folded out of the loop for nibble
+    codes): odd tile counts, group sizes leaving a 2-column tail, long rows; same bound as above."""
+    gen = torch.Generator().manual_seed(bits * 5 + n * 3 + k + g)
+    qw, scale, zero = make_weight(n, k, bits, g, gen)
+    x = torch.randn(1, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    with fxkernels.use_backend("cpu"):
+        y = ops.dequant_linear(x, qw, scale, zero, bias, bits, k)
+    w = R.dequant_weight(qw, scale, zero, bits, k)
+    exact = x.double() @ w.double().t() + bias.double()
+    torch_err = (F.linear(x, w, bias).double() - exact).abs().max().item()
+    floor = EPS32 * ((x.double().abs() @ w.double().abs().t()) + bias.double().abs()).max().item()
+    err = (y.double() - exact).abs().max().item()
+    assert err <= 2 * max(torch_err, floor), f"err {err:.3g} > tol {2 * max(torch_err, floor):.3g}"
 
 
 @pytest.mark.parametrize("k,g", [(33, 1), (35, 5)])

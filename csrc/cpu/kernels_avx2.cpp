@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -132,6 +133,96 @@ FXK_AVX2 void dq_block(const DqArgs& a, int64_t t, int64_t m0) {
   for (int m = 0; m < MR; ++m) store_rows(a.y + (m0 + m) * a.N, n0, a.N, _mm256_add_ps(tot[m], b));
 }
 
+// Weight-only GEMV (M = 1), two tiles (16 rows) at a time. At M = 1 nothing amortises the
+// per-weight work of dq_block (widen, mask, subtract zero, convert, broadcast, FMA: ~5.5
+// instructions per 8 weights, which left the kernel compute-bound at ~25% of the DRAM rate), so
+// here: (1) the zero point leaves the inner loop, sum_k x (q - z) = sum_k x q - z * sum_k x,
+// with sum_k x per group computed once per call (`xs`); the codes are small non-negative
+// integers, so the folded form has partial sums of the same size as before and no cancellation
+// beyond the final group term; (2) each activation broadcast serves both tiles. What is left per
+// 8 weights is ~1/2 widening load, ~1/2 mask or shift, one exact int->float conversion, one FMA
+// and ~1/2 broadcast.
+template <bool NIB>
+FXK_AVX2 void dq_gemv2(const DqArgs& a, int64_t t, const float* xs) {
+  const int64_t K = a.K, G = a.G, gs = K / G;
+  const float* x = a.x;
+  const __m256i m15 = _mm256_set1_epi32(15);
+  __m256 tot[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  const uint8_t* wq[2];
+  const int8_t* wb[2];
+  for (int j = 0; j < 2; ++j) {
+    wq[j] = a.w + (t + j) * (K / 2) * 8;
+    wb[j] = (const int8_t*)a.w + (t + j) * K * 8;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k0 = g * gs, k1 = k0 + gs;
+    __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
+    int64_t k = k0;
+    if (NIB) {
+      for (; k + 4 <= k1; k += 4) {
+        const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
+        const __m256 x2 = _mm256_broadcast_ss(x + k + 2), x3 = _mm256_broadcast_ss(x + k + 3);
+        for (int j = 0; j < 2; ++j) {
+          const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wq[j] + (k / 2) * 8)));
+          const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wq[j] + (k / 2 + 1) * 8)));
+          acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, m15)), x0, acc[j][0]);
+          acc[j][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), x1, acc[j][1]);
+          acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, m15)), x2, acc[j][0]);
+          acc[j][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), x3, acc[j][1]);
+        }
+      }
+      for (; k + 2 <= k1; k += 2) {
+        const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
+        for (int j = 0; j < 2; ++j) {
+          const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wq[j] + (k / 2) * 8)));
+          acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, m15)), x0, acc[j][0]);
+          acc[j][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), x1, acc[j][1]);
+        }
+      }
+    } else {
+      // Stored codes are q - 128, far from 0 for 5..7-bit grids: folding the zero there would
+      // subtract two large sums. (c - zc) stays in the loop (one vpsubd, no mask needed here).
+      __m256i zc[2];
+      for (int j = 0; j < 2; ++j) zc[j] = _mm256_loadu_si256((const __m256i*)(a.zc + ((t + j) * G + g) * 8));
+      for (; k + 2 <= k1; k += 2) {
+        const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
+        for (int j = 0; j < 2; ++j) {
+          const __m256i v0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wb[j] + k * 8)));
+          const __m256i v1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wb[j] + k * 8 + 8)));
+          acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v0, zc[j])), x0, acc[j][0]);
+          acc[j][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v1, zc[j])), x1, acc[j][1]);
+        }
+      }
+      for (; k < k1; ++k) {
+        const __m256 x0 = _mm256_broadcast_ss(x + k);
+        for (int j = 0; j < 2; ++j) {
+          const __m256i v0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wb[j] + k * 8)));
+          acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v0, zc[j])), x0, acc[j][0]);
+        }
+      }
+    }
+    const __m256 sx = _mm256_set1_ps(xs[g]);
+    for (int j = 0; j < 2; ++j) {
+      const __m256 zf = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(a.zc + ((t + j) * G + g) * 8)));
+      const __m256 sc = _mm256_loadu_ps(a.sc + ((t + j) * G + g) * 8);
+      // sum x (q - z) = sum x q - z * sum x: one rounding for the correction, then the scale
+      const __m256 sum = _mm256_add_ps(acc[j][0], acc[j][1]);
+      const __m256 dot = NIB ? _mm256_fnmadd_ps(zf, sx, sum) : sum;
+      tot[j] = _mm256_fmadd_ps(dot, sc, tot[j]);
+    }
+  }
+  for (int j = 0; j < 2; ++j) {
+    const int64_t n0 = (t + j) * 8;
+    __m256 b = _mm256_setzero_ps();
+    if (a.bias) {
+      alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t i = 0; i < 8 && n0 + i < a.N; ++i) tmp[i] = a.bias[n0 + i];
+      b = _mm256_load_ps(tmp);
+    }
+    store_rows(a.y, n0, a.N, _mm256_add_ps(tot[j], b));
+  }
+}
+
 template <bool NIB>
 FXK_AVX2 void dq_rows(const DqArgs& a, int64_t t, int64_t m0, int64_t mr) {
   switch (mr) {
@@ -216,36 +307,53 @@ FXK_AVX2 void qa4_block(const QaArgs& a, int64_t t, int64_t m0) {
   qa_store<MR>(a, t, m0, yf);
 }
 
-template <int MR>
+// INT8 x INT8 micro-kernel: NTL tiles (8 output rows each) x MR activation rows. vpmaddwd has
+// no accumulating form without VNNI (absent on Zen 3), so each 16 MACs cost a vpmaddwd plus a
+// vpaddd; what register blocking can remove is everything else around them. With NTL = 2 every
+// activation broadcast feeds two tiles and every widened weight vector feeds MR rows, so a k-pair
+// costs 2 widening loads + MR broadcasts for 2*MR vpmaddwd (12 accumulators at MR = 6, which
+// with 2 weight vectors, one broadcast and one product fills the 16 ymm registers exactly).
+template <int MR, int NTL>
 FXK_AVX2 void qa8_block(const QaArgs& a, int64_t t, int64_t m0) {
   const int64_t Kp = a.Kp, G = a.G, steps = Kp / G / 2;  // 2-column steps per group
-  const int8_t* wt = (const int8_t*)a.w + t * (Kp / 2) * 16;
+  const int8_t* wt[NTL];
+  for (int j = 0; j < NTL; ++j) wt[j] = (const int8_t*)a.w + (t + j) * (Kp / 2) * 16;
   const int16_t* xr[MR];
   for (int m = 0; m < MR; ++m) xr[m] = a.x16 + (m0 + m) * Kp;
-  __m256 yf[MR];
-  for (int m = 0; m < MR; ++m) yf[m] = _mm256_setzero_ps();
+  __m256 yf[NTL][MR];
+  for (int j = 0; j < NTL; ++j)
+    for (int m = 0; m < MR; ++m) yf[j][m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256i acc32[MR];
-    for (int m = 0; m < MR; ++m) acc32[m] = _mm256_setzero_si256();
+    __m256i acc32[NTL][MR];
+    for (int j = 0; j < NTL; ++j)
+      for (int m = 0; m < MR; ++m) acc32[j][m] = _mm256_setzero_si256();
     const int64_t s0 = g * steps, s1 = s0 + steps;
-    int64_t s = s0;
-    for (; s + 2 <= s1; s += 2) {
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt + s * 16)));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt + s * 16 + 16)));
+    for (int64_t s = s0; s < s1; ++s) {
+      __m256i w[NTL];
+      for (int j = 0; j < NTL; ++j) w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt[j] + s * 16)));
       for (int m = 0; m < MR; ++m) {
-        const __m256i p0 = _mm256_madd_epi16(w0, _mm256_set1_epi32(load_i32(xr[m] + 2 * s)));
-        const __m256i p1 = _mm256_madd_epi16(w1, _mm256_set1_epi32(load_i32(xr[m] + 2 * s + 2)));
-        acc32[m] = _mm256_add_epi32(acc32[m], _mm256_add_epi32(p0, p1));
+        if (NTL == 2) {
+          // One asm block per activation row: GCC 12 otherwise hoists all MR broadcasts and
+          // vpmaddwd ahead of the adds and, at 12 live accumulators, spills half of them to the
+          // stack on every k step. The block is the same broadcast / 2x(vpmaddwd, vpaddd) the
+          // intrinsics would give, in this order, with the accumulators tied to their registers.
+          __m256i xb, p;
+          asm("vpbroadcastd %[x], %[xb]\n\t"
+              "vpmaddwd %[xb], %[w0], %[p]\n\t"
+              "vpaddd %[p], %[a0], %[a0]\n\t"
+              "vpmaddwd %[xb], %[w1], %[xb]\n\t"
+              "vpaddd %[xb], %[a1], %[a1]"
+              : [a0] "+x"(acc32[0][m]), [a1] "+x"(acc32[NTL - 1][m]), [xb] "=&x"(xb), [p] "=&x"(p)
+              : [w0] "x"(w[0]), [w1] "x"(w[NTL - 1]), [x] "m"(*(const int32_t*)(xr[m] + 2 * s)));
+        } else {
+          const __m256i xb = _mm256_set1_epi32(load_i32(xr[m] + 2 * s));
+          for (int j = 0; j < NTL; ++j) acc32[j][m] = _mm256_add_epi32(acc32[j][m], _mm256_madd_epi16(w[j], xb));
+        }
       }
     }
-    for (; s < s1; ++s) {
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt + s * 16)));
-      for (int m = 0; m < MR; ++m)
-        acc32[m] = _mm256_add_epi32(acc32[m], _mm256_madd_epi16(w0, _mm256_set1_epi32(load_i32(xr[m] + 2 * s))));
-    }
-    qa_epilogue<MR>(a, t, g, m0, acc32, yf);
+    for (int j = 0; j < NTL; ++j) qa_epilogue<MR>(a, t + j, g, m0, acc32[j], yf[j]);
   }
-  qa_store<MR>(a, t, m0, yf);
+  for (int j = 0; j < NTL; ++j) qa_store<MR>(a, t + j, m0, yf[j]);
 }
 
 // GEMV (M = 1) with INT4 codes: two tiles (16 rows) share every activation broadcast and each
@@ -285,6 +393,18 @@ FXK_AVX2 void qa4_gemv2(const QaArgs& a, int64_t t) {
   qa_store<1>(a, t + 1, 0, &yf[1]);
 }
 
+template <int NTL>
+FXK_AVX2 void qa8_rows(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
+  switch (mr) {
+    case 1: qa8_block<1, NTL>(a, t, m0); break;
+    case 2: qa8_block<2, NTL>(a, t, m0); break;
+    case 3: qa8_block<3, NTL>(a, t, m0); break;
+    case 4: qa8_block<4, NTL>(a, t, m0); break;
+    case 5: qa8_block<5, NTL>(a, t, m0); break;
+    default: qa8_block<6, NTL>(a, t, m0); break;
+  }
+}
+
 FXK_AVX2 void qa_rows(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
   if (a.bits <= 4) {
     switch (mr) {
@@ -294,14 +414,7 @@ FXK_AVX2 void qa_rows(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
       default: qa4_block<4>(a, t, m0); break;
     }
   } else {
-    switch (mr) {
-      case 1: qa8_block<1>(a, t, m0); break;
-      case 2: qa8_block<2>(a, t, m0); break;
-      case 3: qa8_block<3>(a, t, m0); break;
-      case 4: qa8_block<4>(a, t, m0); break;
-      case 5: qa8_block<5>(a, t, m0); break;
-      default: qa8_block<6>(a, t, m0); break;
-    }
+    qa8_rows<1>(a, t, m0, mr);
   }
 }
 
@@ -317,6 +430,35 @@ static int64_t rows_per_block(int64_t row_bytes, int64_t mr) {
 }
 
 FXK_AVX2 void dq_tiles_avx2(const DqArgs& a, int64_t t0, int64_t t1) {
+  if (a.M == 1) {
+    // per-group activation sums for the folded zero point (K adds, shared by all tiles)
+    std::vector<float> xs(a.G);
+    const int64_t gs = a.K / a.G;
+    for (int64_t g = 0; g < a.G; ++g) {
+      int64_t k = g * gs;
+      __m256 v = _mm256_setzero_ps();
+      for (; k + 8 <= (g + 1) * gs; k += 8) v = _mm256_add_ps(v, _mm256_loadu_ps(a.x + k));
+      alignas(32) float l[8];
+      _mm256_store_ps(l, v);
+      float sum = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+      for (; k < (g + 1) * gs; ++k) sum += a.x[k];
+      xs[g] = sum;
+    }
+    int64_t t = t0;
+    for (; t + 2 <= t1; t += 2) {
+      if (a.bits <= 4)
+        dq_gemv2<true>(a, t, xs.data());
+      else
+        dq_gemv2<false>(a, t, xs.data());
+    }
+    for (; t < t1; ++t) {
+      if (a.bits <= 4)
+        dq_rows<true>(a, t, 0, 1);
+      else
+        dq_rows<false>(a, t, 0, 1);
+    }
+    return;
+  }
   const int64_t mb = rows_per_block(a.K * 4, 6);
   for (int64_t b0 = 0; b0 < a.M; b0 += mb) {
     const int64_t b1 = imin(a.M, b0 + mb);
@@ -341,7 +483,11 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
   const int64_t mb = rows_per_block(a.Kp * (a.bits <= 4 ? 1 : 2), mr);
   for (int64_t b0 = 0; b0 < a.M; b0 += mb) {
     const int64_t b1 = imin(a.M, b0 + mb);
-    for (int64_t t = t0; t < t1; ++t)
+    int64_t t = t0;
+    if (a.bits > 4)  // W8A8: tile pairs share each activation broadcast (see qa8_block)
+      for (; t + 2 <= t1; t += 2)
+        for (int64_t m0 = b0; m0 < b1; m0 += mr) qa8_rows<2>(a, t, m0, imin(mr, b1 - m0));
+    for (; t < t1; ++t)
       for (int64_t m0 = b0; m0 < b1; m0 += mr) qa_rows(a, t, m0, imin(mr, b1 - m0));
   }
 }
