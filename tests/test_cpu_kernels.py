@@ -90,13 +90,10 @@ def test_quantize_act_static_ties_and_clamping(isa):
     assert hq.tolist() == [[0, 2, 2, 0, -2]]
 
 
-# -- qact_linear: the integer part is exact -------------------------------------------------------
-@pytest.mark.parametrize("bits", [2, 4, 5, 8])
-@pytest.mark.parametrize("m,n,k,g", SHAPES)
-def test_qact_linear_integer_exact(isa, bits, m, n, k, g):
-    """With every scale 1 the output is the exact integer sum (all |values| < 2**24, so fp32
-    holds them and the float epilogue adds no rounding): must equal the reference bit for bit."""
-    gen = torch.Generator().manual_seed(bits * 7919 + m * 31 + n * 7 + k)
+def check_unit_scale_integer_exact(bits, m, n, k, g, seed):
+    """Unit scales, random asymmetric zeros and activations: the cpu backend's qact_linear must
+    equal the reference bit for bit (integer sums < 2**24 are exact in fp32)."""
+    gen = torch.Generator().manual_seed(seed)
     qw, _, zero = make_weight(n, k, bits, g, gen)
     scale = torch.ones(n, g)
     xq = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
@@ -107,6 +104,15 @@ def test_qact_linear_integer_exact(isa, bits, m, n, k, g):
         y = ops.qact_linear(xq, sa, za, qw, scale, zero, ws, None, bits, torch.float32)
     ref = R.qact_linear(xq, sa, za, qw, scale, zero, ws, None, bits, torch.float32)
     assert torch.equal(y, ref), f"max diff {(y - ref).abs().max().item()}"
+
+
+# -- qact_linear: the integer part is exact -------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+@pytest.mark.parametrize("m,n,k,g", SHAPES)
+def test_qact_linear_integer_exact(isa, bits, m, n, k, g):
+    """With every scale 1 the output is the exact integer sum (all |values| < 2**24, so fp32
+    holds them and the float epilogue adds no rounding): must equal the reference bit for bit."""
+    check_unit_scale_integer_exact(bits, m, n, k, g, seed=bits * 7919 + m * 31 + n * 7 + k)
 
 
 # Shapes for the register-blocked micro-kernels: W8A8 runs 2 tiles (16 output rows) x 6 rows,
@@ -129,17 +135,7 @@ BLOCK_SHAPES = [
 def test_qact_linear_blocked_integer_exact(isa, bits, m, n, k, g):
     """Unit scales, random asymmetric zeros and activations: every block shape and remainder
     of the AVX2 micro-kernels equals the reference bit for bit."""
-    gen = torch.Generator().manual_seed(bits * 101 + m * 13 + n * 5 + k + g)
-    qw, _, zero = make_weight(n, k, bits, g, gen)
-    scale = torch.ones(n, g)
-    xq = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
-    za = torch.randint(-128, 128, (m,), generator=gen, dtype=torch.int32)
-    sa = torch.ones(m)
-    ws = R.weight_sums(qw, bits, k, g)
-    with fxkernels.use_backend("cpu"):
-        y = ops.qact_linear(xq, sa, za, qw, scale, zero, ws, None, bits, torch.float32)
-    ref = R.qact_linear(xq, sa, za, qw, scale, zero, ws, None, bits, torch.float32)
-    assert torch.equal(y, ref), f"max diff {(y - ref).abs().max().item()}"
+    check_unit_scale_integer_exact(bits, m, n, k, g, seed=bits * 101 + m * 13 + n * 5 + k + g)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
