@@ -41,6 +41,7 @@ from torch import nn
 from . import ops
 from .format import FORMAT_VERSION, QuantSpec, as_grouped, check_weight, dequantize, pack, quantize_rtn
 from .nn import QuantLinear, check_grid, replace_modules, set_submodule, store_grid
+from .backends._cache import version_of
 from .reference import weight_sums
 
 IntPair = Union[int, Tuple[int, int]]
@@ -166,8 +167,8 @@ class QuantConv2d(nn.Module):
 
     # -- running -----------------------------------------------------------------------------
     def _kernel_args(self):
-        key = (self.qweight.data_ptr(), self.qweight._version, self.scale.data_ptr(), self.scale._version,
-               self.zero.data_ptr(), self.zero._version, self.qweight.device)
+        key = (self.qweight.data_ptr(), version_of(self.qweight), self.scale.data_ptr(), version_of(self.scale),
+               self.zero.data_ptr(), version_of(self.zero), self.qweight.device)
         if key != self._derived_key:
             scale_g = as_grouped(self.scale, self.spec, self.out_features)
             zero_g = as_grouped(self.zero, self.spec, self.out_features)

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import dispatch, ops
 from .format import QuantSpec, as_grouped, check_weight, pack, quantize_rtn
+from .backends._cache import version_of
 from .reference import weight_sums
 
 
@@ -119,7 +120,8 @@ class QuantLinear(nn.Module):
         mode only: graphs hold no Python-side caches and call :meth:`_derive` in-graph)."""
         b = self._buffers  # direct dict reads: nn.Module.__getattr__ is slow on this hot path
         qw, sc, zr = b["qweight"], b["scale"], b["zero"]
-        key = (qw.data_ptr(), qw._version, sc.data_ptr(), sc._version, zr.data_ptr(), zr._version, qw.device)
+        key = (qw.data_ptr(), version_of(qw), sc.data_ptr(), version_of(sc), zr.data_ptr(), version_of(zr),
+               qw.device)
         if key != self._derived_key:
             self._derived = self._derive()
             self._derived_key = key

@@ -122,3 +122,15 @@ def test_save_load_cnn_roundtrip(tmp_path):
     from fxkernels.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="'2'"):
         load_quantized_cnn(str(tmp_path / "ck"), nn.Sequential(nn.Conv2d(3, 8, 3)))
+
+
+def test_quantconv_runs_under_inference_mode():
+    """Derived tensors made under ``torch.inference_mode`` keep no version counter (regression)."""
+    conv = _conv(*GEOMETRIES[0])
+    q = QuantConv2d.from_conv(conv, QuantSpec(bits=4, granularity="tensor"))
+    x = torch.randn(2, GEOMETRIES[0][0], 6, 6)
+    want = q(x)
+    q2 = QuantConv2d.from_conv(conv, QuantSpec(bits=4, granularity="tensor"))
+    with torch.inference_mode():
+        assert torch.equal(q2(x), want)
+        assert torch.equal(q2(x), want)

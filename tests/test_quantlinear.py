@@ -143,3 +143,23 @@ def test_kernel_cache_follows_forced_backend():
         layer(x)
     chosen = {k.backend for k in layer._kernels.values()}
     assert "reference" in chosen and len(layer._kernels) == 2
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+@pytest.mark.parametrize("built_in_inference_mode", [False, True])
+def test_runs_under_inference_mode(act_bits, built_in_inference_mode):
+    """Inference tensors keep no version counter: the kernel caches must not ask them for one
+    (a W4A8 layer built outside and first called inside ``torch.inference_mode`` used to raise)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40)
+    spec = QuantSpec(4, "channel", act_bits=act_bits)
+    x = torch.randn(3, 64)
+    want = QuantLinear.from_linear(lin, spec)(x)
+    with torch.inference_mode():
+        q = QuantLinear.from_linear(lin, spec) if built_in_inference_mode else None
+    if q is None:
+        q = QuantLinear.from_linear(lin, spec)
+    for backend in ("cpu", "reference"):
+        with torch.inference_mode(), use_backend(backend):
+            assert torch.allclose(q(x), want, atol=1e-5), backend
+            assert torch.allclose(q(x), want, atol=1e-5), backend  # second call: cached path

@@ -19,6 +19,13 @@ def _forget(key: int, ref: "weakref.ref") -> None:
         del _cache[key]
 
 
+def version_of(t: torch.Tensor) -> int:
+    """``t._version``, or -1 for an inference tensor (made under ``torch.inference_mode``), which
+    keeps no version counter. Cache keys use it to notice in-place writes; inference tensors are
+    only written in place inside inference mode, which quantized weights never are."""
+    return -1 if t.is_inference() else t._version
+
+
 def cached_repack(weight: torch.Tensor, tag: Hashable, make: Callable[[], object]):
     """``make()`` once per (weight tensor, tag); redone only if the tensor is written in place."""
     key = id(weight)
@@ -28,8 +35,8 @@ def cached_repack(weight: torch.Tensor, tag: Hashable, make: Callable[[], object
         slot = _cache[key] = (ref, {})
     entries = slot[1]
     hit = entries.get(tag)
-    if hit is not None and hit[0] == weight._version:
+    if hit is not None and hit[0] == version_of(weight):
         return hit[1]
     value = make()
-    entries[tag] = (weight._version, value)
+    entries[tag] = (version_of(weight), value)
     return value

@@ -26,7 +26,7 @@ import torch
 
 from .. import _C  # an ImportError marks the backend unavailable (fxkernels.dispatch)
 from ..dispatch import Kernel, register, set_backend_status
-from ._cache import cached_repack
+from ._cache import cached_repack, version_of
 
 MAX_GROUP_COLUMNS = 32768  # int32 accumulation of (xq - za)(c - zc) is exact up to this many columns
 _OK = (True, "ok")
@@ -70,8 +70,8 @@ def _dq_can(x, qweight, scale, zero, bias, bits, in_features):
 
 
 def _dq_run(x, qweight, scale, zero, bias, bits, in_features):
-    tag = ("cpu_dq", bits, in_features, id(scale), scale.data_ptr(), scale._version,
-           id(zero), zero.data_ptr(), zero._version)
+    tag = ("cpu_dq", bits, in_features, id(scale), scale.data_ptr(), version_of(scale),
+           id(zero), zero.data_ptr(), version_of(zero))
     packed = cached_repack(qweight, tag, lambda: _C.repack_dequant(qweight, scale, zero, bits, in_features))
     return _C.dequant_linear(x, qweight, scale, zero, packed, bias, bits, in_features)
 
@@ -99,8 +99,8 @@ def _qa_can(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dty
 
 
 def _qa_run(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype):
-    tag = ("cpu_qa", bits, xq.shape[1], id(scale), scale.data_ptr(), scale._version,
-           id(zero), zero.data_ptr(), zero._version, id(wsum), wsum.data_ptr(), wsum._version)
+    tag = ("cpu_qa", bits, xq.shape[1], id(scale), scale.data_ptr(), version_of(scale),
+           id(zero), zero.data_ptr(), version_of(zero), id(wsum), wsum.data_ptr(), version_of(wsum))
     packed = cached_repack(qweight, tag,
                            lambda: _C.repack_qact(qweight, scale, zero, wsum, bits, xq.shape[1]))
     return _C.qact_linear(xq, x_scale, x_zero, qweight, scale, zero, wsum, packed, bias, bits, out_dtype)
