@@ -1,8 +1,8 @@
 """Save and load quantized models: ``model.safetensors`` + ``quant_config.json`` (no pickle).
 
 A checkpoint directory holds
-* ``quant_config.json``: ``{"quant_method": "flexround", "format_version": 1, "layers":
-  {name: {"in_features", "out_features", "bias", "spec": QuantSpec}}, "tied": {name: source},
+* ``quant_config.json``: ``{"quant_method": "flexround", "format_version": 2, "layers":
+  {name: {"in_features", "out_features", "bias", "spec": QuantSpec, "input_rotation"?}}, "tied": {name: source},
   "model": {...}}`` (see docs/FORMAT.md);
 * ``model.safetensors``: every parameter and persistent buffer (QuantLinear buffers included);
 * for Hugging Face models, ``config.json`` (and tokenizer files when a tokenizer is given).
@@ -23,7 +23,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .format import FORMAT_VERSION, QuantSpec
+from .format import FORMAT_VERSION
 from .nn import QuantLinear, set_submodule
 
 CONFIG_NAME = "quant_config.json"
@@ -36,9 +36,7 @@ class CheckpointError(ValueError):
 
 
 def quant_layers(model: nn.Module) -> Dict[str, dict]:
-    return {name: {"in_features": m.in_features, "out_features": m.out_features,
-                   "bias": m.bias is not None, "spec": m.spec.to_dict()}
-            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {name: m.entry() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def _dedup_state(model: nn.Module):
@@ -194,12 +192,10 @@ def load_quantized(directory: str, model: Optional[nn.Module] = None, device="cp
         except AttributeError as e:
             raise CheckpointError(f"load_quantized: layer {name!r} of the checkpoint is not in the model "
                                   f"({type(model).__name__}); the checkpoint belongs to another architecture") from e
-        spec = QuantSpec.from_dict(entry["spec"])
         if isinstance(old, nn.Linear) and (old.in_features, old.out_features) != (entry["in_features"], entry["out_features"]):
             raise CheckpointError(f"load_quantized: layer {name!r} is {old.in_features}->{old.out_features} in the "
                                   f"model but {entry['in_features']}->{entry['out_features']} in the checkpoint")
-        set_submodule(model, name, QuantLinear(entry["in_features"], entry["out_features"], spec,
-                                               bias=entry["bias"], device="meta"))
+        set_submodule(model, name, QuantLinear.from_entry(entry, device="meta"))
     for name, source in config.get("tied", {}).items():
         if source not in state:
             raise CheckpointError(f"load_quantized: tied tensor {name!r} points at missing {source!r}")

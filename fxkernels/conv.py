@@ -326,8 +326,7 @@ def load_quantized_cnn(directory: str, model: nn.Module) -> nn.Module:
                                                tuple(g["stride"]), tuple(g["padding"]), tuple(g["dilation"]),
                                                g["groups"], bias=g["bias"]))
     for name, e in config["layers"].items():
-        set_submodule(model, name, QuantLinear(e["in_features"], e["out_features"], QuantSpec.from_dict(e["spec"]),
-                                               bias=e["bias"]))
+        set_submodule(model, name, QuantLinear.from_entry(e))
     for name, channels in config.get("clip_layers", {}).items():
         # equalized activations: their per-channel upper bounds come with the state dict below
         try:

@@ -104,6 +104,12 @@ def _read_model(model: nn.Module):
 def _plan(layers: Dict[str, dict], checkpoint_format: str) -> Tuple[int, int, bool]:
     """(bits, group_size or -1, sym) for the whole model; raises for anything GPTQ cannot hold."""
     specs = {name: QuantSpec.from_dict(e["spec"]) for name, e in layers.items()}
+    for name, entry in layers.items():
+        if entry.get("input_rotation"):
+            raise GPTQExportError(
+                f"export_gptq: layer {name!r} rotates its input (input_rotation={entry['input_rotation']}, a "
+                "Hadamard transform before the matmul); GPTQ loaders have no such step. Export a model quantized "
+                "without rotations, or keep it in the flexround format (fxkernels.load_quantized)")
     for name, spec in specs.items():
         if spec.act_bits:
             raise GPTQExportError(

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional per-layer "input_rotation" (fxkernels.rotation); 1 still loads
 GRANULARITIES = ("tensor", "channel", "group")
 ACT_MODES = ("static", "dynamic")
 

@@ -42,7 +42,7 @@ def _build_classes():
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     from .checkpoint import CONFIG_NAME, CheckpointError, read_quant_config
-    from .format import FORMAT_VERSION, QuantSpec
+    from .format import FORMAT_VERSION
     from .nn import QuantLinear, set_submodule
 
     class FlexRoundConfig(QuantizationConfigMixin):
@@ -140,9 +140,8 @@ def _build_classes():
                 if not isinstance(old, (nn.Linear, QuantLinear)):
                     raise CheckpointError(f"from_pretrained: layer {name!r} is a {type(old).__name__}; the "
                                           "checkpoint quantized it as a linear layer")
-                spec = QuantSpec.from_dict(entry["spec"])
                 device = next(iter(old.parameters()), torch.empty(0, device="meta")).device
-                layer = QuantLinear(shape[0], shape[1], spec, bias=entry["bias"], device=device)
+                layer = QuantLinear.from_entry(entry, device=device)
                 if layer.bias is not None:
                     # transformers builds the model under its dtype as torch's default; the stored bias is
                     # fp32, and keeping the buffer fp32 makes the loader copy it without rounding.

@@ -16,6 +16,7 @@ from . import dispatch, ops
 from .format import QuantSpec, as_grouped, check_weight, pack, quantize_rtn
 from .backends._cache import version_of
 from .reference import weight_sums
+from .rotation import check_rotation_block, hadamard_transform
 
 
 
@@ -63,15 +64,22 @@ class QuantLinear(nn.Module):
     ``qweight`` (uint8 ``[N, K/2]`` or int8 ``[N, K]``), ``scale`` fp32, ``zero`` int32,
     ``bias`` fp32 ``[N]`` (if any), and for ``act_mode="static"`` ``act_scale`` fp32 ``[1]`` and
     ``act_zero`` int32 ``[1]``. Build with :meth:`from_linear` (RTN) or :meth:`from_codes`.
+
+    ``input_rotation=b`` (a power of two dividing ``in_features``; 0 = none): the stored weight is
+    ``W H^T`` for the block-diagonal Hadamard ``H`` of block ``b`` and the layer computes
+    ``(x H^T) dequant(qweight)^T``, which equals ``x W^T`` (see :mod:`fxkernels.rotation`).
     """
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = True,
-                 device=None):
+                 device=None, input_rotation: int = 0):
         super().__init__()
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"QuantLinear: spec is {type(spec).__name__}; expected a fxkernels.QuantSpec")
         spec.check_shape(out_features, in_features)
+        if input_rotation:
+            check_rotation_block(input_rotation, in_features, "QuantLinear: input_rotation")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.input_rotation = int(input_rotation or 0)
         dt = torch.uint8 if spec.packed else torch.int8
         sshape = spec.scale_shape(out_features, in_features)
         self.register_buffer("qweight", torch.zeros(spec.packed_shape(out_features, in_features), dtype=dt, device=device))
@@ -91,14 +99,15 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
                    bias: Optional[torch.Tensor] = None, act_scale: Optional[torch.Tensor] = None,
-                   act_zero: Optional[torch.Tensor] = None) -> "QuantLinear":
+                   act_zero: Optional[torch.Tensor] = None, input_rotation: int = 0) -> "QuantLinear":
         """From learned integer codes: ``codes`` unsigned ``[N, K]`` in ``[0, 2**bits-1]``,
-        ``scale``/``zero`` of ``spec.scale_shape`` (unsigned-domain integer zero)."""
+        ``scale``/``zero`` of ``spec.scale_shape`` (unsigned-domain integer zero). With
+        ``input_rotation`` the codes quantize the rotated weight ``W H^T``."""
         if codes.dim() != 2:
             raise ValueError(f"from_codes: codes shape {tuple(codes.shape)}; expected [out_features, in_features]")
         n, k = codes.shape
         static = check_grid("from_codes", spec, n, k, scale, zero, act_scale, act_zero)
-        layer = cls(k, n, spec, bias=bias is not None, device=codes.device)
+        layer = cls(k, n, spec, bias=bias is not None, device=codes.device, input_rotation=input_rotation)
         store_grid(layer, pack(codes, spec), scale, zero, bias, act_scale if static else None,
                    act_zero if static else None)
         return layer
@@ -106,13 +115,33 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec, mse: bool = False,
                     act_scale: Optional[torch.Tensor] = None,
-                    act_zero: Optional[torch.Tensor] = None) -> "QuantLinear":
-        """Round-to-nearest quantization of an ``nn.Linear`` (``mse=True``: clipping search)."""
+                    act_zero: Optional[torch.Tensor] = None, input_rotation: int = 0) -> "QuantLinear":
+        """Round-to-nearest quantization of an ``nn.Linear`` (``mse=True``: clipping search);
+        with ``input_rotation`` the rotated weight ``W H^T`` is quantized."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear: got {type(linear).__name__}; expected torch.nn.Linear")
-        check_weight(linear.weight.detach(), "linear.weight")
-        q, scale, zero = quantize_rtn(linear.weight.detach(), spec, mse=mse)
-        return cls.from_codes(q, scale, zero, spec, bias=linear.bias, act_scale=act_scale, act_zero=act_zero)
+        w = linear.weight.detach()
+        check_weight(w, "linear.weight")
+        if input_rotation:
+            check_rotation_block(input_rotation, linear.in_features, "from_linear: input_rotation")
+            w = hadamard_transform(w.float(), input_rotation)  # rows w -> w H^T (H is symmetric)
+        q, scale, zero = quantize_rtn(w, spec, mse=mse)
+        return cls.from_codes(q, scale, zero, spec, bias=linear.bias, act_scale=act_scale, act_zero=act_zero,
+                              input_rotation=input_rotation)
+
+    @classmethod
+    def from_entry(cls, entry: dict, device=None) -> "QuantLinear":
+        """An empty layer from its checkpoint entry (:meth:`entry`); buffers are loaded after."""
+        return cls(entry["in_features"], entry["out_features"], QuantSpec.from_dict(entry["spec"]),
+                   bias=entry["bias"], device=device, input_rotation=entry.get("input_rotation", 0))
+
+    def entry(self) -> dict:
+        """This layer's checkpoint entry: shapes, bias flag, spec and (if any) input rotation."""
+        e = {"in_features": self.in_features, "out_features": self.out_features,
+             "bias": self.bias is not None, "spec": self.spec.to_dict()}
+        if self.input_rotation:
+            e["input_rotation"] = self.input_rotation
+        return e
 
     # -- running -----------------------------------------------------------------------------
     def _kernel_args(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,6 +187,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear: input shape {tuple(x.shape)}; expected [..., {self.in_features}]")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.input_rotation:
+            x2 = hadamard_transform(x2, self.input_rotation)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x2) is not torch.Tensor
@@ -173,11 +204,20 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
+        """The stored weight, dequantized (``W H^T`` for a layer with an input rotation)."""
         from .format import dequantize
         return dequantize(self.qweight, self.scale, self.zero, self.spec, self.in_features)
 
+    def float_weight(self) -> torch.Tensor:
+        """The weight the layer applies to its *unrotated* input: ``F.linear(x, float_weight())``
+        equals the layer without activation quantization (up to fp32 rounding)."""
+        w = self.dequantized_weight()
+        return hadamard_transform(w, self.input_rotation) if self.input_rotation else w
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}, bias={self.bias is not None}"
+        rot = f", input_rotation={self.input_rotation}" if self.input_rotation else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}, "
+                f"bias={self.bias is not None}{rot}")
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

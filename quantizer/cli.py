@@ -81,6 +81,8 @@ def cmd_quantize(a) -> int:
         for k in ("iters", "lr", "batch_size", "nsamples", "seqlen", "loss", "qdrop", "smooth"):
             if getattr(a, k) is not None:
                 kwargs[k] = getattr(a, k)
+        if a.rotate is not None:
+            kwargs["rotate"] = tuple(p for p in a.rotate.split(",") if p) if a.rotate != "none" else ()
         config = QuantizeConfig(**kwargs)
         text = read_text(a.calibration) if a.calibration else calibration_text()
         calib = calibration_ids(tok, config.nsamples, config.seqlen, seed=a.seed, text=text)
@@ -243,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--qdrop", type=float, default=None, help="QDrop probability of feeding float inputs (default 0)")
     q.add_argument("--smooth", type=float, default=None,
                    help="W8A8: migrate activation outliers into the weights first (SmoothQuant alpha, e.g. 0.5)")
+    q.add_argument("--rotate", default=None, metavar="PATTERNS",
+                   help="comma-separated linear names/globs whose input is Hadamard-rotated online, or 'none' "
+                        "(default: the MLP down projections when activations are int8)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--resume-dir", default=None, help="directory to keep finished blocks in (resumable)")
     q.add_argument("--out", required=True, help="output checkpoint directory")

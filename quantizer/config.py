@@ -20,6 +20,12 @@ METHODS = ("rtn", "flexround", "adaround", "signround")
 # fraction of one quantization step, AutoRound's 1/iters rule. FlexRound at 6e-3 rather than 3e-3:
 # within 100-200 steps the log-scales must travel far enough to move small codes by a whole step
 # (measured: W3 per-channel 39.85 -> 31.88 at 100 steps, 31.30 -> 28.57 at 200; W4 21.34 -> 21.07).
+# Layers whose inputs are rotated by default when activations are int8: the MLP down projections
+# of decoders (LLaMA family, OPT, GPT-Neo), where attention-sink tokens put token-wise outliers
+# that no per-channel smoothing can fold into the weights (see fxkernels.rotation).
+AUTO_ROTATE = ("down_proj", "fc2", "*.mlp.c_proj")
+MIN_ROTATION_BLOCK = 16
+
 DEFAULT_LR = {"flexround": 6e-3, "adaround": 1e-2, "signround": None, "rtn": 0.0}
 
 
@@ -54,6 +60,9 @@ class QuantizeConfig:
     smooth: SmoothQuant's alpha in [0, 1], used only with act_bits=8 (None disables): before
         learning a block, migrate per-channel activation range into the weights where the producer
         is a norm or a linear (quantizer.smooth); 0.5 balances the two.
+    rotate: linear names or glob patterns whose input is rotated by a block Hadamard transform
+        (fxkernels.rotation; applied online by the exported QuantLinear). None = automatic: the
+        MLP down projections (AUTO_ROTATE) when act_bits=8, nothing for weight-only; () = none.
     eval_samples: windows on which "loss before -> after" is measured per block.
     skip: names or glob patterns of linears left in float (lm_head by default).
     resume_dir: directory where finished blocks are saved; a rerun continues after them.
@@ -76,6 +85,7 @@ class QuantizeConfig:
     eval_samples: int = 8
     loss: str = "token"
     smooth: Optional[float] = 0.5
+    rotate: Optional[Tuple[str, ...]] = None
     skip: Tuple[str, ...] = ("lm_head",)
     resume_dir: Optional[str] = None
     progress: bool = True
@@ -87,6 +97,8 @@ class QuantizeConfig:
             self.weight = QuantSpec.from_dict(self.weight)
         if isinstance(self.skip, (list, str)):
             self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        if isinstance(self.rotate, (list, str)):
+            self.rotate = (self.rotate,) if isinstance(self.rotate, str) else tuple(self.rotate)
         self.validate()
 
     def validate(self) -> None:
@@ -117,6 +129,9 @@ class QuantizeConfig:
             bad("act_lr", "a non-negative number")
         if self.smooth is not None and not (isinstance(self.smooth, (int, float)) and 0 <= self.smooth <= 1):
             bad("smooth", "None or an alpha in [0, 1]")
+        if self.rotate is not None and not (isinstance(self.rotate, tuple)
+                                            and all(isinstance(p, str) and p for p in self.rotate)):
+            bad("rotate", "None (automatic) or a tuple of layer-name patterns")
         if self.loss not in ("mse", "token"):
             bad("loss", "'mse' or 'token'")
         if self.init not in ("mse", "minmax"):
@@ -140,10 +155,32 @@ class QuantizeConfig:
             return dataclasses.replace(self.weight, act_bits=self.act_bits, act_mode="static")
         return self.weight
 
+    def rotation_blocks(self, names) -> Dict[str, int]:
+        """``{layer name: Hadamard block}`` for the ``(name, nn.Linear)`` pairs whose input is rotated."""
+        from fxkernels.rotation import default_rotation_block
+
+        from .blocks import matches
+
+        auto = self.rotate is None
+        patterns = (AUTO_ROTATE if self.act_bits else ()) if auto else self.rotate
+        blocks = {}
+        for name, lin in names:
+            if not patterns or not matches(name, patterns):
+                continue
+            b = default_rotation_block(lin.in_features)
+            if b < MIN_ROTATION_BLOCK:
+                if auto:
+                    continue
+                raise ValueError(f"QuantizeConfig: rotate matches {name!r}, whose in_features={lin.in_features} has "
+                                 f"no power-of-two factor >= {MIN_ROTATION_BLOCK}; expected layers a Hadamard block divides")
+            blocks[name] = b
+        return blocks
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["weight"] = self.weight.to_dict()
         d["skip"] = list(self.skip)
+        d["rotate"] = None if self.rotate is None else list(self.rotate)
         return d
 
     @classmethod

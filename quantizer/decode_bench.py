@@ -23,7 +23,7 @@ def dequantized_reference(model: nn.Module) -> nn.Module:
                 raise ValueError(f"dequantized_reference: layer {name!r} quantizes activations; "
                                  "no float model computes the same function")
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            lin.weight.data = m.dequantized_weight()
+            lin.weight.data = m.float_weight()
             if m.bias is not None:
                 lin.bias.data = m.bias.clone()
             set_submodule(ref, name, lin)

@@ -36,6 +36,7 @@ from torch import nn
 
 from fxkernels.format import QuantSpec
 from fxkernels.nn import QuantLinear, set_submodule
+from fxkernels.rotation import hadamard_transform
 
 from .act_quant import ActQuantizer, QMAX as AQMAX, QMIN as AQMIN
 from .blocks import BlockLayout, block_linears, find_blocks, matches, unknown_layers
@@ -53,15 +54,19 @@ class QuantizationError(RuntimeError):
 
 # -- layers used while learning ------------------------------------------------------------
 class QuantWrapper(nn.Module):
-    """A linear layer during learning: ``F.linear(aq(x), wq(), bias)``."""
+    """A linear layer during learning: ``F.linear(aq(x), wq(), bias)``; with ``input_rotation``
+    the input is first rotated (``x H^T``) and ``wq`` rounds the rotated weight ``W H^T``."""
 
-    def __init__(self, wq: WeightQuantizer, bias: Optional[torch.Tensor], aq: Optional[ActQuantizer]):
+    def __init__(self, wq: WeightQuantizer, bias: Optional[torch.Tensor], aq: Optional[ActQuantizer],
+                 input_rotation: int = 0):
         super().__init__()
-        self.wq, self.aq = wq, aq
+        self.wq, self.aq, self.input_rotation = wq, aq, input_rotation
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.record: Optional[List[torch.Tensor]] = None  # inputs collected for activation init
 
     def forward(self, x):
+        if self.input_rotation:
+            x = hadamard_transform(x, self.input_rotation)
         if self.record is not None:
             self.record.append(x.detach().reshape(-1, x.shape[-1]))
         if self.aq is not None:
@@ -84,8 +89,11 @@ class FrozenLinear(nn.Module):
         static = layer.act_scale is not None
         self.register_buffer("act_scale", layer.act_scale.clone() if static else None)
         self.register_buffer("act_zero", layer.act_zero.float().clone() if static else None)
+        self.input_rotation = layer.input_rotation
 
     def forward(self, x):
+        if self.input_rotation:
+            x = hadamard_transform(x, self.input_rotation)
         if self.act_scale is not None:
             inv = 1.0 / self.act_scale
             x = (torch.clamp(torch.round(x * inv) + self.act_zero, AQMIN, AQMAX) - self.act_zero) * self.act_scale
@@ -98,7 +106,7 @@ def export_layer(wrapper: QuantWrapper, spec: QuantSpec) -> QuantLinear:
     if wrapper.aq is not None:
         act_scale, act_zero = wrapper.aq.export()
     return QuantLinear.from_codes(codes, scale, zero, spec, bias=wrapper.bias,
-                                  act_scale=act_scale, act_zero=act_zero)
+                                  act_scale=act_scale, act_zero=act_zero, input_rotation=wrapper.input_rotation)
 
 
 class SignSGD:
@@ -259,8 +267,7 @@ class ResumeDir:
             for b, t in layer.named_buffers():
                 if t is not None:
                     tensors[f"{name}.{b}"] = t.detach().contiguous().cpu()
-            meta[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
-                          "bias": layer.bias is not None, "spec": layer.spec.to_dict()}
+            meta[name] = layer.entry()
         _atomic_write(self.block_path(i), lambda tmp: save_file(tensors, tmp, metadata={"layers": json.dumps(meta)}))
         self.finished = i + 1
         self._write_manifest()
@@ -277,7 +284,7 @@ class ResumeDir:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         layers = {}
         for name, m in meta.items():
-            layer = QuantLinear(m["in_features"], m["out_features"], QuantSpec.from_dict(m["spec"]), bias=m["bias"])
+            layer = QuantLinear.from_entry(m)
             state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             layer.load_state_dict(state)
             layers[name] = layer
@@ -295,10 +302,15 @@ def _wrap_block(block: nn.Module, names: List[Tuple[str, nn.Linear]], cfg: Quant
     options = {k: v for k, v in cfg.options.items() if k not in ENGINE_OPTIONS}
     if cfg.method in ("flexround", "adaround", "rtn"):
         options.setdefault("init", cfg.init)
+    rotations = cfg.rotation_blocks(names)
     for name, lin in names:
-        wq = make_quantizer(cfg.method, lin.weight.detach(), cfg.weight, options)
+        weight = lin.weight.detach()
+        rot = rotations.get(name, 0)
+        if rot:
+            weight = hadamard_transform(weight.float(), rot)  # rows w -> w H^T (H is symmetric)
+        wq = make_quantizer(cfg.method, weight, cfg.weight, options)
         aq = ActQuantizer() if cfg.act_bits else None
-        w = QuantWrapper(wq, lin.bias, aq)
+        w = QuantWrapper(wq, lin.bias, aq, input_rotation=rot)
         set_submodule(block, name, w)
         wrappers[name] = w
     return wrappers
