@@ -113,8 +113,20 @@ def use_backend(name: str):
         stack.pop()
 
 
+# os.environ.get encodes the key and decodes the value on every call (~1 us each); the eager
+# QuantLinear path asks for the selection state on every call, so it reads the environment's
+# underlying bytes mapping (kept in sync by os.environ / monkeypatch.setenv) where there is one.
+_ENV_BYTES = getattr(os.environ, "_data", None)
+if not (isinstance(_ENV_BYTES, dict) and all(isinstance(k, bytes) for k in list(_ENV_BYTES)[:1])):
+    _ENV_BYTES = None
+
+
 def selection_state() -> tuple:
     """What besides the arguments decides a selection (part of callers' kernel-cache keys)."""
+    if _ENV_BYTES is not None:
+        disabled, forced_env = _ENV_BYTES.get(b"FXK_DISABLED_KERNELS"), _ENV_BYTES.get(b"FXK_FORCE_BACKEND")
+        stack = getattr(_local, "forced", None)
+        return disabled, stack[-1] if stack else forced_env, len(_registry[OPS[0]])
     return os.environ.get("FXK_DISABLED_KERNELS", ""), _forced(), len(_registry[OPS[0]])
 
 

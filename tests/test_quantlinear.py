@@ -145,6 +145,20 @@ def test_kernel_cache_follows_forced_backend():
     assert "reference" in chosen and len(layer._kernels) == 2
 
 
+def test_kernel_cache_follows_environment(monkeypatch):
+    """The eager path caches its kernel choice; FXK_* variables set later still take effect."""
+    layer = QuantLinear.from_linear(nn.Linear(32, 16), QuantSpec(4, "channel"))
+    x = torch.randn(2, 32)
+    layer(x)
+    monkeypatch.setenv("FXK_FORCE_BACKEND", "reference")
+    layer(x)
+    assert {k.backend for k in layer._kernels.values()} >= {"reference"}
+    monkeypatch.delenv("FXK_FORCE_BACKEND")
+    monkeypatch.setenv("FXK_DISABLED_KERNELS", "cpu,reference")
+    with pytest.raises(RuntimeError, match="no kernel can run dequant_linear"):
+        layer(x)
+
+
 @pytest.mark.parametrize("act_bits", [None, 8])
 @pytest.mark.parametrize("built_in_inference_mode", [False, True])
 def test_runs_under_inference_mode(act_bits, built_in_inference_mode):
