@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fxkernels import QuantSpec, replace_linears  # noqa: E402
-from quantizer.decode_bench import dequantized_reference, greedy_decode, tokens_per_second  # noqa: E402
+from quantizer.decode_bench import compare_tokens_per_second, dequantized_reference, greedy_decode  # noqa: E402
 
 PROMPT = "The history of Azerbaijan"
 NEW_TOKENS = 32
@@ -63,8 +63,8 @@ if __name__ == "__main__":
     fp, q, ids = load_models()
     ref = dequantized_reference(q)
     same = torch.equal(greedy_decode(q, ids, 16)[0], greedy_decode(ref, ids, 16)[0])
-    r_fp = tokens_per_second(fp, ids, NEW_TOKENS)
-    r_q = tokens_per_second(q, ids, NEW_TOKENS)
+    rates = compare_tokens_per_second({"fp32": fp, "w4_lm8": q}, ids, NEW_TOKENS)  # interleaved rounds
+    r_fp, r_q = rates["fp32"], rates["w4_lm8"]
     print(f"| model (SmolLM2-135M, batch 1, {torch.get_num_threads()} threads) | tokens/s | vs fp32 |")
     print("|---|---:|---:|")
     print(f"| fp32 Hugging Face eager | {r_fp:.1f} | 1.00x |")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -48,11 +48,17 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> Tuple
     return torch.cat(tokens, dim=1)[0], secs
 
 
-def tokens_per_second(model: nn.Module, ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> float:
-    """Median decode rate (tokens after the first) over ``repeats`` runs, after one warm-up."""
-    greedy_decode(model, ids, 4)
-    rates = []
-    for _ in range(repeats):
-        _, secs = greedy_decode(model, ids, new_tokens)
-        rates.append((new_tokens - 1) / secs)
-    return sorted(rates)[len(rates) // 2]
+def compare_tokens_per_second(models: Dict[str, nn.Module], ids: torch.Tensor, new_tokens: int = 32,
+                              rounds: int = 5) -> Dict[str, float]:
+    """Median decode rate of each model over ``rounds`` rounds that run the models in turn.
+
+    Interleaving puts every model through the same stretches of a shared machine's load, so their
+    ratio holds even when the host's speed drifts between minutes (it did, by up to 1.5x)."""
+    for m in models.values():
+        greedy_decode(m, ids, 4)
+    rates: Dict[str, List[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            _, secs = greedy_decode(m, ids, new_tokens)
+            rates[name].append((new_tokens - 1) / secs)
+    return {name: sorted(r)[len(r) // 2] for name, r in rates.items()}

@@ -44,7 +44,7 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False) -> int:
     from .api import QuantizeConfig, quantize
     from .cli import generate_text
     from .data import calibration_ids
-    from .decode_bench import dequantized_reference, greedy_decode, tokens_per_second
+    from .decode_bench import compare_tokens_per_second, dequantized_reference, greedy_decode
     from .evaluate import perplexity
     from .models import load_smollm2
 
@@ -103,8 +103,8 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False) -> int:
     print(f"   FlexRound : {PROMPT}{text_q}")
     ids = tok(PROMPT, return_tensors="pt").input_ids
     same16 = torch.equal(greedy_decode(deployed, ids, 16)[0], greedy_decode(dequantized_reference(deployed), ids, 16)[0])
-    tps_fp = tokens_per_second(model, ids, 32)
-    tps_q = tokens_per_second(deployed, ids, 32)
+    rates = compare_tokens_per_second({"fp32": model, "w4": deployed}, ids, 32)
+    tps_fp, tps_q = rates["fp32"], rates["w4"]
     print(f"   greedy decode at batch 1: fp32 {tps_fp:.1f} tok/s, W4 {tps_q:.1f} tok/s ({tps_q / tps_fp:.2f}x); "
           f"first 16 tokens equal to the dequantized reference: {same16}")
 

@@ -177,3 +177,17 @@ def test_runs_under_inference_mode(act_bits, built_in_inference_mode):
         with torch.inference_mode(), use_backend(backend):
             assert torch.allclose(q(x), want, atol=1e-5), backend
             assert torch.allclose(q(x), want, atol=1e-5), backend  # second call: cached path
+
+
+def test_interleaved_decode_rates_and_dequantized_reference():
+    from quantizer.decode_bench import compare_tokens_per_second, dequantized_reference, greedy_decode
+
+    model = tiny_llama()
+    q = replace_linears(tiny_llama(), QuantSpec(4, "channel"), overrides={"lm_head": QuantSpec(8, "channel")},
+                        skip=())
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    rates = compare_tokens_per_second({"fp32": model, "w4": q}, ids, new_tokens=4, rounds=3)
+    assert set(rates) == {"fp32", "w4"} and all(r > 0 for r in rates.values())
+    ref = dequantized_reference(q)
+    assert not any(isinstance(m, QuantLinear) for m in ref.modules())
+    assert torch.equal(greedy_decode(q, ids, 6)[0], greedy_decode(ref, ids, 6)[0])
