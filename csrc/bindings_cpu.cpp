@@ -23,6 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x @ dequant(W).T + bias; packed from repack_dequant (empty: scalar kernel)");
   m.def("read_probe", &fxk::read_probe, py::arg("buf"),
         "XOR fold of a contiguous CPU tensor's bytes as 64-bit words, read in parallel (a memory read-bandwidth probe; the value only keeps the reads alive)");
+  m.def("huge_page_buffer", &fxk::huge_page_buffer, py::arg("nbytes"),
+        "uint8 [nbytes] filled with 1, in 2 MiB transparent huge pages where the OS allows (probe buffer)");
   m.def("qact_linear", &fxk::qact_linear, py::arg("xq"), py::arg("x_scale"), py::arg("x_zero"),
         py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("wsum"), py::arg("packed"), py::arg("bias"),
         py::arg("bits"), py::arg("out_dtype"),

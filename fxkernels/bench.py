@@ -58,7 +58,8 @@ def measure_read_bandwidth(nbytes: int = 512 << 20, repeats: int = 7) -> float:
     is the one least disturbed by other processes, and a bandwidth is a capability."""
     try:
         from . import _C
-        buf = torch.ones(nbytes, dtype=torch.uint8)
+        # same paging as the kernels' repacked weights (2 MiB huge pages where the OS allows)
+        buf = _C.huge_page_buffer(nbytes) if hasattr(_C, "huge_page_buffer") else torch.ones(nbytes, dtype=torch.uint8)
         probe = lambda: _C.read_probe(buf)  # noqa: E731
     except ImportError:
         buf = torch.ones(nbytes // 4)

@@ -238,7 +238,11 @@ def test_dequant_linear_accuracy(isa, bits, m, n, k, g, dtype):
 def test_dequant_linear_gemv_accuracy(isa, bits, n, k, g):
     """M = 1 runs its own AVX2 kernel (two tiles, zero point folded out of the loop for nibble
     codes): odd tile counts, group sizes leaving a 2-column tail, long rows; same bound as above."""
-    gen = torch.Generator().manual_seed(bits * 5 + n * 3 + k + g)
+    check_gemv_accuracy(bits, n, k, g, seed=bits * 5 + n * 3 + k + g)
+
+
+def check_gemv_accuracy(bits, n, k, g, seed):
+    gen = torch.Generator().manual_seed(seed)
     qw, scale, zero = make_weight(n, k, bits, g, gen)
     x = torch.randn(1, k, generator=gen)
     bias = torch.randn(n, generator=gen)
@@ -250,6 +254,19 @@ def test_dequant_linear_gemv_accuracy(isa, bits, n, k, g):
     floor = EPS32 * ((x.double().abs() @ w.double().abs().t()) + bias.double().abs()).max().item()
     err = (y.double() - exact).abs().max().item()
     assert err <= 2 * max(torch_err, floor), f"err {err:.3g} > tol {2 * max(torch_err, floor):.3g}"
+
+
+def test_large_weights_repacked_into_huge_pages_stay_exact(isa):
+    """Repacked weights of >= 4 MiB are copied into 2 MiB huge-page mappings (Linux THP): the
+    copy must hold the same bytes and live as long as the cache entry that owns it."""
+    from fxkernels import _C
+
+    check_unit_scale_integer_exact(4, 3, 1024, 8192, 1, seed=7)  # 4 MiB of nibble codes
+    check_gemv_accuracy(8, 520, 8192, 2, seed=8)                   # 4.1 MiB of int8 codes
+    buf = _C.huge_page_buffer((5 << 20) + 3)
+    assert buf.dtype == torch.uint8 and buf.numel() == (5 << 20) + 3 and bool((buf[::4093] == 1).all())
+    with pytest.raises(RuntimeError, match="nbytes=0"):
+        _C.huge_page_buffer(0)
 
 
 @pytest.mark.parametrize("k,g", [(33, 1), (35, 5)])

@@ -36,4 +36,8 @@ at::Tensor qact_linear(const at::Tensor& xq, const at::Tensor& sa, const at::Ten
 // XOR fold (64-bit words) of a contiguous CPU tensor, read in parallel: a read-bandwidth probe.
 int64_t read_probe(const at::Tensor& buf);
 
+// A uint8 tensor of nbytes (filled with 1) in 2 MiB transparent huge pages where the OS allows it,
+// like the repacked weights: the read probe's buffer, so both stream under the same paging.
+at::Tensor huge_page_buffer(int64_t nbytes);
+
 }  // namespace fxk
