@@ -174,3 +174,21 @@ def test_newer_format_version_in_config_json_is_refused(saved):
     json.dump(cfg, open(p, "w"))
     with pytest.raises(ValueError, match="upgrade flexround"):
         transformers.AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_from_pretrained_keeps_input_rotations(tmp_path):
+    model = tiny_llama()
+    model.config.attention_bias = False
+    replace_linears(model, QuantSpec(4, "channel"))
+    for layer in model.model.layers:  # W8A8 down projections behind an online Hadamard rotation
+        lin = torch.nn.Linear(layer.mlp.down_proj.in_features, layer.mlp.down_proj.out_features, bias=False)
+        layer.mlp.down_proj = QuantLinear.from_linear(
+            lin, QuantSpec(8, "tensor", act_bits=8, act_mode="static"), input_rotation=128,
+            act_scale=torch.tensor([0.01]), act_zero=torch.tensor([3], dtype=torch.int32))
+    path = save_quantized(model, str(tmp_path / "rot"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert {n: m.input_rotation for n, m in _qlayers(hf).items() if m.input_rotation} == {
+        f"model.layers.{i}.mlp.down_proj": 128 for i in range(len(model.model.layers))}
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, model(ids).logits)
