@@ -61,7 +61,9 @@ def _flexround_rows(directory: str, header) -> Tuple[List[dict], set]:
         rows.append(dict(name=name, out_features=e["out_features"], in_features=e["in_features"], bits=spec.bits,
                          granularity="tensor" if spec.granularity == "tensor" else
                          "channel" if spec.granularity == "channel" else f"group {spec.group_size}",
-                         symmetric=spec.symmetric, act=f"A8 {spec.act_mode}" if spec.act_bits else "-",
+                         symmetric=spec.symmetric,
+                         act=(f"A8 {spec.act_mode}" if spec.act_bits else "-")
+                         + (f", Hadamard {e['input_rotation']}" if e.get("input_rotation") else ""),
                          bias=e["bias"], bytes=sum(header[t][2] for t in names)))
     return rows, owned
 

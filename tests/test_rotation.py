@@ -107,6 +107,9 @@ def test_checkpoint_keeps_the_rotation_and_gptq_export_refuses_it(tmp_path):
         assert torch.equal(loaded(ids).logits, want)
     with pytest.raises(GPTQExportError, match="down_proj.*input_rotation=128"):
         export_gptq(model, str(tmp_path / "g"))
+    from quantizer.inspect_ckpt import inspect_checkpoint
+    acts = {r["name"]: r["act"] for r in inspect_checkpoint(path)["layers"]}
+    assert acts == {f"model.layers.{i}.mlp.down_proj": "-, Hadamard 128" for i in range(2)}
 
 
 def test_version_1_checkpoints_still_load(tmp_path):
