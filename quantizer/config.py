@@ -19,7 +19,8 @@ METHODS = ("rtn", "flexround", "adaround", "signround")
 # and AdaRound use Adam (FlexRound on log-parameters); SignRound uses signed SGD whose step is a
 # fraction of one quantization step, AutoRound's 1/iters rule. FlexRound at 6e-3 rather than 3e-3:
 # within 100-200 steps the log-scales must travel far enough to move small codes by a whole step
-# (measured: W3 per-channel 39.85 -> 31.88 at 100 steps, 31.30 -> 28.57 at 200; W4 21.34 -> 21.07).
+# (measured: W3 per-channel 39.85 -> 31.88 at 100 steps, 31.30 -> 28.57 at 200; W4 21.34 -> 21.07);
+# 8-bit weights take a smaller step (flexround_default_lr).
 # Layers whose inputs are rotated by default when activations are int8: the MLP down projections
 # of decoders (LLaMA family, OPT, GPT-Neo), where attention-sink tokens put token-wise outliers
 # that no per-channel smoothing can fold into the weights (see fxkernels.rotation).
@@ -29,10 +30,28 @@ MIN_ROTATION_BLOCK = 16
 DEFAULT_LR = {"flexround": 6e-3, "adaround": 1e-2, "signround": None, "rtn": 0.0}
 
 
-def method_learning_rate(method: str, lr: Optional[float], iters: int) -> float:
-    """``lr`` if given, else the method's default (SignRound: AutoRound's 1/iters rule)."""
+def flexround_default_lr(bits: int) -> float:
+    """FlexRound's default Adam step for ``bits``-bit weights.
+
+    A weight whose code sits ``c`` steps from the zero point moves by about ``c * d(log S2)`` grid
+    steps, so one Adam step moves 8-bit weights (``|c|`` up to 128) 16x further than 4-bit ones
+    (up to 8). Measured on SmolLM2 (docs/RESULTS.md): 6e-3 is best at 3-4 bits; at W8A8, 6e-3 left
+    several blocks no better than their initial grid while 1e-3 cut block losses 2-3x. Between 4
+    and 8 bits the step is interpolated geometrically."""
+    if bits <= 4:
+        return 6e-3
+    if bits >= 8:
+        return 1e-3
+    return 6e-3 * (1e-3 / 6e-3) ** ((bits - 4) / 4)
+
+
+def method_learning_rate(method: str, lr: Optional[float], iters: int, bits: Optional[int] = None) -> float:
+    """``lr`` if given, else the method's default (SignRound: AutoRound's 1/iters rule; FlexRound:
+    by weight bits when ``bits`` is given, see :func:`flexround_default_lr`)."""
     if lr is not None:
         return float(lr)
+    if method == "flexround" and bits is not None:
+        return flexround_default_lr(bits)
     if method == "signround":
         return 1.0 / max(iters, 1)
     return DEFAULT_LR[method]
@@ -47,7 +66,8 @@ class QuantizeConfig:
     act_bits: None (weight-only) or 8: per-tensor static int8 activations on every linear input,
         initialized from calibration statistics and learned (LSQ) with the weights.
     iters: optimizer steps per block (0: export the initial grid, i.e. RTN).
-    lr: step size of the rounding parameters (None: the method's default, DEFAULT_LR).
+    lr: step size of the rounding parameters (None: the method's default, DEFAULT_LR; FlexRound's
+        depends on the weight bits, flexround_default_lr).
     act_lr: Adam step size of the activation log-scales and zero points.
     lr_decay: decay Adam's step size linearly to 0 over ``iters`` (SignRound always decays).
     nsamples, seqlen: calibration windows used (the calibration tensor may hold more).
@@ -146,7 +166,7 @@ class QuantizeConfig:
     # -- derived -------------------------------------------------------------------------
     @property
     def learning_rate(self) -> float:
-        return method_learning_rate(self.method, self.lr, self.iters)
+        return method_learning_rate(self.method, self.lr, self.iters, self.weight.bits)
 
     @property
     def layer_spec(self) -> QuantSpec:

@@ -312,3 +312,10 @@ def test_smoothing_preserves_the_float_block_and_runs_w8a8(ref_model):
     m = fresh(state)
     quantize(m, calib(), base_cfg(weight=QuantSpec(bits=8, granularity="tensor"), act_bits=8, smooth=0.5), log=quiet)
     assert logits_err(m, ref, ids) < 0.05 * float(ref.pow(2).mean())
+
+
+def test_flexround_default_step_size_follows_weight_bits():
+    lr = {b: QuantizeConfig(weight=QuantSpec(bits=b, granularity="channel")).learning_rate for b in (2, 3, 4, 6, 8)}
+    assert lr[2] == lr[3] == lr[4] == 6e-3 and lr[8] == 1e-3 and 1e-3 < lr[6] < 6e-3
+    assert QuantizeConfig(weight=QuantSpec(bits=8, granularity="tensor"), lr=5e-3).learning_rate == 5e-3
+    assert QuantizeConfig(method="adaround", weight=QuantSpec(bits=8, granularity="tensor")).learning_rate == 1e-2
