@@ -26,6 +26,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 BACKEND_MODULES = ("cuda", "triton", "cpu")  # import order; priority decides the run order
 OPS = ("dequant_linear", "quantize_act", "qact_linear")
+# How many leading arguments of each op change from call to call (the activations); the rest
+# (weights, grids, flags) are fixed for a given layer and may be bound once (see bind).
+VARYING_ARGS = {"dequant_linear": 1, "quantize_act": 1, "qact_linear": 3}
 
 
 @dataclasses.dataclass
@@ -35,7 +38,9 @@ class Kernel:
     name: unique, e.g. ``"cpu_avx2_dequant"``; backend: ``"cpu" | "triton" | "cuda" | "reference"``;
     op: one of :data:`OPS`; run: takes the op's arguments and returns its result;
     can_implement: same arguments, returns ``(ok, reason)`` and must be cheap (no device syncs);
-    priority: higher runs first.
+    priority: higher runs first; bind (optional): takes the op's arguments once (the leading
+    :data:`VARYING_ARGS` as examples) and returns ``f(*varying) -> result`` with the others fixed,
+    preparing whatever it can (e.g. a repacked weight) outside the per-call path.
     """
 
     name: str
@@ -44,6 +49,15 @@ class Kernel:
     run: Callable
     can_implement: Callable[..., Tuple[bool, str]]
     priority: int = 0
+    bind: Optional[Callable] = None
+
+
+def bind(kernel: Kernel, args: tuple) -> Callable:
+    """``f(*varying)`` running ``kernel`` with the non-varying part of ``args`` fixed."""
+    if kernel.bind is not None:
+        return kernel.bind(*args)
+    fixed, run = tuple(args[VARYING_ARGS[kernel.op]:]), kernel.run
+    return lambda *varying: run(*varying, *fixed)
 
 
 _registry: Dict[str, List[Kernel]] = {op: [] for op in OPS}

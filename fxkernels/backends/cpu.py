@@ -69,11 +69,20 @@ def _dq_can(x, qweight, scale, zero, bias, bits, in_features):
     return _OK
 
 
-def _dq_run(x, qweight, scale, zero, bias, bits, in_features):
+def _dq_packed(qweight, scale, zero, bits, in_features):
     tag = ("cpu_dq", bits, in_features, id(scale), scale.data_ptr(), version_of(scale),
            id(zero), zero.data_ptr(), version_of(zero))
-    packed = cached_repack(qweight, tag, lambda: _C.repack_dequant(qweight, scale, zero, bits, in_features))
+    return cached_repack(qweight, tag, lambda: _C.repack_dequant(qweight, scale, zero, bits, in_features))
+
+
+def _dq_run(x, qweight, scale, zero, bias, bits, in_features):
+    packed = _dq_packed(qweight, scale, zero, bits, in_features)
     return _C.dequant_linear(x, qweight, scale, zero, packed, bias, bits, in_features)
+
+
+def _dq_bind(x, qweight, scale, zero, bias, bits, in_features):
+    packed, f = _dq_packed(qweight, scale, zero, bits, in_features), _C.dequant_linear
+    return lambda x: f(x, qweight, scale, zero, packed, bias, bits, in_features)
 
 
 # -- quantize_act --------------------------------------------------------------------------------
@@ -87,6 +96,11 @@ def _quant_run(x, scale, zero):
     return tuple(_C.quantize_act(x, scale, zero))
 
 
+def _quant_bind(x, scale, zero):
+    f = _C.quantize_act
+    return lambda x: f(x, scale, zero)  # a [xq, scale, zero] list
+
+
 # -- qact_linear ---------------------------------------------------------------------------------
 def _qa_can(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype):
     if xq.device.type != "cpu":
@@ -98,18 +112,26 @@ def _qa_can(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dty
     return _OK
 
 
-def _qa_run(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype):
-    tag = ("cpu_qa", bits, xq.shape[1], id(scale), scale.data_ptr(), version_of(scale),
+def _qa_packed(k, qweight, scale, zero, wsum, bits):
+    tag = ("cpu_qa", bits, k, id(scale), scale.data_ptr(), version_of(scale),
            id(zero), zero.data_ptr(), version_of(zero), id(wsum), wsum.data_ptr(), version_of(wsum))
-    packed = cached_repack(qweight, tag,
-                           lambda: _C.repack_qact(qweight, scale, zero, wsum, bits, xq.shape[1]))
+    return cached_repack(qweight, tag, lambda: _C.repack_qact(qweight, scale, zero, wsum, bits, k))
+
+
+def _qa_run(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype):
+    packed = _qa_packed(xq.shape[1], qweight, scale, zero, wsum, bits)
     return _C.qact_linear(xq, x_scale, x_zero, qweight, scale, zero, wsum, packed, bias, bits, out_dtype)
+
+
+def _qa_bind(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype):
+    packed, f = _qa_packed(xq.shape[1], qweight, scale, zero, wsum, bits), _C.qact_linear
+    return lambda xq, sa, za: f(xq, sa, za, qweight, scale, zero, wsum, packed, bias, bits, out_dtype)
 
 
 set_isa(os.environ.get("FXK_CPU_ISA", "auto") or "auto")
 _feat = _C.cpu_features()
 set_backend_status("cpu", True, f"fxkernels._C, {active_isa()} kernels "
                    f"(cpu features: {', '.join(k for k, v in _feat.items() if v) or 'baseline x86-64'})")
-register(Kernel("cpu_dequant_linear", "cpu", "dequant_linear", _dq_run, _dq_can, priority=100))
-register(Kernel("cpu_quantize_act", "cpu", "quantize_act", _quant_run, _quant_can, priority=100))
-register(Kernel("cpu_qact_linear", "cpu", "qact_linear", _qa_run, _qa_can, priority=100))
+register(Kernel("cpu_dequant_linear", "cpu", "dequant_linear", _dq_run, _dq_can, priority=100, bind=_dq_bind))
+register(Kernel("cpu_quantize_act", "cpu", "quantize_act", _quant_run, _quant_can, priority=100, bind=_quant_bind))
+register(Kernel("cpu_qact_linear", "cpu", "qact_linear", _qa_run, _qa_can, priority=100, bind=_qa_bind))
