@@ -518,6 +518,10 @@ def reconstruct(model: nn.Module, ids: torch.Tensor, cfg: QuantizeConfig,
                 smoothed = _smooth(block, names, xq[:min(cfg.eval_samples, xq.shape[0])], kw, prop_batch, cfg.smooth)
                 log(f"{label}: smoothed the inputs of {len(smoothed)} linears (alpha={cfg.smooth})")
             wrappers = _wrap_block(block, names, cfg)
+            rotated = {w.input_rotation for w in wrappers.values() if w.input_rotation}
+            if rotated:
+                log(f"{label}: Hadamard-rotated the inputs of {sum(1 for w in wrappers.values() if w.input_rotation)} "
+                    f"linears (blocks {', '.join(map(str, sorted(rotated)))})")
             try:
                 before, after = _learn_block(i, block, wrappers, xq, xfp, targets, kw, cfg, label, log)
             except BaseException:

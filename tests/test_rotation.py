@@ -133,16 +133,19 @@ def test_engine_rotates_down_projections_for_w8a8_only():
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     base = dict(method="flexround", weight=QuantSpec(8, "tensor"), iters=3, nsamples=4, seqlen=16, batch_size=2,
                 progress=False)
-    rotated = {}
+    rotated, logs = {}, {}
     for name, kw in {"w8a8": dict(act_bits=8), "w8a8_none": dict(act_bits=8, rotate=()),
                      "w8": dict(), "w8_forced": dict(rotate=("down_proj",))}.items():
         m = tiny_llama()
-        quantize(m, ids, QuantizeConfig(**base, **kw), log=lambda s: None)
+        logs[name] = []
+        quantize(m, ids, QuantizeConfig(**base, **kw), log=logs[name].append)
         rotated[name] = {n: mod.input_rotation for n, mod in m.named_modules()
                          if isinstance(mod, QuantLinear) and mod.input_rotation}
     assert rotated["w8a8"] == {"model.layers.0.mlp.down_proj": 128, "model.layers.1.mlp.down_proj": 128}
     assert rotated["w8a8_none"] == {} and rotated["w8"] == {}
     assert rotated["w8_forced"] == rotated["w8a8"]
+    assert "block 1/2: Hadamard-rotated the inputs of 1 linears (blocks 128)" in logs["w8a8"]
+    assert not any("Hadamard" in line for line in logs["w8a8_none"])
     with pytest.raises(ValueError, match=r"rotate=\(1,\); expected None"):
         QuantizeConfig(rotate=[1])
     with pytest.raises(ValueError, match="rotate matches .*q_proj.*in_features=72 has no power-of-two factor"):
