@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W8A8: migrate activation outliers into the weights first (SmoothQuant alpha, e.g. 0.5)")
     q.add_argument("--rotate", default=None, metavar="PATTERNS",
                    help="comma-separated linear names/globs whose input is Hadamard-rotated online, or 'none' "
-                        "(default: the MLP down projections when activations are int8)")
+                        "(default: every block linear when activations are int8)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--resume-dir", default=None, help="directory to keep finished blocks in (resumable)")
     q.add_argument("--out", required=True, help="output checkpoint directory")

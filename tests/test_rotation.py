@@ -141,10 +141,12 @@ def test_engine_rotates_down_projections_for_w8a8_only():
         quantize(m, ids, QuantizeConfig(**base, **kw), log=logs[name].append)
         rotated[name] = {n: mod.input_rotation for n, mod in m.named_modules()
                          if isinstance(mod, QuantLinear) and mod.input_rotation}
-    assert rotated["w8a8"] == {"model.layers.0.mlp.down_proj": 128, "model.layers.1.mlp.down_proj": 128}
+    down = {"model.layers.0.mlp.down_proj": 128, "model.layers.1.mlp.down_proj": 128}
+    assert len(rotated["w8a8"]) == 14 and {n: b for n, b in rotated["w8a8"].items() if b == 128} == down
+    assert all(b == 64 for n, b in rotated["w8a8"].items() if n not in down)  # hidden size 64
     assert rotated["w8a8_none"] == {} and rotated["w8"] == {}
-    assert rotated["w8_forced"] == rotated["w8a8"]
-    assert "block 1/2: Hadamard-rotated the inputs of 1 linears (blocks 128)" in logs["w8a8"]
+    assert rotated["w8_forced"] == down
+    assert "block 1/2: Hadamard-rotated the inputs of 7 linears (blocks 64, 128)" in logs["w8a8"]
     assert not any("Hadamard" in line for line in logs["w8a8_none"])
     with pytest.raises(ValueError, match=r"rotate=\(1,\); expected None"):
         QuantizeConfig(rotate=[1])
