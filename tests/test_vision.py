@@ -241,6 +241,28 @@ def test_equalization_keeps_the_float_network_and_balances_channel_ranges():
     assert errs[1] < 0.5 * errs[0], errs
 
 
+def test_activation_aware_equalization_keeps_activation_ranges():
+    from quantizer.vision.equalize import activation_ranges, equalize_mobilenet
+
+    net = fold_batchnorm(tiny_net())
+    x = torch.randn(16, 3, 32, 32)
+    before = activation_ranges(net, x)
+    plain = equalize_mobilenet(copy.deepcopy(net))
+    bounded = equalize_mobilenet(copy.deepcopy(net), act_ranges=before)
+    with torch.no_grad():
+        ref, out = net(x), bounded(x)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    grown_plain = max(float(a.max() / b.max()) for a, b in zip(activation_ranges(plain, x), before))
+    grown_bounded = max(float(a.max() / b.max()) for a, b in zip(activation_ranges(bounded, x), before))
+    assert grown_plain > 1.5  # what plain equalization does to a per-tensor activation grid
+    assert grown_bounded <= 1 + 1e-3  # fp32 rounding over the sweeps
+    # the weights are still equalized where that costs no activation range
+    spread = lambda conv: float(conv.weight.abs().flatten(1).amax(1).max() / conv.weight.abs().flatten(1).amax(1).min())
+    assert spread(bounded.features[5].conv[1][0]) < spread(net.features[5].conv[1][0])
+    with pytest.raises(ValueError, match="act_ranges"):
+        equalize_mobilenet(copy.deepcopy(net), act_ranges=before[:1])
+
+
 def test_equalized_checkpoint_round_trip(tiny_setup, tmp_path):
     from fxkernels.conv import ChannelClippedReLU, load_quantized_cnn, save_quantized_cnn
 

@@ -50,7 +50,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     from .data import calibration_images, evaluation_images
     from .evaluate import compare_logits, logits
     from .mobilenetv2 import load_folded_mobilenet_v2
-    from .reconstruct_cnn import CNNQuantConfig, quantize_mobilenet
+    from .reconstruct_cnn import CNNQuantConfig, equalized, quantize_mobilenet
 
     model = load_folded_mobilenet_v2(args.weights)
     calib = calibration_images(args.calib, seed=args.seed)
@@ -90,12 +90,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             layer = deployed.get_submodule(name)
             layer = layer[1] if isinstance(layer, torch.nn.Sequential) else layer
             base, ext = os.path.splitext(args.plot)
-            ref_model = model
-            if cfg.equalize:  # the learned codes live on the equalized weights' grid
-                import copy
-
-                from .equalize import equalize_mobilenet
-                ref_model = equalize_mobilenet(copy.deepcopy(model))
+            ref_model = equalized(model, calib, cfg)  # the learned codes live on these weights' grid
             plot_grid_shift(ref_model.get_submodule(name).weight, layer, f"{base}-{method}{ext or '.png'}")
     return rows
 

@@ -52,7 +52,8 @@ class CNNQuantConfig:
     method's default). qdrop: probability of feeding a float input element instead of the
     quantized one while learning (QDrop). init: FlexRound/AdaRound initial grid ("mse"/"minmax").
     equalize: cross-layer equalization before quantizing (``quantizer.vision.equalize``; the float
-    function is unchanged, ReLU6 becomes a per-channel clip).
+    function is unchanged, ReLU6 becomes a per-channel clip; with ``act_bits`` every factor is
+    bounded so that no activation channel outgrows its tensor's measured range).
     """
 
     method: str = "flexround"
@@ -390,6 +391,17 @@ def _learn_unit(i: int, unit: nn.Module, wrappers: Dict[str, LayerWrapper], xq: 
     return before, after
 
 
+def equalized(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfig, range_images: int = 64) -> nn.Module:
+    """The float network the run quantizes: ``model`` itself, or an equalized copy when
+    ``cfg.equalize``. With quantized activations the equalization keeps every activation tensor's
+    range (measured on the first ``range_images`` calibration images) where it was."""
+    if not cfg.equalize:
+        return model
+    from .equalize import activation_ranges, equalize_mobilenet
+    ranges = activation_ranges(model, calib[:range_images].float()) if cfg.act_bits else None
+    return equalize_mobilenet(copy.deepcopy(model), act_ranges=ranges)
+
+
 def quantize_mobilenet(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfig,
                        log: Callable[[str], None] = print) -> Tuple[nn.Module, Dict[str, nn.Module], List[dict]]:
     """Quantize a folded MobileNetV2 unit by unit.
@@ -400,9 +412,7 @@ def quantize_mobilenet(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfi
     ``stats`` has per-unit losses and seconds. ``model`` itself is not modified."""
     if calib.dim() != 4 or calib.shape[1] != 3:
         raise ValueError(f"quantize_mobilenet: calib shape {tuple(calib.shape)}; expected [n, 3, H, W] images")
-    if cfg.equalize:
-        from .equalize import equalize_mobilenet
-        model = equalize_mobilenet(copy.deepcopy(model))
+    model = equalized(model, calib, cfg)
     fp = copy.deepcopy(model).eval()
     work = copy.deepcopy(model).eval()
     deployed = copy.deepcopy(model).eval()
