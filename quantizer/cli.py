@@ -163,12 +163,15 @@ def cmd_kernels(a) -> int:
 def cmd_bench(a) -> int:
     if a.what == "kernels":
         try:
-            from fxkernels.bench import cpu_kernel_table
+            from fxkernels.bench import main as bench_main
         except ImportError as e:
             print(f"error: the CPU benchmark harness is unavailable ({e})", file=sys.stderr)
             return 2
         _threads(a.threads)
-        print(cpu_kernel_table(quick=not a.full))
+        argv = ["--full"] if a.full else []
+        if a.threads:
+            argv += ["--threads", str(a.threads)]
+        bench_main(argv)  # prints the table as it goes
         return 0
     return 2
 
