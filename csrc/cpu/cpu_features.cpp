@@ -11,6 +11,7 @@ const CpuFeatures& cpu_features() {
     c.f16c = __builtin_cpu_supports("f16c");
     c.avx512f = __builtin_cpu_supports("avx512f");
     c.avx512bw = __builtin_cpu_supports("avx512bw");
+    c.avx512vl = __builtin_cpu_supports("avx512vl");
     c.avx512vnni = __builtin_cpu_supports("avx512vnni");
     c.avxvnni = __builtin_cpu_supports("avxvnni");
     return c;
@@ -26,6 +27,7 @@ pybind11::dict cpu_features_dict() {
   d["f16c"] = f.f16c;
   d["avx512f"] = f.avx512f;
   d["avx512bw"] = f.avx512bw;
+  d["avx512vl"] = f.avx512vl;
   d["avx512vnni"] = f.avx512vnni;
   d["avxvnni"] = f.avxvnni;
   return d;

@@ -4,7 +4,7 @@
 namespace fxk {
 
 struct CpuFeatures {
-  bool avx2, fma, f16c, avx512f, avx512bw, avx512vnni, avxvnni;
+  bool avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512vnni, avxvnni;
 };
 
 // Read once; kernels branch on these so the module never executes an unsupported instruction.

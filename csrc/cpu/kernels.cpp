@@ -21,27 +21,55 @@
 namespace fxk {
 
 // ---- ISA selection -----------------------------------------------------------------------
-static std::atomic<bool> g_force_scalar{false};
+// "auto" picks the best the CPU has; "avx2" forces the AVX2 kernels without VNNI (tests run both
+// paths on a VNNI machine); "scalar" the portable loops.
+enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kVnni = 3 };
+static std::atomic<int> g_isa{kAuto};
 
 static bool have_avx2() {
   const auto& f = cpu_features();
   return f.avx2 && f.fma && f.f16c;
 }
 
+static bool have_vnni() {
+  const auto& f = cpu_features();
+  return have_avx2() && f.avx512f && f.avx512vl && f.avx512vnni;
+}
+
 void set_isa(const std::string& isa) {
   if (isa == "scalar") {
-    g_force_scalar = true;
-  } else if (isa == "auto" || isa == "avx2") {
-    TORCH_CHECK(isa != "avx2" || have_avx2(), "set_isa: isa='avx2' but this CPU lacks AVX2/FMA/F16C");
-    g_force_scalar = false;
+    g_isa = kScalar;
+  } else if (isa == "auto") {
+    g_isa = kAuto;
+  } else if (isa == "avx2") {
+    TORCH_CHECK(have_avx2(), "set_isa: isa='avx2' but this CPU lacks AVX2/FMA/F16C");
+    g_isa = kAvx2;
+  } else if (isa == "avx512vnni") {
+    TORCH_CHECK(have_vnni(), "set_isa: isa='avx512vnni' but this CPU lacks AVX512F/VL/VNNI (or AVX2/FMA/F16C)");
+    g_isa = kVnni;
   } else {
-    TORCH_CHECK(false, "set_isa: isa='", isa, "'; expected 'auto', 'avx2' or 'scalar'");
+    TORCH_CHECK(false, "set_isa: isa='", isa, "'; expected 'auto', 'avx512vnni', 'avx2' or 'scalar'");
   }
 }
 
-std::string active_isa() { return (!g_force_scalar && have_avx2()) ? "avx2" : "scalar"; }
+static int effective_isa() {
+  const int want = g_isa.load(std::memory_order_relaxed);
+  if (want == kScalar || !have_avx2()) return kScalar;
+  if (want == kAvx2) return kAvx2;
+  return have_vnni() ? kVnni : kAvx2;
+}
 
-static bool use_avx2() { return !g_force_scalar.load(std::memory_order_relaxed) && have_avx2(); }
+std::string active_isa() {
+  switch (effective_isa()) {
+    case kVnni: return "avx512vnni";
+    case kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+// Every vector path starts from the AVX2 kernels; VNNI only replaces the INT4 x int8 ones.
+static bool use_avx2() { return effective_isa() != kScalar; }
+static bool use_vnni() { return effective_isa() == kVnni; }
 
 // Work per thread chunk: at least ~256K multiply-adds, so that small layers (and M=1 decode of
 // a 135M model's 576-wide linears) do not pay a fork/join for microseconds of work.
@@ -349,7 +377,10 @@ at::Tensor qact_linear(const at::Tensor& xq_in, const at::Tensor& sa_in, const a
              xc.data(), sa.data_ptr<float>(), za.data_ptr<int32_t>(), pb, y.data_ptr<float>(),
              M, N, Kp, G, K / G, (int)bits};
     const int64_t NT = (N + 7) / 8;
-    at::parallel_for(0, NT, tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { qa_tiles_avx2(a, t0, t1); });
+    if (use_vnni() && bits <= 4)
+      at::parallel_for(0, NT, tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { qa_tiles_avx512vnni(a, t0, t1); });
+    else
+      at::parallel_for(0, NT, tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { qa_tiles_avx2(a, t0, t1); });
   } else {
     auto s = scale.to(at::kFloat).contiguous();
     auto z = zero.to(at::kInt).contiguous();

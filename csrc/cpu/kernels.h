@@ -55,6 +55,8 @@ struct QaArgs {
 // Tiles [t0, t1) of 8 output rows, all M rows of the input.
 void dq_tiles_avx2(const DqArgs& a, int64_t t0, int64_t t1);
 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1);
+// The same with vpdpbusd for bits <= 4 (needs AVX512F+VL+VNNI; kernels_avx512vnni.cpp).
+void qa_tiles_avx512vnni(const QaArgs& a, int64_t t0, int64_t t1);
 
 // Row-wise int8 activation quantization of rows [r0, r1): xq = clamp(rint(x * inv) + z).
 void quant_rows_avx2(const float* x, int64_t K, const float* inv, const int32_t* z, int8_t* xq,

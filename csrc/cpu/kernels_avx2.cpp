@@ -13,7 +13,15 @@
 
 #include "kernels.h"
 
+// kernels_avx512vnni.cpp includes this file with FXK_VNNI defined: the same kernels compiled
+// with AVX-512 VNNI enabled, whose INT4 x int8 loops use vpdpbusd (four u8 x s8 products summed
+// into int32 in one instruction) instead of vpmaddubsw + vpaddw + vpmaddwd. Only the integer-
+// activation entry point is built there; the results are bit-identical (exact int32 sums).
+#ifdef FXK_VNNI
+#define FXK_AVX2 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#else
 #define FXK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
 
 namespace fxk {
 namespace {
@@ -296,11 +304,17 @@ FXK_AVX2 void qa4_block(const QaArgs& a, int64_t t, int64_t m0) {
         for (int m = 0; m < MR; ++m) {
           const __m256i xl = _mm256_set1_epi32(load_i32(xr[m] + s * 8));
           const __m256i xh = _mm256_set1_epi32(load_i32(xr[m] + s * 8 + 4));
+#ifdef FXK_VNNI
+          acc32[m] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc32[m], lo, xl), hi, xh);
+#else
           acc16[m] = _mm256_add_epi16(acc16[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
                                                                  _mm256_maddubs_epi16(hi, xh)));
+#endif
         }
       }
+#ifndef FXK_VNNI
       for (int m = 0; m < MR; ++m) acc32[m] = _mm256_add_epi32(acc32[m], _mm256_madd_epi16(acc16[m], ones));
+#endif
     }
     qa_epilogue<MR>(a, t, g, m0, acc32, yf);
   }
@@ -378,13 +392,22 @@ FXK_AVX2 void qa4_gemv2(const QaArgs& a, int64_t t) {
         const __m256i xh = _mm256_set1_epi32(load_i32(xr + s * 8 + 4));
         const __m256i v0 = _mm256_loadu_si256((const __m256i*)(w0 + s * 32));
         const __m256i v1 = _mm256_loadu_si256((const __m256i*)(w1 + s * 32));
+#ifdef FXK_VNNI
+        acc0 = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc0, _mm256_and_si256(v0, m15), xl),
+                                   _mm256_and_si256(_mm256_srli_epi16(v0, 4), m15), xh);
+        acc1 = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc1, _mm256_and_si256(v1, m15), xl),
+                                   _mm256_and_si256(_mm256_srli_epi16(v1, 4), m15), xh);
+#else
         s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v0, m15), xl),
                                                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m15), xh)));
         s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v1, m15), xl),
                                                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m15), xh)));
+#endif
       }
+#ifndef FXK_VNNI
       acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(s0, ones));
       acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(s1, ones));
+#endif
     }
     qa_epilogue<1>(a, t, g, 0, &acc0, &yf[0]);
     qa_epilogue<1>(a, t + 1, g, 0, &acc1, &yf[1]);
@@ -392,6 +415,57 @@ FXK_AVX2 void qa4_gemv2(const QaArgs& a, int64_t t) {
   qa_store<1>(a, t, 0, &yf[0]);
   qa_store<1>(a, t + 1, 0, &yf[1]);
 }
+
+#ifdef FXK_VNNI
+// INT4 x int8 with VNNI, two tiles (16 output rows) x MR activation rows: with no int16 partial
+// sums to widen, a step of 8 columns is 2 weight loads, 4 nibble vectors, 2 broadcasts per
+// activation row shared by both tiles, and 4 vpdpbusd per row; 2*MR int32 accumulators live in
+// the 32 EVEX ymm registers that AVX-512VL provides.
+template <int MR>
+FXK_AVX2 void qa4_block2(const QaArgs& a, int64_t t, int64_t m0) {
+  const int64_t Kp = a.Kp, G = a.G, steps = Kp / G / 8;
+  const uint8_t* w0 = a.w + t * (Kp / 8) * 32;
+  const uint8_t* w1 = w0 + (Kp / 8) * 32;
+  const int8_t* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = a.x8 + (m0 + m) * Kp;
+  const __m256i m15 = _mm256_set1_epi8(15);
+  __m256 yf[2][MR];
+  for (int j = 0; j < 2; ++j)
+    for (int m = 0; m < MR; ++m) yf[j][m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[2][MR];
+    for (int j = 0; j < 2; ++j)
+      for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_setzero_si256();
+    for (int64_t s = g * steps; s < (g + 1) * steps; ++s) {
+      const __m256i v0 = _mm256_loadu_si256((const __m256i*)(w0 + s * 32));
+      const __m256i v1 = _mm256_loadu_si256((const __m256i*)(w1 + s * 32));
+      const __m256i l0 = _mm256_and_si256(v0, m15), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m15);
+      const __m256i l1 = _mm256_and_si256(v1, m15), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m15);
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xl = _mm256_set1_epi32(load_i32(xr[m] + s * 8));
+        const __m256i xh = _mm256_set1_epi32(load_i32(xr[m] + s * 8 + 4));
+        acc[0][m] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc[0][m], l0, xl), h0, xh);
+        acc[1][m] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc[1][m], l1, xl), h1, xh);
+      }
+    }
+    qa_epilogue<MR>(a, t, g, m0, acc[0], yf[0]);
+    qa_epilogue<MR>(a, t + 1, g, m0, acc[1], yf[1]);
+  }
+  qa_store<MR>(a, t, m0, yf[0]);
+  qa_store<MR>(a, t + 1, m0, yf[1]);
+}
+
+FXK_AVX2 void qa4_rows2(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
+  switch (mr) {
+    case 1: qa4_block2<1>(a, t, m0); break;
+    case 2: qa4_block2<2>(a, t, m0); break;
+    case 3: qa4_block2<3>(a, t, m0); break;
+    case 4: qa4_block2<4>(a, t, m0); break;
+    case 5: qa4_block2<5>(a, t, m0); break;
+    default: qa4_block2<6>(a, t, m0); break;
+  }
+}
+#endif
 
 template <int NTL>
 FXK_AVX2 void qa8_rows(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
@@ -429,6 +503,7 @@ static int64_t rows_per_block(int64_t row_bytes, int64_t mr) {
   return mb < mr ? mr : mb;
 }
 
+#ifndef FXK_VNNI
 FXK_AVX2 void dq_tiles_avx2(const DqArgs& a, int64_t t0, int64_t t1) {
   if (a.M == 1) {
     // per-group activation sums for the folded zero point (K adds, shared by all tiles)
@@ -472,7 +547,13 @@ FXK_AVX2 void dq_tiles_avx2(const DqArgs& a, int64_t t0, int64_t t1) {
   }
 }
 
+#endif  // !FXK_VNNI
+
+#ifdef FXK_VNNI
+FXK_AVX2 void qa_tiles_avx512vnni(const QaArgs& a, int64_t t0, int64_t t1) {
+#else
 FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
+#endif
   const int64_t mr = a.bits <= 4 ? 4 : 6;
   if (a.M == 1 && a.bits <= 4 && (a.Kp / a.G) % 32 == 0) {
     int64_t t = t0;
@@ -487,6 +568,11 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
     if (a.bits > 4)  // W8A8: tile pairs share each activation broadcast (see qa8_block)
       for (; t + 2 <= t1; t += 2)
         for (int64_t m0 = b0; m0 < b1; m0 += mr) qa8_rows<2>(a, t, m0, imin(mr, b1 - m0));
+#ifdef FXK_VNNI
+    if (a.bits <= 4)  // tile pairs, 6 activation rows (see qa4_block2)
+      for (; t + 2 <= t1; t += 2)
+        for (int64_t m0 = b0; m0 < b1; m0 += 6) qa4_rows2(a, t, m0, imin(6, b1 - m0));
+#endif
     for (; t < t1; ++t)
       for (int64_t m0 = b0; m0 < b1; m0 += mr) qa_rows(a, t, m0, imin(mr, b1 - m0));
   }
@@ -496,6 +582,7 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
 // Activation quantization, bit-exact with the reference: fp32 multiply by the fp32 reciprocal,
 // round half to even (vroundps with the default MXCSR mode, same as rint), add the zero, clamp.
 // ------------------------------------------------------------------------------------------
+#ifndef FXK_VNNI
 FXK_AVX2 void quant_rows_avx2(const float* x, int64_t K, const float* inv, const int32_t* z, int8_t* xq,
                               int64_t r0, int64_t r1) {
   const __m256 lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
@@ -556,8 +643,10 @@ FXK_AVX2 void minmax_rows_avx2(const float* x, int64_t K, float* mn, float* mx, 
   }
 }
 
+#endif  // !FXK_VNNI
 }  // namespace fxk
 
+#ifndef FXK_VNNI
 namespace fxk {
 // Memory read-bandwidth probe: XOR-reduce every 32-byte line of [p, p + n). Eight independent
 // loads per iteration and no arithmetic dependency on the data keep the core out of the way,
@@ -576,3 +665,4 @@ FXK_AVX2 uint64_t read_probe_avx2(const uint8_t* p, int64_t n) {
   return r;
 }
 }  // namespace fxk
+#endif  // !FXK_VNNI

@@ -31,19 +31,21 @@ from ._cache import cached_repack, version_of
 MAX_GROUP_COLUMNS = 32768  # int32 accumulation of (xq - za)(c - zc) is exact up to this many columns
 _OK = (True, "ok")
 _isa_pref = "auto"
+ISAS = ("auto", "avx512vnni", "avx2", "scalar")
 
 
 def set_isa(name: str) -> None:
-    """``"auto"`` (AVX2 when the CPU supports AVX2+FMA+F16C) or ``"scalar"`` (portable loops)."""
+    """``"auto"`` (the best the CPU has: AVX2 kernels, with AVX-512 VNNI dot products for INT4 x
+    int8 when present), ``"avx512vnni"``, ``"avx2"`` (no VNNI) or ``"scalar"`` (portable loops)."""
     global _isa_pref
-    if name not in ("auto", "avx2", "scalar"):
-        raise ValueError(f"set_isa: name={name!r}; expected 'auto', 'avx2' or 'scalar'")
+    if name not in ISAS:
+        raise ValueError(f"set_isa: name={name!r}; expected one of {ISAS}")
     _C.set_isa(name)
     _isa_pref = name
 
 
 def active_isa() -> str:
-    """The instruction set the kernels use now: ``"avx2"`` or ``"scalar"``."""
+    """The instruction set the kernels use now: ``"avx512vnni"``, ``"avx2"`` or ``"scalar"``."""
     return _C.active_isa()
 
 
