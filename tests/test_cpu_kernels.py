@@ -381,3 +381,30 @@ def test_opcheck_with_cpu_backend():
         torch.library.opcheck(torch.ops.fxk.quantize_act.default, (x, None, None))
         torch.library.opcheck(torch.ops.fxk.qact_linear.default,
                               (xq, sa, za, qw, scale, zero, ws, bias, 4, torch.float32))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m, n, k, g", [(1, 1000, 4096, 1), (7, 1536, 576, 1), (17, 576, 1536, 12),
+                                        (13, 24, 256, 2), (33, 40, 260, 1), (5, 32, 258, 1), (100, 72, 512, 1)])
+def test_vnni_path_is_bit_identical_to_avx2(bits, m, n, k, g):
+    """The AVX-512 VNNI kernels (vpdpbusd; W8A8 with the +128 activation offset) against the
+    plain AVX2 ones: the same exact int32 sums, so the same floats, on tile pairs, odd tiles,
+    padded K and grouped scales."""
+    import fxkernels._C as C
+    feats = C.cpu_features()
+    if not all(feats.get(f) for f in ("avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512vnni")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen))
+    spec = QuantSpec(bits=bits, granularity="group" if g > 1 else "channel", group_size=k // g if g > 1 else None,
+                     act_bits=8, act_mode="dynamic")
+    layer = fxkernels.QuantLinear.from_linear(lin, spec)
+    x = torch.randn(m, k, generator=gen) * 3
+    with cpu.isa("avx2"):
+        ref = layer(x)
+    with cpu.isa("avx512vnni"):
+        assert cpu.active_isa() == "avx512vnni"
+        out = layer(x)
+    assert torch.equal(out, ref)

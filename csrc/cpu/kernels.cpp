@@ -329,10 +329,12 @@ static void qa_rows_scalar(const int8_t* xq, const float* sa, const int32_t* za,
 
 // Activations in the layout the AVX2 kernel reads, plus per-group corrections.
 static void prep_acts(const int8_t* xq, const int32_t* za, int64_t M, int64_t K, int64_t Kp, int64_t G, int64_t Kg,
-                      int64_t bits, std::vector<int8_t>& x8, std::vector<int16_t>& x16, std::vector<int32_t>& xc) {
+                      int64_t bits, std::vector<int8_t>& x8, std::vector<int16_t>& x16, std::vector<int32_t>& xc,
+                      std::vector<uint8_t>* xu8 = nullptr) {
   const int64_t gsp = Kp / G;  // padded columns per group (== Kg unless G == 1 and K was padded)
   xc.assign(M * G, 0);
   if (bits <= 4) x8.assign(M * Kp, 0); else x16.assign(M * Kp, 0);
+  if (xu8) xu8->assign(M * Kp, 128);
   static const int perm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* xr = xq + m * K;
@@ -351,6 +353,10 @@ static void prep_acts(const int8_t* xq, const int32_t* za, int64_t M, int64_t K,
     } else {
       int16_t* o = x16.data() + m * Kp;
       for (int64_t k = 0; k < K; ++k) o[k] = xr[k];
+      if (xu8) {  // VNNI's unsigned operand; padded columns meet zero weights, any value works
+        uint8_t* u = xu8->data() + m * Kp;
+        for (int64_t k = 0; k < Kp; ++k) u[k] = (uint8_t)((k < K ? xr[k] : 0) + 128);
+      }
     }
   }
 }
@@ -371,13 +377,16 @@ at::Tensor qact_linear(const at::Tensor& xq_in, const at::Tensor& sa_in, const a
     static thread_local std::vector<int8_t> x8;
     static thread_local std::vector<int16_t> x16;
     static thread_local std::vector<int32_t> xc;
-    prep_acts(xq.data_ptr<int8_t>(), za.data_ptr<int32_t>(), M, K, Kp, G, K / G, bits, x8, x16, xc);
+    static thread_local std::vector<uint8_t> xu8;
+    const bool vnni8 = use_vnni() && bits > 4 && Kp % 4 == 0 && (Kp / G) % 4 == 0;
+    prep_acts(xq.data_ptr<int8_t>(), za.data_ptr<int32_t>(), M, K, Kp, G, K / G, bits, x8, x16, xc,
+              vnni8 ? &xu8 : nullptr);
     QaArgs a{(const uint8_t*)packed[0].data_ptr(), packed[1].data_ptr<int32_t>(), packed[2].data_ptr<int32_t>(),
              packed[3].data_ptr<float>(), bits <= 4 ? x8.data() : nullptr, bits <= 4 ? nullptr : x16.data(),
              xc.data(), sa.data_ptr<float>(), za.data_ptr<int32_t>(), pb, y.data_ptr<float>(),
-             M, N, Kp, G, K / G, (int)bits};
+             M, N, Kp, G, K / G, (int)bits, vnni8 ? xu8.data() : nullptr};
     const int64_t NT = (N + 7) / 8;
-    if (use_vnni() && bits <= 4)
+    if (use_vnni() && (bits <= 4 || vnni8))
       at::parallel_for(0, NT, tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { qa_tiles_avx512vnni(a, t0, t1); });
     else
       at::parallel_for(0, NT, tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { qa_tiles_avx2(a, t0, t1); });

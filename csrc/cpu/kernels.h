@@ -50,6 +50,9 @@ struct QaArgs {
   float* y;              // [M][N] fp32
   int64_t M, N, Kp, G, Kg;  // Kg: real columns per group (Kp/G unless K was padded, G == 1)
   int bits;
+  // bits > 4 on the VNNI path only (else nullptr): [M][Kp] activation codes + 128 as uint8, for
+  // vpdpbusd's unsigned operand (the kernel subtracts 128 * ws afterwards); needs Kp/G % 4 == 0.
+  const uint8_t* xu8 = nullptr;
 };
 
 // Tiles [t0, t1) of 8 output rows, all M rows of the input.

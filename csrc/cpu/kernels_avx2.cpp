@@ -455,6 +455,66 @@ FXK_AVX2 void qa4_block2(const QaArgs& a, int64_t t, int64_t m0) {
   qa_store<MR>(a, t + 1, m0, yf[1]);
 }
 
+// INT8 x INT8 with VNNI, two tiles x MR rows. The qa layout pairs columns (k, k+1) per row;
+// vpdpbusd wants four, so two pair-steps are interleaved per 16-bit element (unpacklo/hi) into
+// one vector holding k..k+3 of 8 rows. The activation is the unsigned operand: codes + 128
+// (a.xu8), and sum (x + 128) c - 128 sum c = sum x c restores the AVX2 path's exact accumulator.
+template <int MR>
+FXK_AVX2 void qa8_block2(const QaArgs& a, int64_t t, int64_t m0) {
+  const int64_t Kp = a.Kp, G = a.G, quads = Kp / G / 4;
+  const int8_t* wt[2] = {(const int8_t*)a.w + t * (Kp / 2) * 16, (const int8_t*)a.w + (t + 1) * (Kp / 2) * 16};
+  const uint8_t* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = a.xu8 + (m0 + m) * Kp;
+  __m256 yf[2][MR];
+  for (int j = 0; j < 2; ++j)
+    for (int m = 0; m < MR; ++m) yf[j][m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[2][MR];
+    for (int j = 0; j < 2; ++j)
+      for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_setzero_si256();
+    for (int64_t q = g * quads; q < (g + 1) * quads; ++q) {
+      __m256i w[2];
+      for (int j = 0; j < 2; ++j) {
+        const __m128i p0 = _mm_loadu_si128((const __m128i*)(wt[j] + (2 * q) * 16));
+        const __m128i p1 = _mm_loadu_si128((const __m128i*)(wt[j] + (2 * q + 1) * 16));
+        w[j] = _mm256_set_m128i(_mm_unpackhi_epi16(p0, p1), _mm_unpacklo_epi16(p0, p1));
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xb = _mm256_set1_epi32(load_i32(xr[m] + 4 * q));
+        acc[0][m] = _mm256_dpbusd_epi32(acc[0][m], xb, w[0]);
+        acc[1][m] = _mm256_dpbusd_epi32(acc[1][m], xb, w[1]);
+      }
+    }
+    for (int j = 0; j < 2; ++j) {
+      const __m256i ws128 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(a.ws + ((t + j) * G + g) * 8)), 7);
+      for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_sub_epi32(acc[j][m], ws128);
+      qa_epilogue<MR>(a, t + j, g, m0, acc[j], yf[j]);
+    }
+  }
+  qa_store<MR>(a, t, m0, yf[0]);
+  qa_store<MR>(a, t + 1, m0, yf[1]);
+}
+
+// Up to 12 rows: 24 accumulators + 2 weight vectors + a broadcast fit the 32 EVEX registers, and
+// every interleaved weight vector then feeds twice as many dot products as at 6 rows.
+constexpr int kQa8Rows2 = 12;
+FXK_AVX2 void qa8_rows2(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
+  switch (mr) {
+    case 1: qa8_block2<1>(a, t, m0); break;
+    case 2: qa8_block2<2>(a, t, m0); break;
+    case 3: qa8_block2<3>(a, t, m0); break;
+    case 4: qa8_block2<4>(a, t, m0); break;
+    case 5: qa8_block2<5>(a, t, m0); break;
+    case 6: qa8_block2<6>(a, t, m0); break;
+    case 7: qa8_block2<7>(a, t, m0); break;
+    case 8: qa8_block2<8>(a, t, m0); break;
+    case 9: qa8_block2<9>(a, t, m0); break;
+    case 10: qa8_block2<10>(a, t, m0); break;
+    case 11: qa8_block2<11>(a, t, m0); break;
+    default: qa8_block2<12>(a, t, m0); break;
+  }
+}
+
 FXK_AVX2 void qa4_rows2(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
   switch (mr) {
     case 1: qa4_block2<1>(a, t, m0); break;
@@ -561,10 +621,18 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
     for (; t < t1; ++t) qa_rows(a, t, 0, 1);
     return;
   }
-  const int64_t mb = rows_per_block(a.Kp * (a.bits <= 4 ? 1 : 2), mr);
+  // rows per M block: their activations (1 byte per column as int8/uint8, 2 as int16) stay in L2
+  // while each weight tile (pair) sweeps over them
+  const bool bytes1 = a.bits <= 4 || a.xu8;
+  const int64_t mb = rows_per_block(a.Kp * (bytes1 ? 1 : 2), a.xu8 ? 12 : mr);
   for (int64_t b0 = 0; b0 < a.M; b0 += mb) {
     const int64_t b1 = imin(a.M, b0 + mb);
     int64_t t = t0;
+#ifdef FXK_VNNI
+    if (a.bits > 4 && a.xu8)  // W8A8 with vpdpbusd (see qa8_block2)
+      for (; t + 2 <= t1; t += 2)
+        for (int64_t m0 = b0; m0 < b1; m0 += kQa8Rows2) qa8_rows2(a, t, m0, imin(kQa8Rows2, b1 - m0));
+#endif
     if (a.bits > 4)  // W8A8: tile pairs share each activation broadcast (see qa8_block)
       for (; t + 2 <= t1; t += 2)
         for (int64_t m0 = b0; m0 < b1; m0 += mr) qa8_rows<2>(a, t, m0, imin(mr, b1 - m0));
