@@ -417,7 +417,7 @@ FXK_AVX2 void qa4_gemv2(const QaArgs& a, int64_t t) {
 }
 
 #ifdef FXK_VNNI
-// INT4 x int8 with VNNI, two tiles (16 output rows) x MR activation rows: with no int16 partial
+// INT4 x int8 with VNNI, two tiles (16 output rows) x MR activation rows (up to 12): with no int16 partial
 // sums to widen, a step of 8 columns is 2 weight loads, 4 nibble vectors, 2 broadcasts per
 // activation row shared by both tiles, and 4 vpdpbusd per row; 2*MR int32 accumulators live in
 // the 32 EVEX ymm registers that AVX-512VL provides.
@@ -515,6 +515,8 @@ FXK_AVX2 void qa8_rows2(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
   }
 }
 
+// Up to 12 rows: 24 accumulators + 4 nibble vectors + 2 broadcasts fit the 32 EVEX registers.
+constexpr int kQa4Rows2 = 12;
 FXK_AVX2 void qa4_rows2(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
   switch (mr) {
     case 1: qa4_block2<1>(a, t, m0); break;
@@ -522,7 +524,13 @@ FXK_AVX2 void qa4_rows2(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
     case 3: qa4_block2<3>(a, t, m0); break;
     case 4: qa4_block2<4>(a, t, m0); break;
     case 5: qa4_block2<5>(a, t, m0); break;
-    default: qa4_block2<6>(a, t, m0); break;
+    case 6: qa4_block2<6>(a, t, m0); break;
+    case 7: qa4_block2<7>(a, t, m0); break;
+    case 8: qa4_block2<8>(a, t, m0); break;
+    case 9: qa4_block2<9>(a, t, m0); break;
+    case 10: qa4_block2<10>(a, t, m0); break;
+    case 11: qa4_block2<11>(a, t, m0); break;
+    default: qa4_block2<12>(a, t, m0); break;
   }
 }
 #endif
@@ -624,7 +632,7 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
   // rows per M block: their activations (1 byte per column as int8/uint8, 2 as int16) stay in L2
   // while each weight tile (pair) sweeps over them
   const bool bytes1 = a.bits <= 4 || a.xu8;
-  const int64_t mb = rows_per_block(a.Kp * (bytes1 ? 1 : 2), a.xu8 ? 12 : mr);
+  const int64_t mb = rows_per_block(a.Kp * (bytes1 ? 1 : 2), 12);
   for (int64_t b0 = 0; b0 < a.M; b0 += mb) {
     const int64_t b1 = imin(a.M, b0 + mb);
     int64_t t = t0;
@@ -637,9 +645,9 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
       for (; t + 2 <= t1; t += 2)
         for (int64_t m0 = b0; m0 < b1; m0 += mr) qa8_rows<2>(a, t, m0, imin(mr, b1 - m0));
 #ifdef FXK_VNNI
-    if (a.bits <= 4)  // tile pairs, 6 activation rows (see qa4_block2)
+    if (a.bits <= 4)  // tile pairs, up to 12 activation rows (see qa4_block2)
       for (; t + 2 <= t1; t += 2)
-        for (int64_t m0 = b0; m0 < b1; m0 += 6) qa4_rows2(a, t, m0, imin(6, b1 - m0));
+        for (int64_t m0 = b0; m0 < b1; m0 += kQa4Rows2) qa4_rows2(a, t, m0, imin(kQa4Rows2, b1 - m0));
 #endif
     for (; t < t1; ++t)
       for (int64_t m0 = b0; m0 < b1; m0 += mr) qa_rows(a, t, m0, imin(mr, b1 - m0));
