@@ -495,44 +495,35 @@ FXK_AVX2 void qa8_block2(const QaArgs& a, int64_t t, int64_t m0) {
   qa_store<MR>(a, t + 1, m0, yf[1]);
 }
 
-// Up to 12 rows: 24 accumulators + 2 weight vectors + a broadcast fit the 32 EVEX registers, and
-// every interleaved weight vector then feeds twice as many dot products as at 6 rows.
-constexpr int kQa8Rows2 = 12;
-FXK_AVX2 void qa8_rows2(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
+// Tile pairs over up to 12 activation rows: 24 accumulators plus the weight vectors (INT4: 4
+// nibble vectors, W8: 2 interleaved ones) and the broadcasts fit the 32 EVEX registers, and each
+// weight vector built feeds twice as many dot products as at 6 rows.
+constexpr int kRows2 = 12;
+template <int MR>
+FXK_AVX2 void qa_block2(const QaArgs& a, int64_t t, int64_t m0) {
+  if (a.bits <= 4)
+    qa4_block2<MR>(a, t, m0);
+  else
+    qa8_block2<MR>(a, t, m0);
+}
+
+FXK_AVX2 void qa_rows2(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
   switch (mr) {
-    case 1: qa8_block2<1>(a, t, m0); break;
-    case 2: qa8_block2<2>(a, t, m0); break;
-    case 3: qa8_block2<3>(a, t, m0); break;
-    case 4: qa8_block2<4>(a, t, m0); break;
-    case 5: qa8_block2<5>(a, t, m0); break;
-    case 6: qa8_block2<6>(a, t, m0); break;
-    case 7: qa8_block2<7>(a, t, m0); break;
-    case 8: qa8_block2<8>(a, t, m0); break;
-    case 9: qa8_block2<9>(a, t, m0); break;
-    case 10: qa8_block2<10>(a, t, m0); break;
-    case 11: qa8_block2<11>(a, t, m0); break;
-    default: qa8_block2<12>(a, t, m0); break;
+    case 1: qa_block2<1>(a, t, m0); break;
+    case 2: qa_block2<2>(a, t, m0); break;
+    case 3: qa_block2<3>(a, t, m0); break;
+    case 4: qa_block2<4>(a, t, m0); break;
+    case 5: qa_block2<5>(a, t, m0); break;
+    case 6: qa_block2<6>(a, t, m0); break;
+    case 7: qa_block2<7>(a, t, m0); break;
+    case 8: qa_block2<8>(a, t, m0); break;
+    case 9: qa_block2<9>(a, t, m0); break;
+    case 10: qa_block2<10>(a, t, m0); break;
+    case 11: qa_block2<11>(a, t, m0); break;
+    default: qa_block2<12>(a, t, m0); break;
   }
 }
 
-// Up to 12 rows: 24 accumulators + 4 nibble vectors + 2 broadcasts fit the 32 EVEX registers.
-constexpr int kQa4Rows2 = 12;
-FXK_AVX2 void qa4_rows2(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
-  switch (mr) {
-    case 1: qa4_block2<1>(a, t, m0); break;
-    case 2: qa4_block2<2>(a, t, m0); break;
-    case 3: qa4_block2<3>(a, t, m0); break;
-    case 4: qa4_block2<4>(a, t, m0); break;
-    case 5: qa4_block2<5>(a, t, m0); break;
-    case 6: qa4_block2<6>(a, t, m0); break;
-    case 7: qa4_block2<7>(a, t, m0); break;
-    case 8: qa4_block2<8>(a, t, m0); break;
-    case 9: qa4_block2<9>(a, t, m0); break;
-    case 10: qa4_block2<10>(a, t, m0); break;
-    case 11: qa4_block2<11>(a, t, m0); break;
-    default: qa4_block2<12>(a, t, m0); break;
-  }
-}
 #endif
 
 template <int NTL>
@@ -637,18 +628,13 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
     const int64_t b1 = imin(a.M, b0 + mb);
     int64_t t = t0;
 #ifdef FXK_VNNI
-    if (a.bits > 4 && a.xu8)  // W8A8 with vpdpbusd (see qa8_block2)
+    if (a.bits <= 4 || a.xu8)  // vpdpbusd tile pairs (see qa4_block2 / qa8_block2)
       for (; t + 2 <= t1; t += 2)
-        for (int64_t m0 = b0; m0 < b1; m0 += kQa8Rows2) qa8_rows2(a, t, m0, imin(kQa8Rows2, b1 - m0));
+        for (int64_t m0 = b0; m0 < b1; m0 += kRows2) qa_rows2(a, t, m0, imin(kRows2, b1 - m0));
 #endif
     if (a.bits > 4)  // W8A8: tile pairs share each activation broadcast (see qa8_block)
       for (; t + 2 <= t1; t += 2)
         for (int64_t m0 = b0; m0 < b1; m0 += mr) qa8_rows<2>(a, t, m0, imin(mr, b1 - m0));
-#ifdef FXK_VNNI
-    if (a.bits <= 4)  // tile pairs, up to 12 activation rows (see qa4_block2)
-      for (; t + 2 <= t1; t += 2)
-        for (int64_t m0 = b0; m0 < b1; m0 += kQa4Rows2) qa4_rows2(a, t, m0, imin(kQa4Rows2, b1 - m0));
-#endif
     for (; t < t1; ++t)
       for (int64_t m0 = b0; m0 < b1; m0 += mr) qa_rows(a, t, m0, imin(mr, b1 - m0));
   }
