@@ -67,7 +67,7 @@ std::string active_isa() {
   }
 }
 
-// Every vector path starts from the AVX2 kernels; VNNI only replaces the INT4 x int8 ones.
+// Every vector path starts from the AVX2 kernels; VNNI replaces the integer-activation ones.
 static bool use_avx2() { return effective_isa() != kScalar; }
 static bool use_vnni() { return effective_isa() == kVnni; }
 
@@ -333,8 +333,7 @@ static void prep_acts(const int8_t* xq, const int32_t* za, int64_t M, int64_t K,
                       std::vector<uint8_t>* xu8 = nullptr) {
   const int64_t gsp = Kp / G;  // padded columns per group (== Kg unless G == 1 and K was padded)
   xc.assign(M * G, 0);
-  if (bits <= 4) x8.assign(M * Kp, 0); else x16.assign(M * Kp, 0);
-  if (xu8) xu8->assign(M * Kp, 128);
+  if (bits <= 4) x8.assign(M * Kp, 0); else if (xu8) xu8->assign(M * Kp, 128); else x16.assign(M * Kp, 0);
   static const int perm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* xr = xq + m * K;
@@ -350,13 +349,12 @@ static void prep_acts(const int8_t* xq, const int32_t* za, int64_t M, int64_t K,
           const int64_t k = b + perm[i];
           o[b + i] = k < K ? xr[k] : 0;
         }
+    } else if (xu8) {  // VNNI's unsigned operand; padded columns meet zero weights, any value works
+      uint8_t* u = xu8->data() + m * Kp;
+      for (int64_t k = 0; k < K; ++k) u[k] = (uint8_t)(xr[k] + 128);
     } else {
       int16_t* o = x16.data() + m * Kp;
       for (int64_t k = 0; k < K; ++k) o[k] = xr[k];
-      if (xu8) {  // VNNI's unsigned operand; padded columns meet zero weights, any value works
-        uint8_t* u = xu8->data() + m * Kp;
-        for (int64_t k = 0; k < Kp; ++k) u[k] = (uint8_t)((k < K ? xr[k] : 0) + 128);
-      }
     }
   }
 }
@@ -382,7 +380,7 @@ at::Tensor qact_linear(const at::Tensor& xq_in, const at::Tensor& sa_in, const a
     prep_acts(xq.data_ptr<int8_t>(), za.data_ptr<int32_t>(), M, K, Kp, G, K / G, bits, x8, x16, xc,
               vnni8 ? &xu8 : nullptr);
     QaArgs a{(const uint8_t*)packed[0].data_ptr(), packed[1].data_ptr<int32_t>(), packed[2].data_ptr<int32_t>(),
-             packed[3].data_ptr<float>(), bits <= 4 ? x8.data() : nullptr, bits <= 4 ? nullptr : x16.data(),
+             packed[3].data_ptr<float>(), bits <= 4 ? x8.data() : nullptr, bits <= 4 || vnni8 ? nullptr : x16.data(),
              xc.data(), sa.data_ptr<float>(), za.data_ptr<int32_t>(), pb, y.data_ptr<float>(),
              M, N, Kp, G, K / G, (int)bits, vnni8 ? xu8.data() : nullptr};
     const int64_t NT = (N + 7) / 8;

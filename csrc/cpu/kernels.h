@@ -50,15 +50,17 @@ struct QaArgs {
   float* y;              // [M][N] fp32
   int64_t M, N, Kp, G, Kg;  // Kg: real columns per group (Kp/G unless K was padded, G == 1)
   int bits;
-  // bits > 4 on the VNNI path only (else nullptr): [M][Kp] activation codes + 128 as uint8, for
-  // vpdpbusd's unsigned operand (the kernel subtracts 128 * ws afterwards); needs Kp/G % 4 == 0.
+  // bits > 4 on the VNNI path only (else nullptr, and then x16 is used): [M][Kp] activation codes
+  // + 128 as uint8, vpdpbusd's unsigned operand (the kernel subtracts 128 * ws afterwards); needs
+  // Kp/G % 4 == 0. When set, x16 is not filled.
   const uint8_t* xu8 = nullptr;
 };
 
 // Tiles [t0, t1) of 8 output rows, all M rows of the input.
 void dq_tiles_avx2(const DqArgs& a, int64_t t0, int64_t t1);
 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1);
-// The same with vpdpbusd for bits <= 4 (needs AVX512F+VL+VNNI; kernels_avx512vnni.cpp).
+// The same with vpdpbusd for bits <= 4, and for bits > 4 when xu8 is given (needs
+// AVX512F+VL+VNNI; kernels_avx512vnni.cpp).
 void qa_tiles_avx512vnni(const QaArgs& a, int64_t t0, int64_t t1);
 
 // Row-wise int8 activation quantization of rows [r0, r1): xq = clamp(rint(x * inv) + z).

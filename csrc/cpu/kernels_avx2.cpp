@@ -14,9 +14,10 @@
 #include "kernels.h"
 
 // kernels_avx512vnni.cpp includes this file with FXK_VNNI defined: the same kernels compiled
-// with AVX-512 VNNI enabled, whose INT4 x int8 loops use vpdpbusd (four u8 x s8 products summed
-// into int32 in one instruction) instead of vpmaddubsw + vpaddw + vpmaddwd. Only the integer-
-// activation entry point is built there; the results are bit-identical (exact int32 sums).
+// with AVX-512 VNNI enabled, whose INT4 x int8 and (given a.xu8) INT8 x INT8 loops use vpdpbusd
+// (four u8 x s8 products summed into int32 in one instruction) instead of vpmaddubsw/vpmaddwd.
+// Only the integer-activation entry point is built there; the results are bit-identical (exact
+// int32 sums).
 #ifdef FXK_VNNI
 #define FXK_AVX2 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 #else
@@ -455,72 +456,74 @@ FXK_AVX2 void qa4_block2(const QaArgs& a, int64_t t, int64_t m0) {
   qa_store<MR>(a, t + 1, m0, yf[1]);
 }
 
-// INT8 x INT8 with VNNI, two tiles x MR rows. The qa layout pairs columns (k, k+1) per row;
-// vpdpbusd wants four, so two pair-steps are interleaved per 16-bit element (unpacklo/hi) into
-// one vector holding k..k+3 of 8 rows. The activation is the unsigned operand: codes + 128
+// INT8 x INT8 with VNNI, NTL tiles (1 or 2) x MR rows. The qa layout pairs columns (k, k+1) per
+// row; vpdpbusd wants four, so two pair-steps are interleaved per 16-bit element (unpacklo/hi)
+// into one vector holding k..k+3 of 8 rows. The activation is the unsigned operand: codes + 128
 // (a.xu8), and sum (x + 128) c - 128 sum c = sum x c restores the AVX2 path's exact accumulator.
-template <int MR>
+// The single-tile form serves a chunk's odd last tile, so this path never needs int16 activations.
+template <int MR, int NTL>
 FXK_AVX2 void qa8_block2(const QaArgs& a, int64_t t, int64_t m0) {
   const int64_t Kp = a.Kp, G = a.G, quads = Kp / G / 4;
-  const int8_t* wt[2] = {(const int8_t*)a.w + t * (Kp / 2) * 16, (const int8_t*)a.w + (t + 1) * (Kp / 2) * 16};
+  const int8_t* wt[NTL];
+  for (int j = 0; j < NTL; ++j) wt[j] = (const int8_t*)a.w + (t + j) * (Kp / 2) * 16;
   const uint8_t* xr[MR];
   for (int m = 0; m < MR; ++m) xr[m] = a.xu8 + (m0 + m) * Kp;
-  __m256 yf[2][MR];
-  for (int j = 0; j < 2; ++j)
+  __m256 yf[NTL][MR];
+  for (int j = 0; j < NTL; ++j)
     for (int m = 0; m < MR; ++m) yf[j][m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256i acc[2][MR];
-    for (int j = 0; j < 2; ++j)
+    __m256i acc[NTL][MR];
+    for (int j = 0; j < NTL; ++j)
       for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_setzero_si256();
     for (int64_t q = g * quads; q < (g + 1) * quads; ++q) {
-      __m256i w[2];
-      for (int j = 0; j < 2; ++j) {
+      __m256i w[NTL];
+      for (int j = 0; j < NTL; ++j) {
         const __m128i p0 = _mm_loadu_si128((const __m128i*)(wt[j] + (2 * q) * 16));
         const __m128i p1 = _mm_loadu_si128((const __m128i*)(wt[j] + (2 * q + 1) * 16));
         w[j] = _mm256_set_m128i(_mm_unpackhi_epi16(p0, p1), _mm_unpacklo_epi16(p0, p1));
       }
       for (int m = 0; m < MR; ++m) {
         const __m256i xb = _mm256_set1_epi32(load_i32(xr[m] + 4 * q));
-        acc[0][m] = _mm256_dpbusd_epi32(acc[0][m], xb, w[0]);
-        acc[1][m] = _mm256_dpbusd_epi32(acc[1][m], xb, w[1]);
+        for (int j = 0; j < NTL; ++j) acc[j][m] = _mm256_dpbusd_epi32(acc[j][m], xb, w[j]);
       }
     }
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < NTL; ++j) {
       const __m256i ws128 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(a.ws + ((t + j) * G + g) * 8)), 7);
       for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_sub_epi32(acc[j][m], ws128);
       qa_epilogue<MR>(a, t + j, g, m0, acc[j], yf[j]);
     }
   }
-  qa_store<MR>(a, t, m0, yf[0]);
-  qa_store<MR>(a, t + 1, m0, yf[1]);
+  for (int j = 0; j < NTL; ++j) qa_store<MR>(a, t + j, m0, yf[j]);
 }
 
-// Tile pairs over up to 12 activation rows: 24 accumulators plus the weight vectors (INT4: 4
-// nibble vectors, W8: 2 interleaved ones) and the broadcasts fit the 32 EVEX registers, and each
-// weight vector built feeds twice as many dot products as at 6 rows.
+// Up to 12 activation rows: 24 accumulators plus the weight vectors (INT4: 4 nibble vectors, W8:
+// 2 interleaved ones) and the broadcasts fit the 32 EVEX registers, and each weight vector built
+// feeds twice as many dot products as at 6 rows. NTL = 2: tile pairs (INT4 or W8); NTL = 1: W8's
+// odd last tile.
 constexpr int kRows2 = 12;
-template <int MR>
-FXK_AVX2 void qa_block2(const QaArgs& a, int64_t t, int64_t m0) {
-  if (a.bits <= 4)
+template <int MR, int NTL>
+FXK_AVX2 void qa_block_vnni(const QaArgs& a, int64_t t, int64_t m0) {
+  if (NTL == 2 && a.bits <= 4)
     qa4_block2<MR>(a, t, m0);
   else
-    qa8_block2<MR>(a, t, m0);
+    qa8_block2<MR, NTL>(a, t, m0);
 }
 
-FXK_AVX2 void qa_rows2(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
+template <int NTL>
+FXK_AVX2 void qa_rows_vnni(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
   switch (mr) {
-    case 1: qa_block2<1>(a, t, m0); break;
-    case 2: qa_block2<2>(a, t, m0); break;
-    case 3: qa_block2<3>(a, t, m0); break;
-    case 4: qa_block2<4>(a, t, m0); break;
-    case 5: qa_block2<5>(a, t, m0); break;
-    case 6: qa_block2<6>(a, t, m0); break;
-    case 7: qa_block2<7>(a, t, m0); break;
-    case 8: qa_block2<8>(a, t, m0); break;
-    case 9: qa_block2<9>(a, t, m0); break;
-    case 10: qa_block2<10>(a, t, m0); break;
-    case 11: qa_block2<11>(a, t, m0); break;
-    default: qa_block2<12>(a, t, m0); break;
+    case 1: qa_block_vnni<1, NTL>(a, t, m0); break;
+    case 2: qa_block_vnni<2, NTL>(a, t, m0); break;
+    case 3: qa_block_vnni<3, NTL>(a, t, m0); break;
+    case 4: qa_block_vnni<4, NTL>(a, t, m0); break;
+    case 5: qa_block_vnni<5, NTL>(a, t, m0); break;
+    case 6: qa_block_vnni<6, NTL>(a, t, m0); break;
+    case 7: qa_block_vnni<7, NTL>(a, t, m0); break;
+    case 8: qa_block_vnni<8, NTL>(a, t, m0); break;
+    case 9: qa_block_vnni<9, NTL>(a, t, m0); break;
+    case 10: qa_block_vnni<10, NTL>(a, t, m0); break;
+    case 11: qa_block_vnni<11, NTL>(a, t, m0); break;
+    default: qa_block_vnni<12, NTL>(a, t, m0); break;
   }
 }
 
@@ -630,7 +633,10 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
 #ifdef FXK_VNNI
     if (a.bits <= 4 || a.xu8)  // vpdpbusd tile pairs (see qa4_block2 / qa8_block2)
       for (; t + 2 <= t1; t += 2)
-        for (int64_t m0 = b0; m0 < b1; m0 += kRows2) qa_rows2(a, t, m0, imin(kRows2, b1 - m0));
+        for (int64_t m0 = b0; m0 < b1; m0 += kRows2) qa_rows_vnni<2>(a, t, m0, imin(kRows2, b1 - m0));
+    if (a.xu8)  // W8's odd last tile stays on vpdpbusd (no int16 activations on this path)
+      for (; t < t1; ++t)
+        for (int64_t m0 = b0; m0 < b1; m0 += kRows2) qa_rows_vnni<1>(a, t, m0, imin(kRows2, b1 - m0));
 #endif
     if (a.bits > 4)  // W8A8: tile pairs share each activation broadcast (see qa8_block)
       for (; t + 2 <= t1; t += 2)

@@ -77,13 +77,13 @@ def activation_ranges(model: nn.Module, images: torch.Tensor, batch: int = 32) -
         return record
 
     handles = [seq[idx].register_forward_hook(hook(k)) for k, (_, seq, idx, _) in enumerate(pairs)]
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
         for s in range(0, images.shape[0], batch):
             model(images[s:s + batch])
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return [r.clamp_min(0) for r in ranges]
