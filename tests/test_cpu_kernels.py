@@ -335,13 +335,15 @@ def test_use_backend_cpu_runs_the_extension(monkeypatch):
         ops.qact_linear(xq, sa, za, qw, scale, zero, ws, None, 4, torch.float32)
     assert spy.calls["dequant_linear"] == 2 and spy.calls["qact_linear"] == 2
     assert spy.calls["quantize_act"] == 1
-    # the repack happens once per weight, not per call
-    assert spy.calls["repack_dequant"] == 1 and spy.calls["repack_qact"] == 1
+    # the repack happens once per weight, not per call (with VNNI the weight-only layer takes the
+    # integer-activation layout too, for its limb path)
+    repacks = lambda: spy.calls.get("repack_dequant", 0) + spy.calls.get("repack_qact", 0)  # noqa: E731
+    assert repacks() == 2
     # an in-place write to the weight invalidates the repack, and the new weight is used
     qw.bitwise_xor_(0x11)
     with fxkernels.use_backend("cpu"):
         y = ops.dequant_linear(x, qw, scale, zero, None, 4, 64)
-    assert spy.calls["repack_dequant"] == 2
+    assert repacks() == 3
     torch.testing.assert_close(y, R.dequant_linear(x, qw, scale, zero, None, 4, 64), rtol=1e-5, atol=1e-5)
 
 
@@ -408,3 +410,74 @@ def test_vnni_path_is_bit_identical_to_avx2(bits, m, n, k, g):
         assert cpu.active_isa() == "avx512vnni"
         out = layer(x)
     assert torch.equal(out, ref)
+
+
+# -- weight-only on integer units: fp32 activations split into int8 limbs --------------------------
+def limb_case(bits, m, n, k, g, seed):
+    gen = torch.Generator().manual_seed(seed)
+    qw, scale, zero = make_weight(n, k, bits, g, gen)
+    packed = cpu._limb_layout(qw, scale, zero, bits, k)
+    assert len(packed) == 6 and int(packed[5]) == cpu.LIMBS
+    return gen, qw, scale, zero, packed
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("m,n,k,g", [(1, 40, 256, 1), (1, 1000, 576, 1), (3, 17, 96, 3), (17, 33, 130, 1),
+                                     (5, 24, 512, 8)])
+def test_limb_path_same_on_avx2_and_vnni_and_accurate(bits, m, n, k, g):
+    """The limb layout gives the same floats on the AVX2 and the VNNI integer kernels (exact int32
+    sums, then the same fp32 epilogue), and is within the dequant_linear bound of the tests above."""
+    from fxkernels import _C
+
+    _, qw, scale, zero, packed = limb_case(bits, m, n, k, g, seed=bits * 7 + m * 3 + n + k)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=gen) * 3
+    bias = torch.randn(n, generator=gen)
+    with cpu.isa("avx2"):
+        y = _C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k)
+    if _vnni_isas():
+        with cpu.isa("avx512vnni"):
+            assert torch.equal(_C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k), y)
+    w = R.dequant_weight(qw, scale, zero, bits, k)
+    exact = x.double() @ w.double().t() + bias.double()
+    torch_err = (F.linear(x, w, bias).double() - exact).abs().max().item()
+    floor = EPS32 * ((x.double().abs() @ w.double().abs().t()) + bias.double().abs()).max().item()
+    err = (y.double() - exact).abs().max().item()
+    assert err <= 2 * max(torch_err, floor), f"err {err:.3g} > tol {2 * max(torch_err, floor):.3g}"
+
+
+def _vnni_isas():
+    from fxkernels import _C
+
+    feats = _C.cpu_features()
+    return ("avx512vnni",) if all(feats.get(f) for f in ("avx512f", "avx512vl", "avx512vnni")) else ()
+
+
+@pytest.mark.parametrize("limb_isa", ["avx2", "auto"])
+def test_limb_path_rows_with_outliers_tiny_values_and_non_finite(limb_isa):
+    """Each row gets its own fixed point: a 1000x outlier, a row of 1e-30 values (too small for the
+    digit scale factors: computed by the float loop), an all-zero row and rows holding Inf or NaN
+    (which must come out non-finite where the float product is) next to ordinary rows."""
+    from fxkernels import _C
+
+    n, k = 24, 200
+    gen, qw, scale, zero, packed = limb_case(4, 6, n, k, 1, seed=11)
+    x = torch.randn(6, k, generator=gen)
+    x[0, 5] = 1000.0
+    x[1] = x[1] * 1e-30
+    x[2] = 0.0
+    x[3, 7] = float("inf")
+    x[4, 9] = float("nan")
+    bias = torch.randn(n, generator=gen)
+    with cpu.isa(limb_isa):
+        y = _C.dequant_linear(x, qw, scale, zero, packed, bias, 4, k)
+    w = R.dequant_weight(qw, scale, zero, 4, k)
+    want = F.linear(x, w, bias)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(want))
+    assert torch.isnan(y[4]).all()
+    ok = torch.tensor([0, 1, 2, 5])
+    exact = x[ok].double() @ w.double().t() + bias.double()
+    torch_err = (want[ok].double() - exact).abs().max().item()
+    floor = EPS32 * ((x[ok].double().abs() @ w.double().abs().t()) + bias.double().abs()).max().item()
+    assert (y[ok].double() - exact).abs().max().item() <= 2 * max(torch_err, floor)
+    assert torch.equal(y[2], bias)  # a zero row: exactly the bias

@@ -69,6 +69,11 @@ void quant_rows_avx2(const float* x, int64_t K, const float* inv, const int32_t*
 // Per-row min and max (for the dynamic grid) of rows [r0, r1).
 void minmax_rows_avx2(const float* x, int64_t K, float* mn, float* mx, int64_t r0, int64_t r1);
 
+// Rows [r0, r1) of fp32 x [M][K] as L balanced int8 digits of a per-row fixed-point value:
+// d [M*L][K] and fac [M*L] with x[r, k] ~= sum_l d[r*L + l][k] * fac[r*L + l]; ok[r] = 0 for rows
+// that are not finite or too small (see kernels_avx2.cpp).
+void limb_split_avx2(const float* x, int64_t K, int L, int8_t* d, float* fac, uint8_t* ok, int64_t r0, int64_t r1);
+
 // XOR fold of the bytes as 64-bit words (a DRAM read-bandwidth probe for the benchmarks).
 uint64_t read_probe_avx2(const uint8_t* p, int64_t n);
 
