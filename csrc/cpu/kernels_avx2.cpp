@@ -36,7 +36,9 @@ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 #ifndef FXK_PREFETCH
 #define FXK_PREFETCH 8192
 #endif
-FXK_AVX2 inline void prefetch_ahead(const void* p) { _mm_prefetch((const char*)p + FXK_PREFETCH, _MM_HINT_T0); }
+FXK_AVX2 inline void prefetch_ahead(const void* p) {
+  if (FXK_PREFETCH > 0) _mm_prefetch((const char*)p + FXK_PREFETCH, _MM_HINT_T0);
+}
 
 FXK_AVX2 inline void store_rows(float* yrow, int64_t n0, int64_t N, __m256 v) {
   if (n0 + 8 <= N) {
