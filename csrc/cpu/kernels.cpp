@@ -368,7 +368,7 @@ static void prep_acts(const int8_t* xq, const int32_t* za, int64_t M, int64_t K,
 // The vector integer-activation GEMM on xq [M][K] (AVX2, or VNNI where active): y = [M][N] fp32.
 static void qact_vector(const int8_t* xq, const float* sa, const int32_t* za, int64_t M, int64_t K, int64_t N,
                         int64_t G, int64_t bits, const std::vector<at::Tensor>& packed, const float* pb, float* y) {
-  const int64_t Kp = packed[4].item<int64_t>();
+  const int64_t Kp = *packed[4].data_ptr<int64_t>();
   static thread_local std::vector<int8_t> x8;
   static thread_local std::vector<int16_t> x16;
   static thread_local std::vector<int32_t> xc;
@@ -422,38 +422,44 @@ static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                         const at::Tensor& zero, const std::vector<at::Tensor>& packed, const float* pb, int64_t bits,
                         int64_t K, at::Tensor& y) {
   const int64_t M = x.size(0), N = qweight.size(0), G = scale.size(1);
-  const int L = (int)packed[5].item<int64_t>();
+  const int L = (int)*packed[5].data_ptr<int64_t>();
   TORCH_CHECK(L >= 1 && L <= 4, "dequant_linear: limb layout with ", L, " limbs; expected 1..4");
+  // Rows go in chunks whose L partial outputs take <= 8 MiB (these buffers persist per thread);
+  // for long inputs a chunk is about the row block the kernel streams the weight once for anyway.
+  const int64_t mc = std::max<int64_t>(1, std::min<int64_t>(M, (int64_t(8) << 20) / (L * N * 4)));
   static thread_local std::vector<int8_t> digits;
   static thread_local std::vector<float> fac, yl;
   static thread_local std::vector<int32_t> zeros;
   static thread_local std::vector<uint8_t> ok;
-  digits.resize(M * L * K);
-  fac.resize(M * L);
+  digits.resize(mc * L * K);
+  fac.resize(mc * L);
+  zeros.assign(mc * L, 0);
+  yl.resize(mc * L * N);
   ok.resize(M);
-  zeros.assign(M * L, 0);
-  yl.resize(M * L * N);
   // thread_local buffers are named through plain pointers: inside a parallel_for body the names
   // would refer to each worker thread's own (empty) instances
   const float* px = x.data_ptr<float>();
   int8_t* pd = digits.data();
   float *pf = fac.data(), *pyl = yl.data(), *py = y.data_ptr<float>();
   uint8_t* pok = ok.data();
-  at::parallel_for(0, M, (64 * 1024 + K) / K, [&](int64_t r0, int64_t r1) {
-    limb_split_avx2(px, K, L, pd, pf, pok, r0, r1);
-  });
-  qact_vector(pd, pf, zeros.data(), M * L, K, N, G, bits, packed, nullptr, pyl);
-  at::parallel_for(0, M, std::max<int64_t>(1, 64 * 1024 / (N * L)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      float* out = py + m * N;
-      const float* part = pyl + m * L * N;
-      for (int64_t n = 0; n < N; ++n) out[n] = part[(L - 1) * N + n];  // most significant first
-      for (int l = L - 2; l >= 0; --l)
-        for (int64_t n = 0; n < N; ++n) out[n] += part[l * N + n];
-      if (pb)
-        for (int64_t n = 0; n < N; ++n) out[n] += pb[n];
-    }
-  });
+  for (int64_t c0 = 0; c0 < M; c0 += mc) {
+    const int64_t rows = std::min(mc, M - c0);
+    at::parallel_for(0, rows, (64 * 1024 + K) / K, [&](int64_t r0, int64_t r1) {
+      limb_split_avx2(px + c0 * K, K, L, pd, pf, pok + c0, r0, r1);
+    });
+    qact_vector(pd, pf, zeros.data(), rows * L, K, N, G, bits, packed, nullptr, pyl);
+    at::parallel_for(0, rows, std::max<int64_t>(1, 64 * 1024 / (N * L)), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        float* out = py + (c0 + m) * N;
+        const float* part = pyl + m * L * N;
+        for (int64_t n = 0; n < N; ++n) out[n] = part[(L - 1) * N + n];  // most significant first
+        for (int l = L - 2; l >= 0; --l)
+          for (int64_t n = 0; n < N; ++n) out[n] += part[l * N + n];
+        if (pb)
+          for (int64_t n = 0; n < N; ++n) out[n] += pb[n];
+      }
+    });
+  }
   bool all_ok = true;
   for (int64_t m = 0; m < M; ++m) all_ok = all_ok && pok[m];
   if (all_ok) return;
