@@ -3,7 +3,9 @@
 Kernels (all for CPU tensors only):
 
 * ``cpu_dequant_linear``: INT2..8 weights x fp32 activations (fp16/bf16 converted), rows of
-  the weight in SIMD lanes, exact dequantization ``s * (q - z)`` fused into the FMA loop.
+  the weight in SIMD lanes, exact dequantization ``s * (q - z)`` fused into the FMA loop; with
+  AVX-512 VNNI, the activations split into ``LIMBS`` int8 digits of a per-row fixed point run on
+  the integer kernels below instead (faster, and closer to the float64 product).
 * ``cpu_quantize_act``: int8 activation codes, bit-exact with :func:`fxkernels.reference.quantize_act`.
 * ``cpu_qact_linear``: W4A8 (``vpmaddubsw``) / W8A8 (``vpmaddwd``) integer GEMM with exact
   zero-point corrections and fused rescale + bias.
