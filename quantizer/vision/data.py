@@ -19,12 +19,17 @@ import torch.nn.functional as F
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vision_data")
 # Session 5 added nine natural photographs to the calibration set: with only five photos (three of
-# them microscopy/astronomy), longer learning schedules over-fitted the calibration crops
-# (docs/RESULTS_VISION.md). The evaluation photos are unchanged.
+# them microscopy/astronomy), longer learning schedules over-fitted the calibration crops. Session 6
+# added twelve MATE nature photographs, six to each split: with four evaluation photos, crops of
+# one photo flipped together and moved the agreement in large correlated steps
+# (docs/RESULTS_VISION.md).
 CALIBRATION_PHOTOS = ("astronaut", "china", "retina", "hubble_deep_field", "ihc", "grace_hopper",
                       "kde_bythewater", "kde_coldripple", "kde_colorfulcups", "kde_darkesthour",
-                      "kde_fallenleaf", "kde_grey", "kde_path", "kde_summer_1am")
-EVALUATION_PHOTOS = ("chelsea", "coffee", "flower", "rocket")
+                      "kde_fallenleaf", "kde_grey", "kde_path", "kde_summer_1am",
+                      "mate_blinds", "mate_dune", "mate_freshflower", "mate_garden", "mate_greenmeadow",
+                      "mate_raindrops")
+EVALUATION_PHOTOS = ("chelsea", "coffee", "flower", "rocket",
+                     "mate_aqua", "mate_ladybird", "mate_storm", "mate_twowings", "mate_wood", "mate_yellowflower")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,9 +1,9 @@
 """Rebuild the photos of this folder from the scikit-image, scikit-learn and matplotlib wheels and
-Debian's plasma-workspace-wallpapers package (run once by a developer; nothing at run time reads
-them).
+Debian's plasma-workspace-wallpapers and mate-backgrounds packages (run once by a developer;
+nothing at run time reads them).
 
     pip download --no-deps scikit-image==0.26.0 scikit-learn==1.9.1 matplotlib==3.11.2 -d /tmp/wheels
-    (cd /tmp/wheels && apt-get download plasma-workspace-wallpapers)    # 4:5.27.5-2
+    (cd /tmp/wheels && apt-get download plasma-workspace-wallpapers mate-backgrounds)  # 4:5.27.5-2, 1.26.0-1
     python quantizer/vision_data/prepare.py /tmp/wheels
 
 Each photo is resized so its longer side is 320 px (Lanczos) and saved as JPEG quality 90: small
@@ -39,6 +39,13 @@ PLASMA_PHOTOS = {
     "kde_darkesthour": "DarkestHour", "kde_fallenleaf": "FallenLeaf", "kde_grey": "Grey",
     "kde_path": "Path", "kde_summer_1am": "summer_1am",
 }
+# MATE backgrounds that are photographs (its "nature" folder; the others are paintings or renders)
+MATE_PHOTOS = {
+    "mate_aqua": "Aqua", "mate_blinds": "Blinds", "mate_dune": "Dune", "mate_freshflower": "FreshFlower",
+    "mate_garden": "Garden", "mate_greenmeadow": "GreenMeadow", "mate_ladybird": "LadyBird",
+    "mate_raindrops": "RainDrops", "mate_storm": "Storm", "mate_twowings": "TwoWings", "mate_wood": "Wood",
+    "mate_yellowflower": "YellowFlower",
+}
 LONG_SIDE = 320
 
 
@@ -51,15 +58,24 @@ def main(wheel_dir: str) -> None:
         with zipfile.ZipFile(wheels[-1]) as z:
             im = Image.open(io.BytesIO(z.read(member))).convert("RGB")
         _save(im, os.path.join(out, f"{name}.jpg"))
-    debs = sorted(glob.glob(os.path.join(wheel_dir, "plasma-workspace-wallpapers_*.deb")))
-    if not debs:
-        raise SystemExit(f"no plasma-workspace-wallpapers_*.deb in {wheel_dir}")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["dpkg-deb", "-x", debs[-1], tmp], check=True)
+        _unpack_deb(wheel_dir, "plasma-workspace-wallpapers", tmp)
         for name, theme in PLASMA_PHOTOS.items():
             images = glob.glob(os.path.join(tmp, "usr/share/wallpapers", theme, "contents/images/*.jpg"))
             largest = max(images, key=lambda p: int(os.path.basename(p).split("x")[0]))
             _save(Image.open(largest).convert("RGB"), os.path.join(out, f"{name}.jpg"))
+    with tempfile.TemporaryDirectory() as tmp:
+        _unpack_deb(wheel_dir, "mate-backgrounds", tmp)
+        for name, photo in MATE_PHOTOS.items():
+            path = os.path.join(tmp, "usr/share/backgrounds/mate/nature", f"{photo}.jpg")
+            _save(Image.open(path).convert("RGB"), os.path.join(out, f"{name}.jpg"))
+
+
+def _unpack_deb(deb_dir: str, package: str, dest: str) -> None:
+    debs = sorted(glob.glob(os.path.join(deb_dir, f"{package}_*.deb")))
+    if not debs:
+        raise SystemExit(f"no {package}_*.deb in {deb_dir}")
+    subprocess.run(["dpkg-deb", "-x", debs[-1], dest], check=True)
 
 
 def _save(im, path: str) -> None:
