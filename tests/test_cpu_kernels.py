@@ -478,3 +478,29 @@ def test_limb_path_rows_with_outliers_tiny_values_and_non_finite(limb_isa):
     ok = torch.tensor([0, 1, 2, 5])
     assert_within_2x_torch_error(y[ok], x[ok], w, bias)
     assert torch.equal(y[2], bias)  # a zero row: exactly the bias
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+@pytest.mark.parametrize("m,n,k,g", [(256, 40, 96, 3), (300, 600, 130, 1), (128, 9, 48, 2), (129, 17, 70, 10)])
+def test_long_inputs_dequantize_for_sgemm(isa, bits, m, n, k, g):
+    """From 128 rows on, the vector ISAs dequantize blocks of the weight exactly and multiply them
+    with torch's sgemm (the scalar ISA keeps its own loop): K not a multiple of 8, odd group sizes, 2- to 8-bit codes."""
+    gen = torch.Generator().manual_seed(bits * 31 + m + n + k)
+    qw, scale, zero = make_weight(n, k, bits, g, gen)
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    with fxkernels.use_backend("cpu"):
+        y = ops.dequant_linear(x, qw, scale, zero, bias, bits, k)
+    assert_within_2x_torch_error(y, x, R.dequant_weight(qw, scale, zero, bits, k), bias)
+
+
+def test_long_inputs_span_several_weight_blocks():
+    """A weight of more rows than one ~8 MiB fp32 block (here 2 blocks of 2048-column rows)."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 1100, 2048
+    qw, scale, zero = make_weight(n, k, 4, 4, gen)
+    x = torch.randn(256, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    with fxkernels.use_backend("cpu"):
+        y = ops.dequant_linear(x, qw, scale, zero, bias, 4, k)
+    assert_within_2x_torch_error(y, x, R.dequant_weight(qw, scale, zero, 4, k), bias)
