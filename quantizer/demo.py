@@ -32,7 +32,9 @@ def _kernel_speed_rows(threads: int) -> List[Dict]:
     """Kernel time vs M on one LLaMA-7B MLP shape (4096 -> 11008): fp32, fbgemm int8, ours."""
     from fxkernels.bench import cpu_kernel_table
 
-    res = cpu_kernel_table(shapes=[(4096, 11008)], ms=[1, 8, 32], threads=threads, repeats=7, min_time=0.1,
+    # the harness's own repeats / minimum time: with 7 repeats of >= 0.1 s the batch-1 rows of our
+    # kernels read 3-4x slower than with its defaults on the same idle host (measured 2026-11-30)
+    res = cpu_kernel_table(shapes=[(4096, 11008)], ms=[1, 8, 32], threads=threads,
                            methods=["fp32", "fbgemm_int8", "ours_w4", "ours_w4a8"], out=lambda s: None)
     return [{"kernel": r.method, "M": r.m, "ms": r.ms, "x_fp32": r.vs_fp32} for r in res["rows"]]
 
