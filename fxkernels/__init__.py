@@ -6,6 +6,7 @@ Deployment needs only this package; the quantizer (``quantizer``) depends on it,
 from .format import FORMAT_VERSION, QuantSpec, dequantize, pack, quantize_rtn, unpack
 from .dispatch import available_kernels, use_backend
 from .nn import QuantLinear, replace_linears
+from .fusion import fuse_projections, unfuse_projections
 from . import ops  # registers the fxk:: torch.library ops
 from . import hf as _hf  # from_pretrained support: registers quant_method 'flexround' lazily
 
@@ -26,4 +27,5 @@ save_quantized.__doc__ = "See fxkernels.checkpoint.save_quantized."
 load_quantized.__doc__ = "See fxkernels.checkpoint.load_quantized."
 
 __all__ = ["QuantSpec", "QuantLinear", "replace_linears", "pack", "unpack", "dequantize", "quantize_rtn",
-           "save_quantized", "load_quantized", "available_kernels", "use_backend", "ops", "FORMAT_VERSION"]
+           "save_quantized", "load_quantized", "available_kernels", "use_backend", "ops", "FORMAT_VERSION",
+           "fuse_projections", "unfuse_projections"]

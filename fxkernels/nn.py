@@ -108,6 +108,7 @@ class QuantLinear(nn.Module):
         else:
             self.act_scale = self.act_zero = None
         self._kernels: Dict[tuple, "_Plan"] = {}  # eager plans, see forward
+        self._fusion, self._fusion_index = None, 0  # set by fxkernels.fusion.fuse_projections
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -210,6 +211,10 @@ class QuantLinear(nn.Module):
         return ops.dequant_linear(x2, b["qweight"], scale_g, zero_g, b["bias"], self.spec.bits, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusion is not None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            y = self._fusion.output(self, x)  # one kernel call shared with sibling layers
+            if y is not None:
+                return y
         k = self.in_features
         if x.shape[-1] != k:
             raise ValueError(f"QuantLinear: input shape {tuple(x.shape)}; expected [..., {k}]")
