@@ -147,6 +147,9 @@ def generate_text(model, tok, prompt: str, max_new_tokens: int):
 def cmd_generate(a) -> int:
     _threads(a.threads)
     model, tok = _load_any(a.model)
+    if not a.no_fuse:
+        from fxkernels import fuse_projections
+        fuse_projections(model)  # q/k/v and gate/up as one kernel call each; bit-identical
     text, _, tps = generate_text(model, tok, a.prompt, a.max_new_tokens)
     print(a.prompt + text)
     print(f"[{tps:.1f} tokens/s, greedy, {a.max_new_tokens} tokens]", file=sys.stderr)
@@ -276,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="The capital of France is")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--no-fuse", action="store_true",
+                   help="call q/k/v and gate/up separately (default: one fused kernel call per group)")
     g.set_defaults(func=cmd_generate)
 
     k = sub.add_parser("kernels", help="list kernels and why each is or is not usable here")
