@@ -66,7 +66,7 @@ def _incompatibility(layers: Sequence[nn.Module]) -> Optional[str]:
 class FusedGroup:
     """One fused layer and the bookkeeping that hands each sibling its slice of the output."""
 
-    __slots__ = ("layer", "sizes", "members", "views", "x", "outs", "pending")
+    __slots__ = ("layer", "sizes", "members", "views", "state")
 
     def __init__(self, members: List[nn.Module]):
         from .nn import QuantLinear
@@ -92,17 +92,16 @@ class FusedGroup:
                 m._fusion, m._fusion_index = self, i
                 self.views.append(tuple(m._buffers[f] for f in _FIELDS))
         self.layer = fused
-        self.x: Optional[torch.Tensor] = None
-        self.outs: Optional[List[Optional[torch.Tensor]]] = None
-        self.pending = 0
+        # (input, per-sibling outputs still to hand out) as one tuple, so that a reader never pairs
+        # one call's input with another call's outputs, even with threads sharing the model
+        self.state: Optional[Tuple[torch.Tensor, List[Optional[torch.Tensor]]]] = None
 
     def dissolve(self) -> None:
         """Back to separate calls (each sibling keeps its row views, which stay correct)."""
         for m in self.members:
             m._fusion = None
             m._kernels.clear()
-        self.x = self.outs = None
-        self.pending = 0
+        self.state = None
 
     def output(self, member: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``member``'s output for ``x`` (from the fused call), or None if ``member`` must run on
@@ -113,24 +112,26 @@ class FusedGroup:
         if b["qweight"] is not v[0] or b["scale"] is not v[1] or b["zero"] is not v[2] or b["bias"] is not v[3]:
             self.dissolve()  # a sibling's buffers were replaced: the fused copy is stale
             return None
-        if x is self.x:
-            y = self.outs[i]
-            if y is not None:
-                self.outs[i] = None
-                self.pending -= 1
-                if not self.pending:
-                    self.x = self.outs = None  # do not keep the input alive past the group
-                return y
-        elif self.pending:
-            self.dissolve()  # siblings read different inputs: fusing only wastes work
-            return None
+        state = self.state
+        if state is not None:
+            seen, outs = state
+            if x is seen:
+                y = outs[i]
+                if y is not None:
+                    outs[i] = None
+                    if outs.count(None) == len(outs):
+                        self.state = None  # all handed out: do not keep the input alive
+                    return y
+            elif outs.count(None) != len(outs):
+                self.dissolve()  # siblings read different inputs: fusing only wastes work
+                return None
         y = self.layer.forward(x)
         outs = list(y.split(self.sizes, dim=-1))
         if y.numel() > y.shape[-1]:
             outs = [o.contiguous() for o in outs]  # several rows: slices would be strided views
         mine = outs[i]
         outs[i] = None
-        self.x, self.outs, self.pending = x, outs, len(outs) - 1
+        self.state = (x, outs)
         return mine
 
 

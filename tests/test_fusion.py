@@ -140,7 +140,19 @@ def test_the_group_does_not_keep_the_input_alive():
     x = torch.randn(1, 48)
     block.q_proj(x), block.k_proj(x), block.v_proj(x)
     g = fusion_of(block.q_proj)
-    assert g.x is None and g.outs is None and g.pending == 0
+    assert g.state is None
+
+
+def test_deep_copy_keeps_the_fusion_and_the_results():
+    ref = quantized_block(QuantSpec(4, "channel"))
+    fused = copy.deepcopy(ref)
+    fuse_projections(fused)
+    twin = copy.deepcopy(fused)
+    x = torch.randn(2, 48)
+    assert torch.equal(twin(x), ref(x))
+    assert fusion_of(twin.q_proj) is not None and fusion_of(twin.q_proj) is not fusion_of(fused.q_proj)
+    base = fusion_of(twin.q_proj).layer.qweight
+    assert twin.q_proj.qweight.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
 
 def test_unfuse_restores_separate_calls():
