@@ -9,7 +9,6 @@ The readable table: `.venv/bin/python bench/test_bench_decode.py`.
 """
 
 import copy
-import gc
 import os
 import sys
 
@@ -67,10 +66,6 @@ if __name__ == "__main__":
     fp, q, fused, ids = load_models()
     want = greedy_decode(dequantized_reference(q), ids, 16)[0]
     same = all(torch.equal(greedy_decode(m, ids, 16)[0], want) for m in (q, fused))
-    # interleaved rounds; a full garbage collection of the three loaded models takes ~1 s, so the
-    # collector's long-lived objects are frozen first to keep it out of the timed rounds
-    gc.collect()
-    gc.freeze()
     rates = compare_tokens_per_second({"fp32": fp, "w4_lm8": q, "fused": fused}, ids, NEW_TOKENS)
     r_fp = rates["fp32"]
     print(f"| model (SmolLM2-135M, batch 1, {torch.get_num_threads()} threads) | tokens/s | vs fp32 |")

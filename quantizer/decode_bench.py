@@ -4,6 +4,7 @@ a quantized model must agree with token for token."""
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from typing import Dict, List, Tuple
 
@@ -53,12 +54,19 @@ def compare_tokens_per_second(models: Dict[str, nn.Module], ids: torch.Tensor, n
     """Median decode rate of each model over ``rounds`` rounds that run the models in turn.
 
     Interleaving puts every model through the same stretches of a shared machine's load, so their
-    ratio holds even when the host's speed drifts between minutes (it did, by up to 1.5x)."""
+    ratio holds even when the host's speed drifts between minutes (it did, by up to 1.5x). The
+    garbage collector's existing objects are frozen while timing: with several models loaded a
+    full collection takes ~1 s and would land in whichever round happened to trigger it."""
     for m in models.values():
         greedy_decode(m, ids, 4)
     rates: Dict[str, List[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, m in models.items():
-            _, secs = greedy_decode(m, ids, new_tokens)
-            rates[name].append((new_tokens - 1) / secs)
+    gc.collect()
+    gc.freeze()
+    try:
+        for _ in range(rounds):
+            for name, m in models.items():
+                _, secs = greedy_decode(m, ids, new_tokens)
+                rates[name].append((new_tokens - 1) / secs)
+    finally:
+        gc.unfreeze()
     return {name: sorted(r)[len(r) // 2] for name, r in rates.items()}
