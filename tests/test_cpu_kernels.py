@@ -495,7 +495,8 @@ def test_long_inputs_dequantize_for_sgemm(isa, bits, m, n, k, g):
 
 
 def test_long_inputs_span_several_weight_blocks():
-    """A weight of more rows than one ~8 MiB fp32 block (here 2 blocks of 2048-column rows)."""
+    """A weight of more rows than one fp32 block (>= 8 MiB and >= 512 rows; here 2 blocks of 1024
+    2048-column rows)."""
     gen = torch.Generator().manual_seed(5)
     n, k = 1100, 2048
     qw, scale, zero = make_weight(n, k, 4, 4, gen)
