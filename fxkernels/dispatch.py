@@ -137,6 +137,10 @@ if not (isinstance(_ENV_BYTES, dict) and all(isinstance(k, bytes) for k in list(
 
 def selection_state() -> tuple:
     """What besides the arguments decides a selection (part of callers' kernel-cache keys)."""
+    # the backends load on the first call: counting the registry before that would give every
+    # caller a key that changes after its first selection (and a plan built twice)
+    if not _loaded:
+        _ensure_loaded()
     if _ENV_BYTES is not None:
         disabled, forced_env = _ENV_BYTES.get(b"FXK_DISABLED_KERNELS"), _ENV_BYTES.get(b"FXK_FORCE_BACKEND")
         stack = getattr(_local, "forced", None)

@@ -1,5 +1,7 @@
 """QuantLinear against float64 math, replace_linears, and a Hugging Face model end to end."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -133,6 +135,20 @@ def test_eager_fast_path_and_compiled_graph_agree():
         assert layer._kernels, "eager calls should cache their kernel choice"
         compiled = torch.compile(layer, backend="eager", fullgraph=True)
         assert torch.equal(compiled(x), eager)
+
+
+def test_first_call_in_a_fresh_process_builds_one_plan():
+    """The backends load on the first call; the plan key must not change across that load."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom torch import nn\nfrom fxkernels import QuantLinear, QuantSpec\n"
+            "layer = QuantLinear.from_linear(nn.Linear(32, 16), QuantSpec(4, 'channel'))\n"
+            "x = torch.randn(1, 32)\nlayer(x); layer(x)\nprint(len(layer._kernels))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
 
 
 def test_kernel_cache_follows_forced_backend():
