@@ -390,9 +390,23 @@ def test_opcheck_with_cpu_backend():
                               (xq, sa, za, qw, scale, zero, ws, bias, 4, torch.float32))
 
 
+# Longer K: activation rows at padded strides (K = 2048 and 4096 pad to an odd number of 64-byte
+# lines, 3000 and 4160 do not need to), groups of 260 and 320 columns, several 12-row blocks, two
+# row blocks of the cache blocking (M = 70 at K = 2600), odd tile counts.
+LONG_K = [(29, 40, 3000, 1), (70, 24, 2600, 10), (13, 33, 4160, 13), (2, 16, 2048, 1), (19, 24, 4096, 2)]
+
+
+@pytest.mark.parametrize("m,n,k,g", LONG_K)
+def test_long_k_in_chunks_integer_exact(isa, m, n, k, g):
+    # INT4 only: with unit scales, INT8 sums over these K pass 2**24 and the float group sums
+    # round (in the reference too); W8A8 at these K is checked against the AVX2 kernels below.
+    check_unit_scale_integer_exact(4, m, n, k, g, seed=m * 31 + n * 7 + k)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m, n, k, g", [(1, 1000, 4096, 1), (7, 1536, 576, 1), (17, 576, 1536, 12),
-                                        (13, 24, 256, 2), (33, 40, 260, 1), (5, 32, 258, 1), (100, 72, 512, 1)])
+                                        (13, 24, 256, 2), (33, 40, 260, 1), (5, 32, 258, 1), (100, 72, 512, 1)]
+                         + LONG_K)
 def test_vnni_path_is_bit_identical_to_avx2(bits, m, n, k, g):
     """The AVX-512 VNNI kernels (vpdpbusd; W8A8 with the +128 activation offset) against the
     plain AVX2 ones: the same exact int32 sums, so the same floats, on tile pairs, odd tiles,

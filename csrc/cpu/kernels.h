@@ -54,6 +54,9 @@ struct QaArgs {
   // + 128 as uint8, vpdpbusd's unsigned operand (the kernel subtracts 128 * ws afterwards); needs
   // Kp/G % 4 == 0. When set, x16 is not filled.
   const uint8_t* xu8 = nullptr;
+  // Row stride of x8 / x16 / xu8 in elements (>= Kp): an odd number of 64-byte lines, so the rows
+  // a micro-kernel reads together fall in different L1 sets (see act_row_stride in kernels.cpp).
+  int64_t xs = 0;
 };
 
 // Tiles [t0, t1) of 8 output rows, all M rows of the input.

@@ -295,7 +295,7 @@ FXK_AVX2 void qa4_block(const QaArgs& a, int64_t t, int64_t m0) {
   const int64_t Kp = a.Kp, G = a.G, steps = Kp / G / 8;  // 8-column steps per group
   const uint8_t* wt = a.w + t * (Kp / 8) * 32;
   const int8_t* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = a.x8 + (m0 + m) * Kp;
+  for (int m = 0; m < MR; ++m) xr[m] = a.x8 + (m0 + m) * a.xs;
   const __m256i m15 = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 yf[MR];
@@ -345,7 +345,7 @@ FXK_AVX2 void qa8_block(const QaArgs& a, int64_t t, int64_t m0) {
   const int8_t* wt[NTL];
   for (int j = 0; j < NTL; ++j) wt[j] = (const int8_t*)a.w + (t + j) * (Kp / 2) * 16;
   const int16_t* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = a.x16 + (m0 + m) * Kp;
+  for (int m = 0; m < MR; ++m) xr[m] = a.x16 + (m0 + m) * a.xs;
   __m256 yf[NTL][MR];
   for (int j = 0; j < NTL; ++j)
     for (int m = 0; m < MR; ++m) yf[j][m] = _mm256_setzero_ps();
@@ -443,7 +443,7 @@ FXK_AVX2 void qa4_block2(const QaArgs& a, int64_t t, int64_t m0) {
   const uint8_t* w0 = a.w + t * (Kp / 8) * 32;
   const uint8_t* w1 = w0 + (Kp / 8) * 32;
   const int8_t* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = a.x8 + (m0 + m) * Kp;
+  for (int m = 0; m < MR; ++m) xr[m] = a.x8 + (m0 + m) * a.xs;
   const __m256i m15 = _mm256_set1_epi8(15);
   __m256 yf[2][MR];
   for (int j = 0; j < 2; ++j)
@@ -486,7 +486,7 @@ FXK_AVX2 void qa8_block2(const QaArgs& a, int64_t t, int64_t m0) {
   const int8_t* wt[NTL];
   for (int j = 0; j < NTL; ++j) wt[j] = (const int8_t*)a.w + (t + j) * (Kp / 2) * 16;
   const uint8_t* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = a.xu8 + (m0 + m) * Kp;
+  for (int m = 0; m < MR; ++m) xr[m] = a.xu8 + (m0 + m) * a.xs;
   __m256 yf[NTL][MR];
   for (int j = 0; j < NTL; ++j)
     for (int m = 0; m < MR; ++m) yf[j][m] = _mm256_setzero_ps();
