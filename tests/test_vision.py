@@ -198,6 +198,20 @@ def test_engine_flexround_beats_rtn_and_deploys(tiny_setup):
     assert fr.features[5].conv[1][0].spec.bits == 4
 
 
+def test_agreement_on_decided_images_uses_the_float_margin_only():
+    # Rows 0-1: the float network is sure (margin ~0.9); rows 2-3: a near-tie (margin ~0).
+    ref = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [1.0, 1.01, -3.0], [2.0, 1.99, -3.0]])
+    test = torch.tensor([[4.0, 0.0, 0.0], [5.0, 0.0, 0.0], [1.02, 1.0, -3.0], [2.0, 1.9, -3.0]])
+    r = compare_logits(ref, test, margin=0.1)
+    assert r["top1_agreement"] == 0.5  # rows 0 and 3 agree
+    assert r["decided_n"] == 2 and r["decided_top1_agreement"] == 0.5  # of rows 0-1, row 0 agrees
+    assert compare_logits(ref, ref)["decided_top1_agreement"] == 1.0
+    assert compare_logits(ref, test, margin=0.0)["decided_n"] == 4
+    assert compare_logits(ref[2:], test[2:])["decided_top1_agreement"] is None
+    with pytest.raises(ValueError, match="margin=1.5"):
+        compare_logits(ref, test, margin=1.5)
+
+
 def test_engine_w4a4_uses_fake_quant_below_8_bits(tiny_setup):
     net, calib, evals = tiny_setup
     dep, sim, stats = _run(net, calib, "flexround", 5, act_bits=4)

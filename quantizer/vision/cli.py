@@ -73,6 +73,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                "equalize": cfg.equalize, "seed": args.seed, "seconds": round(seconds, 1),
                "sim_top1": sim["top1_agreement"], "sim_kl": sim["mean_kl"],
                "deployed_top1": dep["top1_agreement"], "deployed_kl": dep["mean_kl"],
+               "deployed_top1_decided": dep["decided_top1_agreement"], "decided_n": dep["decided_n"],
                "unit_loss_after": [s["loss_after"] for s in stats]}
         print(json.dumps(row), flush=True)
         rows.append(row)
