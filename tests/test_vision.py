@@ -212,6 +212,31 @@ def test_agreement_on_decided_images_uses_the_float_margin_only():
         compare_logits(ref, test, margin=1.5)
 
 
+@pytest.mark.parametrize("method,act_bits", [("rtn", None), ("flexround", None), ("flexround", 4)])
+def test_bias_correction_matches_the_float_output_means_on_calibration(tiny_setup, method, act_bits):
+    """After the last unit is corrected, the quantized network's logits have the float network's
+    per-class mean on the calibration images (the classifier is corrected last, on the inputs the
+    whole quantized network gives it); without the correction they do not."""
+    net, calib, _ = tiny_setup
+    gaps = {}
+    for bias_correction in (False, True):
+        cfg = CNNQuantConfig(method=method, bits=4, act_bits=act_bits, iters=5, batch_size=8, eval_samples=16,
+                             bias_correction=bias_correction)
+        _, sim, _ = quantize_mobilenet(net, calib, cfg, log=lambda m: None)
+        with torch.no_grad():
+            gaps[bias_correction] = float((sim(calib).mean(0) - net(calib).mean(0)).abs().max())
+    scale = float(net(calib).detach().abs().mean())
+    assert gaps[True] < 1e-4 * scale, gaps
+    assert gaps[False] > 100 * gaps[True], gaps
+
+
+def test_bias_correction_rejects_mismatched_layer_maps():
+    from quantizer.vision.bias_correction import correct_unit_biases
+    a, b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+    with pytest.raises(ValueError, match="same names in the same order"):
+        correct_unit_biases(a, {"x": a}, b, {"y": b}, torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
+
+
 def test_engine_w4a4_uses_fake_quant_below_8_bits(tiny_setup):
     net, calib, evals = tiny_setup
     dep, sim, stats = _run(net, calib, "flexround", 5, act_bits=4)
@@ -292,6 +317,8 @@ def test_equalized_checkpoint_round_trip(tiny_setup, tmp_path):
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="method='gptq'"):
         CNNQuantConfig(method="gptq")
+    with pytest.raises(ValueError, match="bias_correction='yes'"):
+        CNNQuantConfig(bias_correction="yes")
     with pytest.raises(ValueError, match="act_bits=1"):
         CNNQuantConfig(act_bits=1)
     with pytest.raises(ValueError, match="calib shape"):
@@ -303,7 +330,9 @@ def test_real_mobilenet_w8_rtn_agrees_on_real_photos(tmp_path, capsys):
     """Real ImageNet weights on real photos: W8 per-tensor RTN stays close to fp32 while W4
     per-tensor RTN destroys the network (the gap the learned methods must close). Per-tensor grids
     are hard on BN-folded depthwise convs even at 8 bits: without cross-layer equalization 81-82 %
-    agreement (KL 0.12-0.14), with it (the default) 93 % (KL 0.05) on 200 crops."""
+    agreement (KL 0.12-0.14), with it 93 % (KL 0.05) on 200 crops of the first evaluation set; on
+    the current one equalized W8 RTN gives 80 % (KL 0.076) and, with the per-unit bias correction
+    (the default), 93 % (KL 0.017)."""
     from quantizer.vision.mobilenetv2 import default_weights_path, load_folded_mobilenet_v2
     try:
         default_weights_path()
@@ -315,16 +344,18 @@ def test_real_mobilenet_w8_rtn_agrees_on_real_photos(tmp_path, capsys):
     calib = vdata.calibration_images(8, seed=0)  # RTN only needs the unit inputs for its loss log
     evals = vdata.evaluation_images(24, seed=1)
     res = {}
-    for bits, equalize in ((8, True), (8, False), (4, True)):
-        dep, _, _ = quantize_mobilenet(net, calib, CNNQuantConfig(method="rtn", bits=bits, iters=0, equalize=equalize),
-                                       log=lambda m: None)
-        res[bits, equalize] = agreement(net, dep, evals)
-        if (bits, equalize) == (8, True):
+    for bits, equalize, bias_correction in ((8, True, False), (8, False, False), (4, True, False), (8, True, True)):
+        cfg = CNNQuantConfig(method="rtn", bits=bits, iters=0, equalize=equalize, bias_correction=bias_correction)
+        dep, _, _ = quantize_mobilenet(net, calib, cfg, log=lambda m: None)
+        res[bits, equalize, bias_correction] = agreement(net, dep, evals)
+        if (bits, equalize, bias_correction) == (8, True, False):
             from fxkernels.conv import save_quantized_cnn
             save_quantized_cnn(dep, str(tmp_path / "w8"))
-    w8 = res[8, True]
-    assert w8["top1_agreement"] >= 0.8 and w8["mean_kl"] < 0.5 * res[8, False]["mean_kl"], res
-    assert res[4, True]["top1_agreement"] < 0.3 and res[4, True]["mean_kl"] > 10 * w8["mean_kl"], res
+    w8 = res[8, True, False]
+    assert w8["top1_agreement"] >= 0.7 and w8["mean_kl"] < 0.5 * res[8, False, False]["mean_kl"], res
+    assert res[4, True, False]["top1_agreement"] < 0.3 and res[4, True, False]["mean_kl"] > 10 * w8["mean_kl"], res
+    # Bias correction (means from only 8 calibration crops here) removes most of what W8 RTN leaves.
+    assert res[8, True, True]["mean_kl"] < 0.5 * w8["mean_kl"], res
 
     # `flexround eval` on the saved checkpoint reports the same agreement as the in-memory network.
     import json

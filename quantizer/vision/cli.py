@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--act-lr", type=float, default=4e-3)
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="skip the per-unit bias correction (on by default: after each unit, every layer's "
+                        "output-channel means are matched to the float layer's)")
     p.add_argument("--qdrop", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-equalize", action="store_true",
@@ -61,6 +64,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         cfg = CNNQuantConfig(method=method, bits=args.bits, act_bits=args.act_bits, granularity=args.granularity,
                              first_last_bits=args.first_last_bits, iters=args.iters, batch_size=args.batch_size,
                              lr=args.lr, act_lr=args.act_lr, qdrop=args.qdrop, seed=args.seed,
+                             bias_correction=not args.no_bias_correction,
                              equalize=not args.no_equalize)
         t0 = time.time()
         deployed, simulated, stats = quantize_mobilenet(model, calib, cfg)
@@ -70,6 +74,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         row = {"method": method, "bits": args.bits, "act_bits": args.act_bits, "granularity": args.granularity,
                "first_last_bits": args.first_last_bits, "calib": args.calib, "eval": evals.shape[0],
                "iters": cfg.iters, "batch_size": cfg.batch_size, "lr": cfg.learning_rate, "qdrop": args.qdrop,
+               "bias_correction": cfg.bias_correction,
                "equalize": cfg.equalize, "seed": args.seed, "seconds": round(seconds, 1),
                "sim_top1": sim["top1_agreement"], "sim_kl": sim["mean_kl"],
                "deployed_top1": dep["top1_agreement"], "deployed_kl": dep["mean_kl"],

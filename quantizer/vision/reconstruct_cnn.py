@@ -50,7 +50,10 @@ class CNNQuantConfig:
     or the activation width of every layer input except the image and the classifier input
     (``first_last_bits``). iters, batch_size, lr, act_lr: per-unit optimization (lr None: the
     method's default). qdrop: probability of feeding a float input element instead of the
-    quantized one while learning (QDrop). init: FlexRound/AdaRound initial grid ("mse"/"minmax").
+    quantized one while learning (QDrop). bias_correction: after each unit is learned, shift
+    every layer's bias so its output-channel means on the calibration images match the float
+    layer's (:mod:`quantizer.vision.bias_correction`; on MobileNetV2 W8 RTN 80 -> 93 % top-1
+    agreement, W4 FlexRound 66.5 -> 73 %). init: FlexRound/AdaRound initial grid ("mse"/"minmax").
     equalize: cross-layer equalization before quantizing (``quantizer.vision.equalize``; the float
     function is unchanged, ReLU6 becomes a per-channel clip; with ``act_bits`` every factor is
     bounded so that no activation channel outgrows its tensor's measured range).
@@ -67,6 +70,7 @@ class CNNQuantConfig:
     lr: Optional[float] = None
     act_lr: float = 4e-3
     qdrop: float = 0.0
+    bias_correction: bool = True
     init: str = "mse"
     seed: int = 0
     equalize: bool = True
@@ -99,6 +103,8 @@ class CNNQuantConfig:
             bad("init", "'mse' or 'minmax'")
         if not isinstance(self.equalize, bool):
             bad("equalize", "True or False")
+        if not isinstance(self.bias_correction, bool):
+            bad("bias_correction", "True or False")
 
     def weight_spec(self, first_or_last: bool) -> QuantSpec:
         return QuantSpec(bits=self.first_last_bits if first_or_last else self.bits, granularity=self.granularity,
@@ -438,6 +444,11 @@ def quantize_mobilenet(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfi
             set_submodule(work, name, w)
             wrappers[name] = w
         before, after = _learn_unit(i, unit, wrappers, xq, xfp, targets, cfg, log)
+        if cfg.bias_correction:
+            from .bias_correction import correct_unit_biases
+            correct_unit_biases(fp_unit, {n: fp.get_submodule(n) for n in wrappers}, unit, wrappers, xfp, xq)
+            ne = min(cfg.eval_samples, xq.shape[0])
+            after = _mse(unit, xq[:ne], targets[:ne], 32)
         for name, w in wrappers.items():
             exported = w.export()
             set_submodule(deployed, name, exported)
