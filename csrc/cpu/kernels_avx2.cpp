@@ -395,6 +395,9 @@ FXK_AVX2 void qa4_gemv2(const QaArgs& a, int64_t t) {
   __m256 yf[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t g = 0; g < G; ++g) {
     __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+#ifdef FXK_VNNI
+    __m256i c0a = acc0, c0b = acc0, c1a = acc0, c1b = acc0, h0a = acc0, h0b = acc0, h1a = acc0, h1b = acc0;
+#endif
     for (int64_t sb = g * steps; sb < (g + 1) * steps; sb += 4) {
       __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
 #pragma GCC unroll 4
@@ -409,10 +412,16 @@ FXK_AVX2 void qa4_gemv2(const QaArgs& a, int64_t t) {
         const __m256i v0 = _mm256_loadu_si256((const __m256i*)(w0 + s * 32));
         const __m256i v1 = _mm256_loadu_si256((const __m256i*)(w1 + s * 32));
 #ifdef FXK_VNNI
-        acc0 = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc0, _mm256_and_si256(v0, m15), xl),
-                                   _mm256_and_si256(_mm256_srli_epi16(v0, 4), m15), xh);
-        acc1 = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc1, _mm256_and_si256(v1, m15), xl),
-                                   _mm256_and_si256(_mm256_srli_epi16(v1, 4), m15), xh);
+        // four independent chains per tile (low/high nibbles x step parity): one chain would
+        // serialize every vpdpbusd on its ~4-5 cycle latency
+        __m256i* c0 = (j & 1) ? &c0b : &c0a;
+        __m256i* c1 = (j & 1) ? &c1b : &c1a;
+        __m256i* h0 = (j & 1) ? &h0b : &h0a;
+        __m256i* h1 = (j & 1) ? &h1b : &h1a;
+        *c0 = _mm256_dpbusd_epi32(*c0, _mm256_and_si256(v0, m15), xl);
+        *h0 = _mm256_dpbusd_epi32(*h0, _mm256_and_si256(_mm256_srli_epi16(v0, 4), m15), xh);
+        *c1 = _mm256_dpbusd_epi32(*c1, _mm256_and_si256(v1, m15), xl);
+        *h1 = _mm256_dpbusd_epi32(*h1, _mm256_and_si256(_mm256_srli_epi16(v1, 4), m15), xh);
 #else
         s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v0, m15), xl),
                                                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m15), xh)));
@@ -425,6 +434,10 @@ FXK_AVX2 void qa4_gemv2(const QaArgs& a, int64_t t) {
       acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(s1, ones));
 #endif
     }
+#ifdef FXK_VNNI
+    acc0 = _mm256_add_epi32(_mm256_add_epi32(c0a, c0b), _mm256_add_epi32(h0a, h0b));
+    acc1 = _mm256_add_epi32(_mm256_add_epi32(c1a, c1b), _mm256_add_epi32(h1a, h1b));
+#endif
     qa_epilogue<1>(a, t, g, 0, &acc0, &yf[0]);
     qa_epilogue<1>(a, t + 1, g, 0, &acc1, &yf[1]);
   }
