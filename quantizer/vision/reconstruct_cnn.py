@@ -37,6 +37,7 @@ from ..config import method_learning_rate
 from ..reconstruct import optimizer_step
 from ..rounding import make_quantizer
 from ..rounding.base import round_ste
+from .bias_correction import correct_unit_biases
 
 METHODS = ("rtn", "adaround", "flexround", "signround")
 
@@ -445,7 +446,6 @@ def quantize_mobilenet(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfi
             wrappers[name] = w
         before, after = _learn_unit(i, unit, wrappers, xq, xfp, targets, cfg, log)
         if cfg.bias_correction:
-            from .bias_correction import correct_unit_biases
             correct_unit_biases(fp_unit, {n: fp.get_submodule(n) for n in wrappers}, unit, wrappers, xfp, xq)
             ne = min(cfg.eval_samples, xq.shape[0])
             after = _mse(unit, xq[:ne], targets[:ne], 32)
