@@ -45,22 +45,18 @@ def output_channel_means(unit: nn.Module, layers: Dict[str, nn.Module], x: torch
 @torch.no_grad()
 def correct_unit_biases(fp_unit: nn.Module, fp_layers: Dict[str, nn.Module], unit: nn.Module,
                         wrappers: Dict[str, nn.Module], xfp: torch.Tensor, xq: torch.Tensor,
-                        batch: int = 32) -> float:
+                        batch: int = 32) -> None:
     """Shift each wrapper's ``bias`` buffer (a :class:`LayerWrapper` in its hard, quantized state)
     so that its output-channel means on ``xq`` equal the float layer's on ``xfp``.
 
-    ``fp_layers`` and ``wrappers`` map the same names, in execution order. Returns the largest
-    absolute shift applied (for the log)."""
+    ``fp_layers`` and ``wrappers`` map the same names, in execution order."""
     if list(fp_layers) != list(wrappers):
         raise ValueError(f"correct_unit_biases: fp_layers {list(fp_layers)} and wrappers {list(wrappers)}; "
                          "expected the same names in the same order")
     targets = output_channel_means(fp_unit, fp_layers, xfp, batch)
-    largest = 0.0
     for name, w in wrappers.items():
         delta = output_channel_means(unit, {name: w}, xq, batch)[name] - targets[name]
         if w.bias is None:
             w.bias = -delta
         else:
             w.bias -= delta
-        largest = max(largest, float(delta.abs().max()))
-    return largest
