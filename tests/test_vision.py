@@ -31,17 +31,25 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_net(seed=0):
+def tiny_net(seed=0, width_mult=0.1):
+    """A 0.1x MobileNetV2 whose batch norms hold the statistics of real forward passes.
+
+    Random running statistics would not do: with them the input's signal shrinks ~10x per stage
+    and the logits no longer depend on the image (every engine comparison would then compare
+    rounding noise). Random affine parameters are drawn first, then the running statistics are
+    accumulated in train mode over random images, so folding changes the weights per channel as
+    in a trained network and the outputs still vary with the input."""
     torch.manual_seed(seed)
-    net = MobileNetV2(num_classes=10, width_mult=0.1)
+    net = MobileNetV2(num_classes=10, width_mult=width_mult)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
-                # Non-trivial statistics so folding really changes the weights (spread like a trained net).
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.2, 3.0)
-                m.weight.uniform_(0.3, 2.0)
+                m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.2)
+                m.momentum = None  # cumulative average over the calibration batches
+        net.train()
+        for _ in range(4):
+            net(torch.randn(32, 3, 32, 32))
     return net.eval()
 
 
@@ -253,11 +261,16 @@ def test_engine_w4a4_uses_fake_quant_below_8_bits(tiny_setup):
     assert 0 <= r["top1_agreement"] <= 1 and r["mean_kl"] > 0
 
 
-def test_equalization_keeps_the_float_network_and_balances_channel_ranges():
+@pytest.mark.parametrize("width_mult", [0.1, 0.5])
+def test_equalization_keeps_the_float_network_and_balances_channel_ranges(width_mult):
     from fxkernels.conv import ChannelClippedReLU, replace_convs
-    from quantizer.vision.equalize import equalize_mobilenet
+    from quantizer.vision.equalize import equalization_pairs, equalize_mobilenet
 
-    net = fold_batchnorm(tiny_net())
+    net = fold_batchnorm(tiny_net(width_mult=width_mult))
+    # At 0.1x block 1 keeps its width and adds its input back, so the stem cannot be rescaled;
+    # at 0.5x (as at 1.0x) it narrows 16 -> 8 channels and the stem pairs with its depthwise.
+    assert net.features[1].use_res == (width_mult == 0.1)
+    assert len(equalization_pairs(net)) == 2 * 16 + (1 if width_mult == 0.1 else 2)
     eq = equalize_mobilenet(copy.deepcopy(net))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

@@ -41,7 +41,11 @@ def equalization_pairs(model: nn.Module) -> List[Pair]:
     each block expand -> depthwise -> project)."""
     f = model.features
     block1 = f[1].conv
-    pairs: List[Pair] = [(f[0][0], f[0], 2, block1[0][0]), (block1[0][0], block1[0], 2, block1[1])]
+    pairs: List[Pair] = [(block1[0][0], block1[0], 2, block1[1])]
+    # The stem's output may be rescaled only if nothing but block 1's depthwise reads it: when
+    # block 1 keeps its width (narrow width multipliers) it also feeds block 1's residual add.
+    if not getattr(f[1], "use_res", False):
+        pairs.insert(0, (f[0][0], f[0], 2, block1[0][0]))
     for k in range(2, len(f) - 1):
         c = f[k].conv
         pairs += [(c[0][0], c[0], 2, c[1][0]), (c[1][0], c[1], 2, c[2])]
