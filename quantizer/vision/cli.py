@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-last-bits", type=int, default=8)
     p.add_argument("--calib", type=int, default=256, help="calibration crops (224x224)")
     p.add_argument("--eval", type=int, default=200, help="evaluation crops")
+    p.add_argument("--synthetic", type=int, default=0,
+                   help="add this many images distilled from the network's batch-norm statistics to the "
+                        "calibration crops (quantizer.vision.synthetic; started from other crops of the "
+                        "calibration photos)")
+    p.add_argument("--synthetic-steps", type=int, default=30, help="Adam steps per batch of distilled images")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None)
@@ -52,11 +57,20 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     torch.set_num_threads(args.threads)
     from .data import calibration_images, evaluation_images
     from .evaluate import compare_logits, logits
-    from .mobilenetv2 import load_folded_mobilenet_v2
+    from .mobilenetv2 import fold_batchnorm, load_mobilenet_v2
     from .reconstruct_cnn import CNNQuantConfig, equalized, quantize_mobilenet
 
-    model = load_folded_mobilenet_v2(args.weights)
+    if args.synthetic < 0:
+        raise SystemExit(f"--synthetic={args.synthetic}; expected a non-negative number of images")
+    with_bn = load_mobilenet_v2(args.weights)
+    model = fold_batchnorm(with_bn)
     calib = calibration_images(args.calib, seed=args.seed)
+    if args.synthetic:
+        from .synthetic import distill_images
+        # Started from crops of the calibration photos under another seed (never the evaluation photos).
+        start = calibration_images(args.synthetic, seed=args.seed + 7)
+        calib = torch.cat([calib, distill_images(with_bn, args.synthetic, steps=args.synthetic_steps, init=start,
+                                                 seed=args.seed)])
     evals = evaluation_images(args.eval, seed=args.seed + 1)
     ref = logits(model, evals)
     rows = []
@@ -72,7 +86,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         sim = compare_logits(ref, logits(simulated, evals))
         dep = compare_logits(ref, logits(deployed, evals))
         row = {"method": method, "bits": args.bits, "act_bits": args.act_bits, "granularity": args.granularity,
-               "first_last_bits": args.first_last_bits, "calib": args.calib, "eval": evals.shape[0],
+               "first_last_bits": args.first_last_bits, "calib": args.calib, "synthetic": args.synthetic,
+               "eval": evals.shape[0],
                "iters": cfg.iters, "batch_size": cfg.batch_size, "lr": cfg.learning_rate, "qdrop": args.qdrop,
                "bias_correction": cfg.bias_correction,
                "equalize": cfg.equalize, "seed": args.seed, "seconds": round(seconds, 1),
