@@ -57,7 +57,7 @@ def test_class_term_moves_images_towards_their_seeded_classes(one_thread):
     start = torch.zeros(6, 3, 32, 32)
     kw = dict(steps=40, batch_size=6, lr=0.05, init=start, jitter=0, seed=1, size=32)
     gen = torch.Generator().manual_seed(1)
-    labels = torch.randint(0, 10, (6,), generator=gen)  # the tiny net's 10 classes, drawn as distill_images does
+    labels = torch.randint(0, 10, (6,), generator=gen)  # the small net's 10 classes, drawn as distill_images does
     with_class = distill_images(net, 6, class_weight=1.0, **kw)
     without = distill_images(net, 6, class_weight=0.0, **kw)
     assert torch.equal(with_class, distill_images(net, 6, class_weight=1.0, **kw))  # seeded
