@@ -336,6 +336,42 @@ def test_config_rejects_bad_values():
         CNNQuantConfig(act_bits=1)
     with pytest.raises(ValueError, match="calib shape"):
         quantize_mobilenet(fold_batchnorm(tiny_net()), torch.randn(2, 1, 8, 8), CNNQuantConfig(iters=0))
+    with pytest.raises(ValueError, match="holdout shape"):
+        quantize_mobilenet(fold_batchnorm(tiny_net()), torch.randn(2, 3, 32, 32), CNNQuantConfig(iters=0),
+                           holdout=torch.randn(2, 3, 16, 16))
+
+
+def test_calibration_photo_subsets_stay_within_the_calibration_split():
+    pytest.importorskip("PIL")
+    held = vdata.CALIBRATION_PHOTOS[4::5]
+    a = vdata.calibration_images(3, seed=2, size=32, photos=held)
+    # crop i comes from photo i % len(photos): the same as cropping those photos directly
+    b = vdata.random_crops(list(vdata.load_photos(held).values()), 3, 2, 32, vdata.CALIB_SCALE)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="chelsea"):
+        vdata.calibration_images(2, photos=("chelsea",))  # an evaluation photo
+    with pytest.raises(ValueError, match="non-empty subset"):
+        vdata.calibration_images(2, photos=())
+
+
+def test_holdout_images_decide_what_each_unit_keeps(tiny_setup):
+    """With ``holdout`` every unit's before/after loss is measured on those images (carried through
+    the float and the quantized network), not on the images learned from."""
+    from quantizer.vision.reconstruct_cnn import equalized
+
+    net, calib, evals = tiny_setup
+    cfg = CNNQuantConfig(method="rtn", bits=4, iters=0, bias_correction=False)
+    deployed, _, stats = quantize_mobilenet(net, calib, cfg, log=lambda m: None, holdout=evals[:8])
+    _, _, plain = quantize_mobilenet(net, calib, cfg, log=lambda m: None)
+    fp = equalized(net, calib, cfg)
+    with torch.no_grad():
+        x_fp, x_q = evals[:8], evals[:8]
+        for k, (fp_unit, q_unit) in enumerate(zip(fp.units(), deployed.units())):
+            t, x_q = fp_unit(x_fp), q_unit(x_q)
+            expected = float((x_q - t).pow(2).mean())
+            assert stats[k]["loss_before"] == pytest.approx(expected, rel=1e-3), k
+            x_fp = t
+    assert [s["loss_before"] for s in stats] != [s["loss_before"] for s in plain]
 
 
 @pytest.mark.slow

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibration crops (quantizer.vision.synthetic; started from other crops of the "
                         "calibration photos)")
     p.add_argument("--synthetic-steps", type=int, default=30, help="Adam steps per batch of distilled images")
+    p.add_argument("--holdout-photos", default="",
+                   help="comma-separated calibration photos to learn nothing from: 32 crops of them decide "
+                        "whether each unit keeps its learned rounding (quantize_mobilenet's holdout)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None)
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    from .data import calibration_images, evaluation_images
+    from .data import CALIBRATION_PHOTOS, calibration_images, evaluation_images
     from .evaluate import compare_logits, logits
     from .mobilenetv2 import fold_batchnorm, load_mobilenet_v2
     from .reconstruct_cnn import CNNQuantConfig, equalized, quantize_mobilenet
@@ -64,11 +67,14 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         raise SystemExit(f"--synthetic={args.synthetic}; expected a non-negative number of images")
     with_bn = load_mobilenet_v2(args.weights)
     model = fold_batchnorm(with_bn)
-    calib = calibration_images(args.calib, seed=args.seed)
+    held = tuple(p.strip() for p in args.holdout_photos.split(",") if p.strip())
+    learn = tuple(p for p in CALIBRATION_PHOTOS if p not in held)
+    calib = calibration_images(args.calib, seed=args.seed, photos=learn)
+    holdout = calibration_images(32, seed=args.seed + 11, photos=held) if held else None
     if args.synthetic:
         from .synthetic import distill_images
         # Started from crops of the calibration photos under another seed (never the evaluation photos).
-        start = calibration_images(args.synthetic, seed=args.seed + 7)
+        start = calibration_images(args.synthetic, seed=args.seed + 7, photos=learn)
         calib = torch.cat([calib, distill_images(with_bn, args.synthetic, steps=args.synthetic_steps, init=start,
                                                  seed=args.seed)])
     evals = evaluation_images(args.eval, seed=args.seed + 1)
@@ -81,12 +87,13 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                              bias_correction=not args.no_bias_correction,
                              equalize=not args.no_equalize)
         t0 = time.time()
-        deployed, simulated, stats = quantize_mobilenet(model, calib, cfg)
+        deployed, simulated, stats = quantize_mobilenet(model, calib, cfg, holdout=holdout)
         seconds = time.time() - t0
         sim = compare_logits(ref, logits(simulated, evals))
         dep = compare_logits(ref, logits(deployed, evals))
         row = {"method": method, "bits": args.bits, "act_bits": args.act_bits, "granularity": args.granularity,
                "first_last_bits": args.first_last_bits, "calib": args.calib, "synthetic": args.synthetic,
+               "holdout_photos": list(held),
                "eval": evals.shape[0],
                "iters": cfg.iters, "batch_size": cfg.batch_size, "lr": cfg.learning_rate, "qdrop": args.qdrop,
                "bias_correction": cfg.bias_correction,

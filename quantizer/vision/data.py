@@ -112,10 +112,15 @@ def random_crops(photos: Sequence[torch.Tensor], n: int, seed: int, size: int = 
     return out
 
 
-def calibration_images(n: int = 256, seed: int = 0, size: int = 224) -> torch.Tensor:
-    """``n`` crops of the calibration photos (never the evaluation ones)."""
-    photos = load_photos(CALIBRATION_PHOTOS)
-    return random_crops(list(photos.values()), n, seed, size, CALIB_SCALE)
+def calibration_images(n: int = 256, seed: int = 0, size: int = 224,
+                       photos: Sequence[str] = CALIBRATION_PHOTOS) -> torch.Tensor:
+    """``n`` crops of the calibration photos (never the evaluation ones); ``photos``: a subset of
+    ``CALIBRATION_PHOTOS`` (e.g. to hold some out for checking what was learned)."""
+    unknown = [p for p in photos if p not in CALIBRATION_PHOTOS]
+    if not photos or unknown:
+        raise ValueError(f"calibration_images: photos={list(photos)!r}; expected a non-empty subset of "
+                         f"CALIBRATION_PHOTOS {list(CALIBRATION_PHOTOS)}")
+    return random_crops(list(load_photos(photos).values()), n, seed, size, CALIB_SCALE)
 
 
 def evaluation_images(n: int = 192, seed: int = 1, size: int = 224) -> torch.Tensor:

@@ -342,9 +342,11 @@ def _set_hard(wrappers: Dict[str, LayerWrapper], hard: bool) -> None:
 
 
 def _learn_unit(i: int, unit: nn.Module, wrappers: Dict[str, LayerWrapper], xq: torch.Tensor, xfp: torch.Tensor,
-                targets: torch.Tensor, cfg: CNNQuantConfig, log) -> Tuple[float, float]:
+                targets: torch.Tensor, check: Tuple[torch.Tensor, torch.Tensor], cfg: CNNQuantConfig,
+                log) -> Tuple[float, float]:
+    """Learn one unit; returns its loss on ``check`` (inputs, float targets) before and after.
+    The learned rounding is kept only if it lowers that loss (else the initial grid stays)."""
     n = xq.shape[0]
-    ne = min(cfg.eval_samples, n)
     if cfg.act_bits:
         for w in wrappers.values():
             w.aq.enabled, w.record = False, []
@@ -353,7 +355,7 @@ def _learn_unit(i: int, unit: nn.Module, wrappers: Dict[str, LayerWrapper], xq: 
             w.aq.init_from(torch.cat(w.record))
             w.aq.enabled, w.record = True, None
     _set_hard(wrappers, True)
-    before = _mse(unit, xq[:ne], targets[:ne], 32)
+    before = _mse(unit, *check, 32)
     if cfg.iters == 0 or cfg.method == "rtn":
         return before, before
     init_state = copy.deepcopy({k: w.state_dict() for k, w in wrappers.items()})
@@ -389,7 +391,7 @@ def _learn_unit(i: int, unit: nn.Module, wrappers: Dict[str, LayerWrapper], xq: 
             raise RuntimeError(f"unit {i}: loss became {float(loss)} at iteration {step}; try a smaller lr (now {lr:g})")
         optimizer_step(opts, scheds, wrappers, loss)
     _set_hard(wrappers, True)
-    after = _mse(unit, xq[:ne], targets[:ne], 32)
+    after = _mse(unit, *check, 32)
     if not after <= before:
         for k, w in wrappers.items():
             w.load_state_dict(init_state[k])
@@ -410,8 +412,14 @@ def equalized(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfig, range_
 
 
 def quantize_mobilenet(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfig,
-                       log: Callable[[str], None] = print) -> Tuple[nn.Module, Dict[str, nn.Module], List[dict]]:
+                       log: Callable[[str], None] = print, holdout: Optional[torch.Tensor] = None
+                       ) -> Tuple[nn.Module, Dict[str, nn.Module], List[dict]]:
     """Quantize a folded MobileNetV2 unit by unit.
+
+    holdout: images never learned on (best: crops of other photographs), carried through the float
+    and the quantized network like ``calib``; each unit keeps its learned rounding only if that
+    lowers the unit's loss on them, so learning cannot end worse than the initial grid on images
+    it did not fit. None: the first ``cfg.eval_samples`` calibration images decide (seen in learning).
 
     Returns ``(deployed, frozen_layers, stats)``: ``deployed`` is a deep copy of ``model`` whose
     convs/linears are QuantConv2d/QuantLinear (with ActFakeQuant in front below 8-bit
@@ -419,6 +427,9 @@ def quantize_mobilenet(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfi
     ``stats`` has per-unit losses and seconds. ``model`` itself is not modified."""
     if calib.dim() != 4 or calib.shape[1] != 3:
         raise ValueError(f"quantize_mobilenet: calib shape {tuple(calib.shape)}; expected [n, 3, H, W] images")
+    if holdout is not None and (holdout.dim() != 4 or holdout.shape[1:] != calib.shape[1:] or holdout.shape[0] == 0):
+        raise ValueError(f"quantize_mobilenet: holdout shape {tuple(holdout.shape)}; expected [m, "
+                         f"{', '.join(map(str, calib.shape[1:]))}] images like calib, m >= 1")
     model = equalized(model, calib, cfg)
     fp = copy.deepcopy(model).eval()
     work = copy.deepcopy(model).eval()
@@ -432,23 +443,26 @@ def quantize_mobilenet(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfi
     if cfg.method in ("flexround", "adaround", "rtn"):
         options.setdefault("init", cfg.init)
     xfp, xq = calib.float(), calib.float().clone()
+    ne = min(cfg.eval_samples, xq.shape[0])
+    hfp, hq = (holdout.float(), holdout.float().clone()) if holdout is not None else (None, None)
     stats, frozen = [], {}
     t0 = time.time()
     for i, (prefixes, fp_unit, unit) in enumerate(zip(unit_prefixes(), fp_units, units)):
         tu = time.time()
         torch.manual_seed(cfg.seed * 1_000_003 + i)
         targets = run_unit(fp_unit, xfp)
+        htargets = run_unit(fp_unit, hfp) if hfp is not None else None
+        check = (hq, htargets) if hq is not None else (xq[:ne], targets[:ne])
         wrappers = {}
         for name, layer in unit_layers(work, prefixes):
             first_last = name in FIRST_LAST
             w = LayerWrapper(layer, cfg.method, cfg.weight_spec(first_last), options, cfg.act_width(first_last))
             set_submodule(work, name, w)
             wrappers[name] = w
-        before, after = _learn_unit(i, unit, wrappers, xq, xfp, targets, cfg, log)
+        before, after = _learn_unit(i, unit, wrappers, xq, xfp, targets, check, cfg, log)
         if cfg.bias_correction:
             correct_unit_biases(fp_unit, {n: fp.get_submodule(n) for n in wrappers}, unit, wrappers, xfp, xq)
-            ne = min(cfg.eval_samples, xq.shape[0])
-            after = _mse(unit, xq[:ne], targets[:ne], 32)
+            after = _mse(unit, *check, 32)
         for name, w in wrappers.items():
             exported = w.export()
             set_submodule(deployed, name, exported)
@@ -456,6 +470,8 @@ def quantize_mobilenet(model: nn.Module, calib: torch.Tensor, cfg: CNNQuantConfi
             set_submodule(work, name, frozen[name])
         xq = run_unit(unit, xq)
         xfp = targets
+        if hq is not None:
+            hq, hfp = run_unit(unit, hq), htargets
         stats.append({"unit": i, "loss_before": before, "loss_after": after, "seconds": time.time() - tu})
         log(f"unit {i + 1}/18 ({', '.join(wrappers)}): loss {before:.4e} -> {after:.4e} ({time.time() - tu:.1f} s)")
     log(f"quantized 18 units with {cfg.method} in {time.time() - t0:.1f} s")
