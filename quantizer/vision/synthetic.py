@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .data import normalize
 
 
 def _pixel_bounds() -> tuple:
-    mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
-    return (0 - mean) / std, (1 - mean) / std
+    """Normalized values of black and white pixels, ``[1, 3, 1, 1]`` each."""
+    return normalize(torch.zeros(1, 3, 1, 1)), normalize(torch.ones(1, 3, 1, 1))
 
 
 class _BNStatLoss:
