@@ -94,11 +94,11 @@ def cmd_quantize(a) -> int:
 
 
 def _is_cnn_checkpoint(path: str) -> bool:
-    cfg = os.path.join(path, "quant_config.json")
-    if not os.path.exists(cfg):
+    from fxkernels.checkpoint import CONFIG_NAME, checkpoint_layers
+
+    if not os.path.exists(os.path.join(path, CONFIG_NAME)):
         return False
-    with open(cfg) as f:
-        return "conv_layers" in json.load(f)
+    return any(e["kind"] == "conv2d" for e in checkpoint_layers(path).values())
 
 
 def _eval_vision(a) -> int:
