@@ -1,14 +1,15 @@
 """Save and load quantized models: ``model.safetensors`` + ``quant_config.json`` (no pickle).
 
 A checkpoint directory holds
-* ``quant_config.json``: ``{"quant_method": "flexround", "format_version": 2, "layers":
-  {name: {"in_features", "out_features", "bias", "spec": QuantSpec, "input_rotation"?}}, "tied": {name: source},
-  "model": {...}}`` (see docs/FORMAT.md);
-* ``model.safetensors``: every parameter and persistent buffer (QuantLinear buffers included);
+* ``quant_config.json``: ``{"quant_method": "flexround", "format_version": 3, "layers":
+  {name: {"kind": "linear" | "conv2d" | ..., ...}}, "tied": {name: source}, "model": {...}}``
+  (see docs/FORMAT.md; the kinds are those of :mod:`fxkernels.layers`);
+* ``model.safetensors``: every parameter and persistent buffer (quantized layers' buffers included);
 * for Hugging Face models, ``config.json`` (and tokenizer files when a tokenizer is given).
 
-Loading builds the model with parameters on the meta device, swaps in QuantLinear modules from
-the JSON, and assigns the stored tensors, so no float weight is ever materialized.
+Loading builds the model with parameters on the meta device, swaps in the modules the JSON lists
+(:func:`fxkernels.layers.install_layers`), and assigns the stored tensors, so no float weight is
+ever materialized.
 """
 
 from __future__ import annotations
@@ -24,19 +25,16 @@ import torch
 from torch import nn
 
 from .format import FORMAT_VERSION
-from .nn import QuantLinear, set_submodule
+from .layers import CheckpointError, entry_kind, install_layers, layer_entries, upgrade_entries
 
 CONFIG_NAME = "quant_config.json"
 WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "flexround"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded (missing, corrupt, mismatched, too new)."""
-
-
 def quant_layers(model: nn.Module) -> Dict[str, dict]:
-    return {name: m.entry() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """``{name: entry}`` of every module of a registered layer kind (see :mod:`fxkernels.layers`)."""
+    return layer_entries(model)
 
 
 def _dedup_state(model: nn.Module):
@@ -77,7 +75,8 @@ def atomic_directory(directory: str, prefix: str = ".tmp-"):
 
 
 def save_quantized(model: nn.Module, directory: str, tokenizer=None, extra: Optional[dict] = None) -> str:
-    """Write ``model`` (with QuantLinear layers) to ``directory`` atomically; returns the path.
+    """Write ``model`` (with QuantLinear, QuantConv2d or other registered layers) to ``directory``
+    atomically; returns the path.
 
     Files are written to a temporary sibling directory that replaces ``directory`` only when
     complete, so an interrupted save never leaves a half-written checkpoint behind.
@@ -85,9 +84,9 @@ def save_quantized(model: nn.Module, directory: str, tokenizer=None, extra: Opti
     from safetensors.torch import save_file
 
     layers = quant_layers(model)
-    if not layers:
-        raise ValueError("save_quantized: model has no QuantLinear layers; quantize it first "
-                         "(fxkernels.replace_linears or quantizer.quantize)")
+    if not any(entry_kind(e).weight_shape is not None for e in layers.values()):
+        raise ValueError("save_quantized: model has no quantized layers (no QuantLinear layers, no QuantConv2d "
+                         "layers); quantize it first (fxkernels.replace_linears or quantizer.quantize)")
     tensors, tied = _dedup_state(model)
     config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": layers,
               "tied": tied, "model": {"class": type(model).__name__}}
@@ -110,6 +109,9 @@ def save_quantized(model: nn.Module, directory: str, tokenizer=None, extra: Opti
 
 
 def read_quant_config(directory: str) -> dict:
+    """``quant_config.json`` of ``directory``, checked, with ``layers`` in the current shape (every
+    entry names its kind; the CNN tables of format versions 1-2 are folded in, see
+    :func:`fxkernels.layers.upgrade_entries`). ``format_version`` is left as written."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
         raise CheckpointError(f"load_quantized: directory={directory!r} does not exist")
@@ -128,7 +130,18 @@ def read_quant_config(directory: str) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"load_quantized: format_version={version!r} in {path}; this fxkernels reads "
                               f"versions up to {FORMAT_VERSION}: upgrade flexround to load it")
+    if not isinstance(config.get("layers", {}), dict):
+        raise CheckpointError(f"load_quantized: 'layers' in {path} is a {type(config['layers']).__name__}; "
+                              "expected an object {module name: entry}")
+    config["layers"] = upgrade_entries(config)
+    config.pop("conv_layers", None)
+    config.pop("clip_layers", None)
     return config
+
+
+def checkpoint_layers(directory: str) -> Dict[str, dict]:
+    """``{module name: entry}`` of a checkpoint directory, each entry with its ``"kind"``."""
+    return read_quant_config(directory)["layers"]
 
 
 @contextlib.contextmanager
@@ -164,10 +177,11 @@ def _hf_skeleton(directory: str) -> nn.Module:
 
 
 def load_quantized(directory: str, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
-    """Load a checkpoint written by :func:`save_quantized`.
+    """Load a checkpoint written by :func:`save_quantized` (any format version up to
+    :data:`fxkernels.FORMAT_VERSION`, language models and CNNs alike).
 
     model: a float skeleton of the same architecture (any device, meta included); needed only
-    when the directory holds no Hugging Face ``config.json``.
+    when the directory holds no Hugging Face ``config.json`` (CNNs, custom modules).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -186,16 +200,7 @@ def load_quantized(directory: str, model: Optional[nn.Module] = None, device="cp
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"load_quantized: {weights} is corrupt or truncated ({e})") from e
 
-    for name, entry in config["layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as e:
-            raise CheckpointError(f"load_quantized: layer {name!r} of the checkpoint is not in the model "
-                                  f"({type(model).__name__}); the checkpoint belongs to another architecture") from e
-        if isinstance(old, nn.Linear) and (old.in_features, old.out_features) != (entry["in_features"], entry["out_features"]):
-            raise CheckpointError(f"load_quantized: layer {name!r} is {old.in_features}->{old.out_features} in the "
-                                  f"model but {entry['in_features']}->{entry['out_features']} in the checkpoint")
-        set_submodule(model, name, QuantLinear.from_entry(entry, device="meta"))
+    install_layers(model, config["layers"], device="meta", who="load_quantized")
     for name, source in config.get("tied", {}).items():
         if source not in state:
             raise CheckpointError(f"load_quantized: tied tensor {name!r} points at missing {source!r}")
@@ -209,8 +214,6 @@ def load_quantized(directory: str, model: Optional[nn.Module] = None, device="cp
     if missing or unexpected:
         raise CheckpointError(f"load_quantized: checkpoint does not match the model: missing {missing[:8]}, "
                               f"unexpected {unexpected[:8]}")
-    if hasattr(model, "tie_weights") and not config.get("tied"):
-        pass  # ties already broken by quantization; nothing to re-tie
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"load_quantized: parameters {leftover[:8]} were not in the checkpoint")

@@ -1,4 +1,4 @@
-"""QuantConv2d: packed INT2..8 convolution weights in the format v1 layout of QuantLinear.
+"""QuantConv2d: packed INT2..8 convolution weights in the layout of QuantLinear.
 
 A conv weight ``[O, I/groups, kh, kw]`` is stored as the 2-D ``[N, K] = [O, (I/groups)*kh*kw]``
 matrix of :mod:`fxkernels.format` (row-major over ``(in channel, kh, kw)``, which is also the
@@ -22,16 +22,15 @@ column holding the zero point (it dequantizes to 0) and ``qweight`` has ``ceil(K
 exactly what :func:`fxkernels.format.packed_shape` and the kernel argument checks expect;
 ``unpack(..., in_features=K)`` drops the pad.
 
-Checkpoints: :func:`save_quantized_cnn` / :func:`load_quantized_cnn` write the format of
-:mod:`fxkernels.checkpoint` (``model.safetensors`` + ``quant_config.json``) with an extra
-``conv_layers`` table holding each QuantConv2d's geometry; the generic loader only knows
-QuantLinear, so CNN checkpoints need this loader (it handles both layer types).
+Checkpoints: QuantConv2d is the ``"conv2d"`` layer kind and ChannelClippedReLU the
+``"channel_clipped_relu"`` kind of :mod:`fxkernels.layers`, so :func:`fxkernels.save_quantized` /
+:func:`fxkernels.load_quantized` write and read CNNs like any other model;
+:func:`save_quantized_cnn` / :func:`load_quantized_cnn` are those calls plus a check that the
+model (checkpoint) holds convolutions.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -39,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .format import FORMAT_VERSION, QuantSpec, as_grouped, check_weight, dequantize, pack, quantize_rtn
-from .nn import QuantLinear, check_grid, replace_modules, set_submodule, store_grid
+from .format import QuantSpec, as_grouped, check_weight, dequantize, pack, quantize_rtn, register_layer_buffers
+from .nn import check_grid, replace_modules, store_grid
 from .backends._cache import version_of
 from .reference import weight_sums
 
@@ -52,7 +51,8 @@ class ChannelClippedReLU(nn.Module):
 
     ReLU6 after cross-layer equalization: a channel whose producer was divided by ``s`` clips at
     ``6 / s``, which keeps the network's float function exactly that of the ReLU6 original
-    (see ``quantizer.vision.equalize``). Checkpoints record these layers in ``clip_layers``."""
+    (see ``quantizer.vision.equalize``). Checkpoints record these layers as kind
+    ``"channel_clipped_relu"`` with their channel count; ``upper`` is a saved buffer."""
 
     def __init__(self, channels: int, upper: float = 6.0):
         super().__init__()
@@ -102,18 +102,7 @@ class QuantConv2d(nn.Module):
         self.out_features = out_channels
         if spec.granularity == "group":
             spec.check_shape(out_channels, self.in_features)  # odd K is padded, groups must divide K
-        dt = torch.uint8 if spec.packed else torch.int8
-        sshape = spec.scale_shape(out_channels, self.in_features)
-        self.register_buffer("qweight", torch.zeros(spec.packed_shape(out_channels, self.in_features), dtype=dt,
-                                                    device=device))
-        self.register_buffer("scale", torch.ones(sshape, dtype=torch.float32, device=device))
-        self.register_buffer("zero", torch.zeros(sshape, dtype=torch.int32, device=device))
-        self.register_buffer("bias", torch.zeros(out_channels, device=device) if bias else None)
-        if spec.act_bits and spec.act_mode == "static":
-            self.register_buffer("act_scale", torch.ones(1, device=device))
-            self.register_buffer("act_zero", torch.zeros(1, dtype=torch.int32, device=device))
-        else:
-            self.act_scale = self.act_zero = None
+        register_layer_buffers(self, spec, out_channels, self.in_features, bias, device)
         self._derived_key = None
         self._derived: Tuple = ()
 
@@ -233,7 +222,15 @@ class QuantConv2d(nn.Module):
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, spec={self.spec}, "
                 f"bias={self.bias is not None}")
 
-    def geometry(self) -> dict:
+    @classmethod
+    def from_entry(cls, entry: dict, device=None) -> "QuantConv2d":
+        """An empty layer from its checkpoint entry (:meth:`entry`); buffers are loaded after."""
+        return cls(entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]),
+                   QuantSpec.from_dict(entry["spec"]), tuple(entry["stride"]), tuple(entry["padding"]),
+                   tuple(entry["dilation"]), entry["groups"], bias=entry["bias"], device=device)
+
+    def entry(self) -> dict:
+        """This layer's checkpoint entry: geometry, bias flag and spec."""
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
                 "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
@@ -271,76 +268,23 @@ def replace_convs(model: nn.Module, spec: QuantSpec, skip=(), overrides: Optiona
 
 
 def save_quantized_cnn(model: nn.Module, directory: str, extra: Optional[dict] = None) -> str:
-    """Write a model holding QuantConv2d (and optionally QuantLinear) layers: ``model.safetensors`` +
-    ``quant_config.json`` (``layers`` for QuantLinear as in docs/FORMAT.md, ``conv_layers`` for
-    QuantConv2d geometry and spec). Atomic like :func:`fxkernels.checkpoint.save_quantized`."""
-    from safetensors.torch import save_file
+    """:func:`fxkernels.save_quantized` for a model holding QuantConv2d layers (and optionally
+    QuantLinear and ChannelClippedReLU layers); refuses a model without convolutions."""
+    from .checkpoint import save_quantized
 
-    from .checkpoint import CONFIG_NAME, QUANT_METHOD, WEIGHTS_NAME, atomic_directory, quant_layers
-
-    convs = {n: m.geometry() for n, m in model.named_modules() if isinstance(m, QuantConv2d)}
-    if not convs:
+    if not any(isinstance(m, QuantConv2d) for m in model.modules()):
         raise ValueError("save_quantized_cnn: model has no QuantConv2d layers; use fxkernels.save_quantized "
                          "for models with QuantLinear layers only")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    clips = {n: m.upper.numel() for n, m in model.named_modules() if isinstance(m, ChannelClippedReLU)}
-    config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": quant_layers(model),
-              "conv_layers": convs, "tied": {}, "model": {"class": type(model).__name__}}
-    if clips:
-        config["clip_layers"] = clips
-    if extra:
-        config["extra"] = extra
-    directory = os.path.abspath(directory)
-    with atomic_directory(directory) as tmp:
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD})
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=1, sort_keys=True)
-    return directory
+    return save_quantized(model, directory, extra=extra)
 
 
-def load_quantized_cnn(directory: str, model: nn.Module) -> nn.Module:
-    """Load a :func:`save_quantized_cnn` checkpoint into ``model``, a float skeleton of the same
-    architecture (its float weights are discarded; batch norms must already be folded the way
-    the saved model was)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_quantized_cnn(directory: str, model: nn.Module, device="cpu") -> nn.Module:
+    """:func:`fxkernels.load_quantized` into ``model``, a float skeleton of the same architecture
+    (its float weights are discarded; batch norms must already be folded the way the saved model
+    was); refuses a checkpoint without convolutions."""
+    from .checkpoint import CheckpointError, checkpoint_layers, load_quantized
 
-    from .checkpoint import WEIGHTS_NAME, CheckpointError, read_quant_config
-
-    config = read_quant_config(directory)
-    if "conv_layers" not in config:
-        raise CheckpointError(f"load_quantized_cnn: {directory} has no 'conv_layers' table; it is not a CNN "
+    if not any(e["kind"] == "conv2d" for e in checkpoint_layers(directory).values()):
+        raise CheckpointError(f"load_quantized_cnn: {directory} holds no conv2d layers; it is not a CNN "
                               "checkpoint (use fxkernels.load_quantized)")
-    path = os.path.join(directory, WEIGHTS_NAME)
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"load_quantized_cnn: {path} is missing, corrupt or truncated ({e})") from e
-    for name, g in config["conv_layers"].items():
-        try:
-            model.get_submodule(name)
-        except AttributeError as e:
-            raise CheckpointError(f"load_quantized_cnn: conv layer {name!r} is not in {type(model).__name__}") from e
-        spec = QuantSpec.from_dict(g["spec"])
-        set_submodule(model, name, QuantConv2d(g["in_channels"], g["out_channels"], tuple(g["kernel_size"]), spec,
-                                               tuple(g["stride"]), tuple(g["padding"]), tuple(g["dilation"]),
-                                               g["groups"], bias=g["bias"]))
-    for name, e in config["layers"].items():
-        set_submodule(model, name, QuantLinear.from_entry(e))
-    for name, channels in config.get("clip_layers", {}).items():
-        # equalized activations: their per-channel upper bounds come with the state dict below
-        try:
-            model.get_submodule(name)
-        except AttributeError as e:
-            raise CheckpointError(f"load_quantized_cnn: clip layer {name!r} is not in {type(model).__name__}") from e
-        set_submodule(model, name, ChannelClippedReLU(int(channels)))
-    expected = model.state_dict()
-    for key, t in state.items():
-        if key in expected and tuple(expected[key].shape) != tuple(t.shape):
-            raise CheckpointError(f"load_quantized_cnn: tensor {key!r} has shape {tuple(t.shape)} in the file; the "
-                                  f"model expects {tuple(expected[key].shape)}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"load_quantized_cnn: checkpoint does not match the model: missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}")
-    return model.eval()
+    return load_quantized(directory, model=model, device=device)

@@ -103,6 +103,11 @@ def _read_model(model: nn.Module):
 # -- checks --------------------------------------------------------------------------------
 def _plan(layers: Dict[str, dict], checkpoint_format: str) -> Tuple[int, int, bool]:
     """(bits, group_size or -1, sym) for the whole model; raises for anything GPTQ cannot hold."""
+    for name, entry in layers.items():
+        if entry.get("kind", "linear") != "linear":
+            raise GPTQExportError(
+                f"export_gptq: layer {name!r} is of kind {entry['kind']!r}; GPTQ stores linear layers only. Keep "
+                "this model in the flexround format (fxkernels.load_quantized)")
     specs = {name: QuantSpec.from_dict(e["spec"]) for name, e in layers.items()}
     for name, entry in layers.items():
         if entry.get("input_rotation"):

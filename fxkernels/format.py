@@ -1,6 +1,7 @@
-"""The packed checkpoint format, v1: the executable specification.
+"""The packed weight layout of the checkpoint format: the executable specification.
 
-Every quantized linear layer is described by a :class:`QuantSpec` and three tensors:
+Every quantized layer (linear, or a convolution viewed as its ``[N, K]`` weight matrix) is
+described by a :class:`QuantSpec` and three tensors:
 
 * ``qweight``: the integer codes of the weight ``W`` (shape ``[N, K]``, out x in), stored
   - for ``bits <= 4``: ``uint8 [N, ceil(K/2)]``, two codes per byte along K, the code of the
@@ -21,12 +22,14 @@ kernels may repack once at load but must agree with :func:`unpack` bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Optional, Tuple
 
 import torch
 
-FORMAT_VERSION = 2  # 2: optional per-layer "input_rotation" (fxkernels.rotation); 1 still loads
+# quant_config.json version (docs/FORMAT.md). 2 added the optional per-layer "input_rotation"; 3 gives
+# every layer entry its "kind" (fxkernels.layers) and folds the CNN tables into "layers". The tensor
+# layout below has not changed since 1, and versions 1 and 2 still load.
+FORMAT_VERSION = 3
 GRANULARITIES = ("tensor", "channel", "group")
 ACT_MODES = ("static", "dynamic")
 
@@ -267,5 +270,24 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec, mse: bool = False,
     return quantize_codes(w, scale, zero, spec), scale, zero
 
 
-def spec_json(spec: QuantSpec) -> str:
-    return json.dumps(spec.to_dict(), sort_keys=True)
+@torch.no_grad()
+def register_layer_buffers(module: torch.nn.Module, spec: QuantSpec, out_features: int, in_features: int,
+                           bias: bool, device=None) -> None:
+    """Give ``module`` the buffers a quantized ``[out_features, in_features]`` weight is stored in:
+    ``qweight`` (``spec.packed_shape``: uint8 nibbles or int8), ``scale`` fp32 and ``zero`` int32 of
+    ``spec.scale_shape``, ``bias`` fp32 ``[N]`` (None when ``bias`` is false), and for static
+    activations ``act_scale`` fp32 ``[1]`` and ``act_zero`` int32 ``[1]`` (plain None attributes
+    otherwise). Every quantized layer kind stores this set under these names (docs/FORMAT.md).
+    Values are placeholders (scale 1, the rest 0) until a checkpoint or codes are loaded."""
+    sshape = spec.scale_shape(out_features, in_features)
+    qdtype = torch.uint8 if spec.packed else torch.int8
+    module.register_buffer("qweight", torch.zeros(spec.packed_shape(out_features, in_features), dtype=qdtype,
+                                                  device=device))
+    module.register_buffer("scale", torch.ones(sshape, dtype=torch.float32, device=device))
+    module.register_buffer("zero", torch.zeros(sshape, dtype=torch.int32, device=device))
+    module.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
+    if spec.act_bits and spec.act_mode == "static":
+        module.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, device=device))
+        module.register_buffer("act_zero", torch.zeros(1, dtype=torch.int32, device=device))
+    else:
+        module.act_scale = module.act_zero = None

@@ -1,9 +1,10 @@
 """Hugging Face integration: ``AutoModelForCausalLM.from_pretrained(dir)`` on a flexround checkpoint.
 
 ``fxkernels.save_quantized`` writes ``config.json`` with ``quantization_config: {"quant_method":
-"flexround", "format_version": 1}``. Once :func:`register` has run, transformers routes that
-``quant_method`` to :class:`FlexRoundHfQuantizer`, which swaps the listed ``nn.Linear`` modules for
-:class:`~fxkernels.nn.QuantLinear` on the meta device *before* transformers loads the weights, so the
+"flexround", "format_version": 3}``. Once :func:`register` has run, transformers routes that
+``quant_method`` to :class:`FlexRoundHfQuantizer`, which swaps the listed modules for their layer
+kinds (:mod:`fxkernels.layers`; :class:`~fxkernels.nn.QuantLinear` for every ``nn.Linear`` a
+language model quantizes) on the meta device *before* transformers loads the weights, so the
 stored ``qweight``/``scale``/``zero`` buffers are assigned exactly as saved (no float weight is ever
 materialized, no dtype conversion of integer tensors). The result equals
 ``fxkernels.load_quantized(dir)`` bit for bit.
@@ -20,7 +21,6 @@ the weights.
 from __future__ import annotations
 
 import importlib.abc
-import json
 import os
 import sys
 from typing import Optional
@@ -36,21 +36,19 @@ def _build_classes():
     global _classes
     if _classes is not None:
         return _classes
-    import torch
-    from torch import nn
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from .checkpoint import CONFIG_NAME, CheckpointError, read_quant_config
+    from .checkpoint import CONFIG_NAME, read_quant_config
     from .format import FORMAT_VERSION
-    from .nn import QuantLinear, set_submodule
+    from .layers import CheckpointError, install_layers, kind_of, upgrade_entries
 
     class FlexRoundConfig(QuantizationConfigMixin):
         """``quantization_config`` of a flexround checkpoint (see docs/FORMAT.md).
 
         quant_method: must be ``"flexround"``.
         format_version: checkpoint format version (int, at most ``fxkernels.FORMAT_VERSION``).
-        layers: optional ``{name: {"in_features", "out_features", "bias", "spec"}}``; when absent the
+        layers: optional ``{name: entry}`` (the ``layers`` table of docs/FORMAT.md); when absent the
             loader reads ``quant_config.json`` from the checkpoint directory.
         """
 
@@ -69,7 +67,7 @@ def _build_classes():
                     f"{FORMAT_VERSION}: upgrade flexround (fxkernels) to load this checkpoint")
             if layers is not None and not isinstance(layers, dict):
                 raise ValueError(f"FlexRoundConfig: layers is a {type(layers).__name__}; expected a dict "
-                                 "{module name: {in_features, out_features, bias, spec}} or None")
+                                 "{module name: entry} (docs/FORMAT.md) or None")
             self.quant_method = QUANT_METHOD
             self.format_version = format_version
             self.layers = layers
@@ -106,9 +104,11 @@ def _build_classes():
                                  "cannot be disk-offloaded. Use device_map=None, 'cpu' or one device")
 
         def _layers(self, checkpoint_files) -> dict:
-            layers = self.quantization_config.layers
-            if layers is not None:
-                return layers
+            qc = self.quantization_config
+            if qc.layers is not None:
+                # embedded by save_pretrained; entries of format versions 1-2 carry no kind
+                qc.layers = upgrade_entries({"layers": qc.layers})
+                return qc.layers
             if not checkpoint_files:
                 raise CheckpointError(
                     "from_pretrained: a flexround checkpoint needs its layer list (quantization_config.layers in "
@@ -121,36 +121,20 @@ def _build_classes():
                 raise CheckpointError(
                     f"from_pretrained: config.json says quant_method='flexround' but {e}. Load with "
                     "fxkernels.load_quantized(DIR) from a complete directory written by fxkernels.save_quantized") from e
-            self.quantization_config.layers = config["layers"]
-            return config["layers"]
+            qc.layers = config["layers"]
+            return qc.layers
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            for name, entry in self._layers(checkpoint_files).items():
-                try:
-                    old = model.get_submodule(name)
-                except AttributeError as e:
-                    raise CheckpointError(
-                        f"from_pretrained: layer {name!r} of the flexround checkpoint is not in "
-                        f"{type(model).__name__}; the checkpoint belongs to another architecture") from e
-                shape = (entry["in_features"], entry["out_features"])
-                if isinstance(old, nn.Linear) and (old.in_features, old.out_features) != shape:
-                    raise CheckpointError(
-                        f"from_pretrained: layer {name!r} is {old.in_features}->{old.out_features} in the model "
-                        f"but {shape[0]}->{shape[1]} in the checkpoint")
-                if not isinstance(old, (nn.Linear, QuantLinear)):
-                    raise CheckpointError(f"from_pretrained: layer {name!r} is a {type(old).__name__}; the "
-                                          "checkpoint quantized it as a linear layer")
-                device = next(iter(old.parameters()), torch.empty(0, device="meta")).device
-                layer = QuantLinear.from_entry(entry, device=device)
-                if layer.bias is not None:
-                    # transformers builds the model under its dtype as torch's default; the stored bias is
-                    # fp32, and keeping the buffer fp32 makes the loader copy it without rounding.
-                    layer.bias = torch.zeros(shape[1], dtype=torch.float32, device=device)
-                set_submodule(model, name, layer)
+            # Each module is built on its float predecessor's device (meta while transformers
+            # initializes empty weights), with fp32 bias and activation-scale buffers whatever dtype
+            # transformers set as torch's default, so the stored tensors load without rounding.
+            install_layers(model, self._layers(checkpoint_files), who="from_pretrained")
+            # the layer list is now in the current shape; save_pretrained writes it as such
+            self.quantization_config.format_version = FORMAT_VERSION
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            left = [f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear)
+            left = [f"{n}.{b}" for n, m in model.named_modules() if kind_of(m) is not None
                     for b, t in m.named_buffers(recurse=False) if t is not None and t.device.type == "meta"]
             if left:
                 raise CheckpointError(f"from_pretrained: quantized tensors {left[:8]} were not in the checkpoint")
@@ -246,19 +230,6 @@ def install() -> None:
         register()
     elif _hook not in sys.meta_path:
         sys.meta_path.insert(0, _hook)
-
-
-def hf_quantization_config(directory: str) -> Optional[dict]:
-    """The ``quantization_config`` of ``directory/config.json`` (None when there is none)."""
-    path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from e
-    return cfg.get("quantization_config")
 
 
 install()  # `import fxkernels` imports this module: register lazily (transformers is not imported here)

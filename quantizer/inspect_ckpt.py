@@ -12,10 +12,6 @@ import os
 import struct
 from typing import Dict, List, Optional, Tuple
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-
-
 def read_safetensors_header(path: str) -> Dict[str, Tuple[str, Tuple[int, ...], int]]:
     """``{name: (dtype, shape, nbytes)}`` from a safetensors file's JSON header (no tensor data read)."""
     if not os.path.exists(path):
@@ -50,15 +46,19 @@ def _numel(shape) -> int:
 def _flexround_rows(directory: str, header) -> Tuple[List[dict], set]:
     from fxkernels.checkpoint import read_quant_config
     from fxkernels.format import QuantSpec
+    from fxkernels.layers import entry_kind
 
     config = read_quant_config(directory)
     rows, owned = [], set()
     for name, e in sorted(config["layers"].items()):
-        spec = QuantSpec.from_dict(e["spec"])
+        weight_shape = entry_kind(e).weight_shape
+        if weight_shape is None:  # a kind without quantized weights (a clip layer): its tensors count as float
+            continue
+        (out_features, in_features), spec = weight_shape(e), QuantSpec.from_dict(e["spec"])
         names = [f"{name}.{s}" for s in ("qweight", "scale", "zero", "bias", "act_scale", "act_zero")]
         names = [t for t in names if t in header]
         owned.update(names)
-        rows.append(dict(name=name, out_features=e["out_features"], in_features=e["in_features"], bits=spec.bits,
+        rows.append(dict(name=name, kind=e["kind"], out_features=out_features, in_features=in_features, bits=spec.bits,
                          granularity="tensor" if spec.granularity == "tensor" else
                          "channel" if spec.granularity == "channel" else f"group {spec.group_size}",
                          symmetric=spec.symmetric,
@@ -81,7 +81,7 @@ def _gptq_rows(qc: dict, header) -> Tuple[List[dict], set]:
         names = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx", "bias") if f"{name}.{s}" in header]
         owned.update(names)
         rows_k, n = header[t][1]
-        rows.append(dict(name=name, out_features=n, in_features=rows_k * 32 // bits, bits=bits,
+        rows.append(dict(name=name, kind="linear", out_features=n, in_features=rows_k * 32 // bits, bits=bits,
                          granularity="channel" if gs in (-1, None) else f"group {gs}",
                          symmetric=bool(qc.get("sym", True)), act="-", bias=f"{name}.bias" in header,
                          bytes=sum(header[x][2] for x in names)))

@@ -120,8 +120,13 @@ def test_save_load_cnn_roundtrip(tmp_path):
     assert torch.equal(loaded(x), y)
     # A skeleton of another architecture is refused with the layer's name.
     from fxkernels.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match="'2'"):
+    with pytest.raises(CheckpointError, match=r"layer '0' is \(3, 8, \(3, 3\), \(1, 1\).* in the model but "
+                                              r"\(3, 8, \(3, 3\), \(2, 2\)"):
         load_quantized_cnn(str(tmp_path / "ck"), nn.Sequential(nn.Conv2d(3, 8, 3)))
+    with pytest.raises(CheckpointError, match="layer '2' of the checkpoint is not in the model"):
+        load_quantized_cnn(str(tmp_path / "ck"), nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1)))
+    with pytest.raises(CheckpointError, match="layer '0' is a Linear in the model; .* kind 'conv2d'"):
+        load_quantized_cnn(str(tmp_path / "ck"), nn.Sequential(nn.Linear(3, 8)))
 
 
 def test_quantconv_runs_under_inference_mode():

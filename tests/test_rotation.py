@@ -99,8 +99,9 @@ def test_checkpoint_keeps_the_rotation_and_gptq_export_refuses_it(tmp_path):
         want = model(ids).logits
     path = save_quantized(model, str(tmp_path / "ckpt"))
     cfg = json.load(open(os.path.join(path, "quant_config.json")))
-    assert cfg["format_version"] == fxkernels.FORMAT_VERSION == 2
+    assert cfg["format_version"] == fxkernels.FORMAT_VERSION == 3
     assert cfg["layers"]["model.layers.0.mlp.down_proj"]["input_rotation"] == 128
+    assert cfg["layers"]["model.layers.0.mlp.down_proj"]["kind"] == "linear"
     loaded = load_quantized(path)
     assert loaded.model.layers[1].mlp.down_proj.input_rotation == 128
     with torch.no_grad():
@@ -120,6 +121,8 @@ def test_version_1_checkpoints_still_load(tmp_path):
     p = os.path.join(path, "quant_config.json")
     cfg = json.load(open(p))
     cfg["format_version"] = 1
+    for entry in cfg["layers"].values():  # version 1 had no kinds (and no rotations)
+        del entry["kind"]
     json.dump(cfg, open(p, "w"))
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
