@@ -14,6 +14,7 @@ first candidate, no timing). In the interpreter a single fixed configuration run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -84,6 +85,35 @@ def bucket_configs(m: int) -> Tuple[Config, ...]:
         if limit is None or m <= limit:
             return cfgs
     raise AssertionError("unreachable: the last bucket has no limit")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """One tiling of the small-M decode kernel: BN weight rows x BK columns per K step, warps,
+    pipeline stages, and ``waves``: split K until about ``waves`` CTAs per SM exist (0: never)."""
+
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+    waves: int
+
+    def __str__(self) -> str:
+        return f"decode-BN{self.bn}-BK{self.bk}-w{self.warps}-s{self.stages}-waves{self.waves}"
+
+
+# Decode (M <= DECODE_MAX_M): the weight tile is the 64-row side of Hopper's warp-group MMA, so
+# BN >= 64 with 4 warps; wide tiles amortize the per-step loads of x and the scales over more
+# weights (sm_90 main loop, INT4 g128: BN256-BK128 2.6, BN64-BK256 3.2 SASS instructions per
+# weight; bench/gpu_static.py). Split-K is part of the candidates: 4096x11008 at BN256 gives only
+# 43 row tiles for 132 SMs, so the waves choose how far K is split to fill the GPU.
+DECODE_CONFIGS: Tuple[DecodeConfig, ...] = (
+    DecodeConfig(256, 128, 4, 3, 2), DecodeConfig(128, 256, 4, 3, 2), DecodeConfig(128, 128, 4, 4, 4),
+    DecodeConfig(256, 128, 4, 3, 1), DecodeConfig(64, 256, 4, 4, 4), DecodeConfig(256, 128, 8, 3, 2),
+)
+DECODE_MAX_M = 16
+DECODE_INTERPRETER_CONFIG = DecodeConfig(16, 64, 4, 1, 0)
+DECODE_KERNEL_NAME = "triton_decode_linear"
 
 
 # -- environment ------------------------------------------------------------------------------
@@ -193,6 +223,11 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
 
     x: fp16/bf16/fp32 ``[M, K]``; qweight: uint8 ``[N, K/2]`` (bits <= 4) or int8 ``[N, K]``;
     scale fp32 / zero int32 ``[N, G]``; bias ``[N]`` or None. Returns ``[M, N]`` in x.dtype."""
+    with _device_guard(x.device):
+        return _launch(x, qweight, scale, zero, bias, bits, in_features, cfg, split_k)
+
+
+def _launch(x, qweight, scale, zero, bias, bits, in_features, cfg, split_k=None):
     km = kernels()
     m, k = x.shape
     n, groups = scale.shape
@@ -218,6 +253,153 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
             out, bias if bias is not None else scale, y, m, n, plan.split_k,
             HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4)
     return y
+
+
+def _device_guard(device: torch.device):
+    """Make ``device`` current for a launch: Triton launches on the current device's current
+    stream, so a layer on cuda:1 would otherwise run on cuda:0 (``device_map="auto"``)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# -- decode kernel (small M) ------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """Launch parameters of the decode kernel derived from a DecodeConfig and the problem."""
+
+    cfg: DecodeConfig
+    bm: int
+    ks: int
+    scale_mode: int
+    split_k: int
+    k_per_split: int
+    magic_bias: int
+    magic_w: int
+    mask: int
+
+
+def _subtile(k: int, groups: int, bk: int) -> int:
+    """K columns per sub-tile: one group each (the largest power of two dividing the group
+    size, at most BK); per-channel layers take whole K steps."""
+    if groups == 1:
+        return bk
+    gs = k // groups
+    return min(bk, gs & -gs)
+
+
+def make_decode_plan(cfg: DecodeConfig, m: int, n: int, k: int, groups: int, bits: int, dtype: torch.dtype,
+                     num_sms: int, split_k: Optional[int] = None) -> DecodePlan:
+    """Scale mode, sub-tile, split of K (``split_k=None``: from ``cfg.waves`` and the SM count)
+    and the magic constants for one decode launch."""
+    bm = 8 if m <= 8 else 16
+    ks = _subtile(k, groups, cfg.bk)
+    mode = 0 if groups == 1 else 1
+    ksteps = -(-k // cfg.bk)
+    if split_k is None:
+        split_k = 1
+        tiles = -(-n // cfg.bn)
+        if cfg.waves and tiles < cfg.waves * num_sms:
+            split_k = min(MAX_SPLIT_K, -(-cfg.waves * num_sms // tiles))
+    split_k = max(1, min(split_k, ksteps, _INT32_MAX // max(1, m * n)))
+    k_per_split = -(-ksteps // split_k) * cfg.bk
+    split_k = -(-k // k_per_split)
+    if dtype == torch.float16:
+        bias, half = 1024, 0x6400  # fp16 spacing is 1 in [1024, 2048): 1024 + q exact for q < 1024
+    else:
+        bias, half = 128, 0x4300   # bf16 spacing is 1 in [128, 256): 128 + q exact for q < 128 (INT4)
+    mask = 0x00FF00FF if bits > 4 else 0x000F000F
+    return DecodePlan(cfg, bm, ks, mode, split_k, k_per_split, bias, half | (half << 16), mask)
+
+
+def _as_i32(v: int) -> int:
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def launch_decode(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  bias: Optional[torch.Tensor], bits: int, in_features: int, cfg: DecodeConfig,
+                  split_k: Optional[int] = None) -> torch.Tensor:
+    """Run the decode kernel with an explicit configuration (same arguments as :func:`launch`;
+    :func:`decode_can_implement` must accept them)."""
+    with _device_guard(x.device):
+        return _launch_decode(x, qweight, scale, zero, bias, bits, in_features, cfg, split_k)
+
+
+def _launch_decode(x, qweight, scale, zero, bias, bits, in_features, cfg, split_k=None):
+    km = kernels()
+    m, k = x.shape
+    n, groups = scale.shape
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    num_sms = _device_facts(x.device)[1] if x.device.type == "cuda" else 4
+    plan = make_decode_plan(cfg, m, n, k, groups, bits, x.dtype, num_sms, split_k)
+    per_word = 4 if bits > 4 else 8
+    words = qweight.view(torch.int32)  # the checkpoint storage as 32-bit words: no copy
+    out = y if plan.split_k == 1 else torch.empty((plan.split_k, m, n), device=x.device, dtype=torch.float32)
+    km.decode_gemm_kernel[(-(-n // cfg.bn), plan.split_k)](
+        x, words, scale, zero, bias if bias is not None else scale, out,
+        m, n, k, k // per_word, k // groups, plan.k_per_split, plan.k_per_split // per_word,
+        _as_i32(plan.mask), _as_i32(plan.magic_w),
+        x.stride(0), words.stride(0), scale.stride(0), y.stride(0),
+        BITS8=bits > 4, SCALE_MODE=plan.scale_mode, MAGIC_BIAS=plan.magic_bias, HAS_BIAS=bias is not None,
+        USE_WORKSPACE=plan.split_k > 1, EMULATE_BF16=km.INTERPRETED and x.dtype == torch.bfloat16,
+        BM=plan.bm, BN=cfg.bn, BK=cfg.bk, KS=plan.ks, num_warps=cfg.warps, num_stages=cfg.stages)
+    if plan.split_k > 1:
+        km.splitk_reduce_kernel[(-(-(m * n) // REDUCE_BLOCK),)](
+            out, bias if bias is not None else scale, y, m, n, plan.split_k,
+            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4)
+    return y
+
+
+_decode_tuned: Dict[tuple, DecodeConfig] = {}
+
+
+def choose_decode_config(x, qweight, scale, zero, bias, bits, in_features) -> DecodeConfig:
+    if x.device.type != "cuda":
+        return DECODE_INTERPRETER_CONFIG
+    if not _autotune_enabled():
+        return DECODE_CONFIGS[0]
+    key = (x.device.index, 8 if x.shape[0] <= 8 else 16, qweight.shape[0], in_features, scale.shape[1], bits,
+           x.dtype, bias is not None)
+    hit = _decode_tuned.get(key)
+    if hit is not None:
+        return hit
+    if torch.cuda.is_current_stream_capturing():
+        return DECODE_CONFIGS[0]  # no timing inside a CUDA-graph capture; warm up before capturing
+    with _tune_lock:
+        hit = _decode_tuned.get(key)
+        if hit is None:
+            hit = _decode_tuned[key] = _time_candidates(
+                DECODE_CONFIGS, lambda cfg: _launch_decode(x, qweight, scale, zero, bias, bits, in_features, cfg))
+    return hit
+
+
+def decode_can_implement(x, qweight, scale, zero, bias, bits, in_features) -> Tuple[bool, str]:
+    ok, why = can_implement(x, qweight, scale, zero, bias, bits, in_features, _name=DECODE_KERNEL_NAME)
+    if not ok:
+        return ok, why
+    m, k, groups = x.shape[0], in_features, scale.shape[1]
+    if m > DECODE_MAX_M:
+        return False, f"M={m} rows; the decode kernel takes M <= {DECODE_MAX_M}"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"x.dtype {x.dtype}; the decode kernel takes fp16 or bf16"
+    if bits > 4 and x.dtype != torch.float16:
+        return False, f"bits={bits} with {x.dtype}: 128 + q is not exact in bf16 for 8-bit codes; expected fp16"
+    per_word = 4 if bits > 4 else 8
+    if k % per_word:
+        return False, f"in_features={k} is not a multiple of {per_word} (whole 32-bit weight words per row)"
+    if groups > 1 and (k // groups) % 16:
+        return False, f"group size {k // groups} is not a multiple of 16 (the MMA's K step)"
+    if qweight.stride(1) != 1 or qweight.storage_offset() % 4:
+        return False, "qweight rows are not contiguous 4-byte aligned words"
+    if x.stride(1) != 1 or scale.stride(1) != 1 or zero.stride() != scale.stride():
+        return False, "x, scale and zero must have unit column stride (and zero the strides of scale)"
+    return True, "fused dequant-GEMM, small-M decode path"
+
+
+def run_decode(x, qweight, scale, zero, bias, bits, in_features):
+    with _device_guard(x.device):
+        cfg = choose_decode_config(x, qweight, scale, zero, bias, bits, in_features)
+        return _launch_decode(x, qweight, scale, zero, bias, bits, in_features, cfg)
 
 
 # -- configuration choice ---------------------------------------------------------------------
@@ -247,36 +429,38 @@ def choose_config(x, qweight, scale, zero, bias, bits, in_features) -> Config:
     with _tune_lock:
         hit = _tuned.get(key)
         if hit is None:
-            hit = _tuned[key] = _time_candidates(cands, x, qweight, scale, zero, bias, bits, in_features)
+            hit = _tuned[key] = _time_candidates(
+                cands, lambda cfg: _launch(x, qweight, scale, zero, bias, bits, in_features, cfg))
     return hit
 
 
-def _time_candidates(cands, x, qweight, scale, zero, bias, bits, in_features) -> Config:
+def _time_candidates(cands, launch_with):
+    """The fastest of ``cands`` by ``do_bench(lambda: launch_with(cfg))`` (the caller holds the
+    device guard: do_bench allocates its L2-flush buffer and events on the current device)."""
     from triton.testing import do_bench
 
     best, best_ms, errors = None, float("inf"), []
     for cfg in cands:
         try:
-            ms = do_bench(lambda: launch(x, qweight, scale, zero, bias, bits, in_features, cfg),
-                          warmup=5, rep=20)
+            ms = do_bench(lambda: launch_with(cfg), warmup=5, rep=20)
         except Exception as e:  # e.g. triton OutOfResources on a smaller GPU: skip that tiling
             errors.append(f"{cfg}: {type(e).__name__}: {e}")
-            warnings.warn(f"triton_dequant_linear: configuration {cfg} failed and is skipped: {errors[-1]}")
+            warnings.warn(f"triton: configuration {cfg} failed and is skipped: {errors[-1]}")
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
-        raise RuntimeError("triton_dequant_linear: every configuration failed: " + "; ".join(errors))
+        raise RuntimeError("triton: every configuration failed: " + "; ".join(errors))
     return best
 
 
-def tuned_configs() -> Dict[tuple, Config]:
-    """What autotuning chose so far (for benchmark reports)."""
-    return dict(_tuned)
+def tuned_configs() -> Dict[tuple, object]:
+    """What autotuning chose so far (for benchmark reports): GEMM and decode keys."""
+    return {**_tuned, **{("decode",) + k: v for k, v in _decode_tuned.items()}}
 
 
 # -- dispatch hooks ---------------------------------------------------------------------------
-def can_implement(x, qweight, scale, zero, bias, bits, in_features) -> Tuple[bool, str]:
+def can_implement(x, qweight, scale, zero, bias, bits, in_features, _name=KERNEL_NAME) -> Tuple[bool, str]:
     if not _HAVE_TRITON:
         return False, "triton is not installed"
     dev = x.device.type
@@ -289,7 +473,7 @@ def can_implement(x, qweight, scale, zero, bias, bits, in_features) -> Tuple[boo
     elif dev == "cpu":
         if not interpreting():
             return False, "CPU tensor: runs on CUDA, or on CPU only under TRITON_INTERPRET=1 (a test tool)"
-        if dispatch._forced() not in ("triton", KERNEL_NAME):
+        if dispatch._forced() not in ("triton", _name):
             return False, "CPU tensor under TRITON_INTERPRET=1: only when forced (use_backend('triton'))"
     else:
         return False, f"device {dev!r}; expected cuda (or cpu under TRITON_INTERPRET=1)"
@@ -306,8 +490,9 @@ def can_implement(x, qweight, scale, zero, bias, bits, in_features) -> Tuple[boo
 
 
 def run(x, qweight, scale, zero, bias, bits, in_features):
-    cfg = choose_config(x, qweight, scale, zero, bias, bits, in_features)
-    return launch(x, qweight, scale, zero, bias, bits, in_features, cfg)
+    with _device_guard(x.device):
+        cfg = choose_config(x, qweight, scale, zero, bias, bits, in_features)
+        return _launch(x, qweight, scale, zero, bias, bits, in_features, cfg)
 
 
 _HAVE_TRITON = _have_triton()
@@ -323,6 +508,8 @@ else:
 # Above the CPU kernels and the reference; the CUDA extension's hand-written kernels, where they
 # exist for an op, may rank higher.
 register(Kernel(KERNEL_NAME, "triton", "dequant_linear", run, can_implement, priority=100))
+# Ahead of the general kernel for the calls it takes (M <= 16): no 16-row padding of the weights.
+register(Kernel(DECODE_KERNEL_NAME, "triton", "dequant_linear", run_decode, decode_can_implement, priority=105))
 
 
 # -- ahead-of-time compilation (GPU-less checks) -----------------------------------------------
@@ -368,3 +555,35 @@ def compile_variant(arch: int, cfg: Config, bits: int, dtype: torch.dtype, scale
     src = ASTSource(fn=km.dequant_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.warps, "num_stages": stages})
+
+
+def compile_decode_variant(arch: int, cfg: DecodeConfig, bits: int, dtype: torch.dtype, groups: int = 32,
+                           m: int = 1, split_k: int = 1, has_bias: bool = False, k: int = 4096):
+    """Compile the decode kernel for ``sm_<arch>`` without a GPU, as :func:`compile_variant` does
+    for the general kernel (16-divisible sizes and pointers, unit strides as the JIT sees them).
+    ``groups`` = 1 is per-channel; otherwise the group size is ``k // groups``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    km = kernels()
+    if km.INTERPRETED:
+        raise RuntimeError("compile_decode_variant: TRITON_INTERPRET=1 is set; compile in a process without it")
+    plan = make_decode_plan(cfg, m, 4096, k, groups, bits, dtype, 132, split_k)
+    sig = {"x_ptr": _PTR[dtype], "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i32", "b_ptr": "*fp32",
+           "y_ptr": _PTR[dtype] if split_k == 1 else "*fp32"}
+    ints = ("M", "N", "K", "KW", "GS", "K_PER_SPLIT", "KW_PER_SPLIT", "MASK", "MAGIC_W", "stride_xm",
+            "stride_wn", "stride_sn", "stride_ym")
+    sig.update({name: "i32" for name in ints})
+    consts = dict(BITS8=bits > 4, SCALE_MODE=plan.scale_mode, MAGIC_BIAS=plan.magic_bias, HAS_BIAS=has_bias,
+                  USE_WORKSPACE=split_k > 1, EMULATE_BF16=False, BM=plan.bm, BN=cfg.bn, BK=cfg.bk, KS=plan.ks)
+    sig.update({name: "constexpr" for name in consts})
+    names = km.decode_gemm_kernel.arg_names
+    div16 = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KW", "K_PER_SPLIT", "KW_PER_SPLIT",
+             "stride_xm", "stride_wn", "stride_ym"]
+    if groups > 1:
+        div16.append("GS")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn=km.decode_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.warps, "num_stages": cfg.stages})

@@ -191,3 +191,150 @@ def splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, M, N, split_k, HAS_BIAS: tl.const
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# -- decode (small M): weights as 32-bit words, the weight tile as the MMA's wide operand ------
+@triton.jit
+def _halves(v):
+    """The low and high 16 bits of each int32 of ``v`` (as uint16)."""
+    return (v & 0xFFFF).to(tl.uint16), (v >> 16).to(tl.uint16)
+
+
+@triton.jit
+def _unpack_words(w, MASK, MAGIC_W, DT: tl.constexpr, BITS8: tl.constexpr):
+    """``[BN, BKW]`` int32 words -> ``[BN, BKW * per_word]`` values ``MAGIC_BIAS + q`` in DT,
+    columns in the original K order.
+
+    One AND-OR (a single LOP3) on a word sets two codes into the mantissas of two 16-bit floats
+    at once (``MAGIC_W`` = the magic bias in both halves), so the per-weight integer work is a
+    quarter (INT4) to half (INT8) of an instruction. ``MASK`` and ``MAGIC_W`` are runtime
+    arguments on purpose: LOP3 takes one immediate, and a second compile-time constant gets
+    re-materialized into a register before every LOP3 (measured: +0.3 instructions per weight on
+    sm_90), while a kernel argument is read from the constant bank as an operand.
+
+    INT4 (8 nibbles per word, nibble j = column j): shifts by 0/4/8/12 bring nibble pairs
+    (j, j+4) under the mask 0x000F000F. INT8 (4 bytes, each ``q - 128``): flipping every sign bit
+    gives ``q``, shifts by 0/8 bring byte pairs (j, j+2) under 0x00FF00FF. The join tree
+    below restores column order: ``join`` appends a trailing axis, so the last join picks the
+    lowest bit of the column index within the word."""
+    if BITS8:
+        u = w ^ -2139062144  # 0x80808080
+        b0, b2 = _halves((u & MASK) | MAGIC_W)
+        b1, b3 = _halves(((u >> 8) & MASK) | MAGIC_W)
+        q = tl.join(tl.join(b0, b2), tl.join(b1, b3))
+    else:
+        a0, a4 = _halves((w & MASK) | MAGIC_W)
+        a1, a5 = _halves(((w >> 4) & MASK) | MAGIC_W)
+        a2, a6 = _halves(((w >> 8) & MASK) | MAGIC_W)
+        a3, a7 = _halves(((w >> 12) & MASK) | MAGIC_W)
+        q = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7)))
+    per_word: tl.constexpr = 4 if BITS8 else 8
+    q = tl.reshape(q, (w.shape[0], w.shape[1] * per_word))
+    return q.to(DT, bitcast=True)
+
+
+@triton.jit
+def _decode_subtile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, offs_m, mask_m, kk, kw, k_end, kw_end, zz_ch,
+                    MASK, MAGIC_W, K, GS, stride_xm, stride_wn, stride_sn,
+                    DT: tl.constexpr, BITS8: tl.constexpr, SCALE_MODE: tl.constexpr, MAGIC_BIAS: tl.constexpr,
+                    EMULATE_BF16: tl.constexpr, MASKED: tl.constexpr, KS: tl.constexpr):
+    """``acc [BN, BM] += dequant(W[rows, kk:kk+KS]) @ x[:, kk:kk+KS].T`` (K columns from ``kk``,
+    word column ``kw = kk / per_word`` passed separately so its divisibility stays visible)."""
+    per_word: tl.constexpr = 4 if BITS8 else 8
+    offs_w = kw + tl.arange(0, KS // per_word)
+    offs_k = kk + tl.arange(0, KS)
+    wp = w_ptr + rows[:, None] * stride_wn + offs_w[None, :]
+    xp = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
+    if MASKED:  # the last, partial K step of a split: zero words and zero activations add nothing
+        w = tl.load(wp, mask=(offs_w < kw_end)[None, :], other=0)
+        xt = tl.load(xp, mask=mask_m[None, :] & (offs_k < k_end)[:, None], other=0.0)
+    else:
+        w = tl.load(wp)
+        xt = tl.load(xp, mask=mask_m[None, :], other=0.0)
+    q = _unpack_words(w, MASK, MAGIC_W, DT, BITS8)
+    if SCALE_MODE == 0:
+        zz = zz_ch  # loop-invariant, converted to DT once
+    else:
+        # KS divides the group size and sub-tiles start at multiples of KS: one group per sub-tile
+        # (clamped: a masked sub-tile past K must not read past the last group)
+        g = tl.minimum(kk, K - 1) // GS
+        s = tl.load(s_ptr + rows * stride_sn + g)
+        zz = (tl.load(z_ptr + rows * stride_sn + g) + MAGIC_BIAS).to(tl.float32)
+    if EMULATE_BF16:
+        # interpreter only: it does bf16 arithmetic (and dots) on raw bit patterns; fp32 is exact here
+        wq = q.to(tl.float32) - zz[:, None].to(tl.float32)
+        part = tl.dot(wq, xt.to(tl.float32), input_precision="ieee")
+    else:
+        # (MAGIC_BIAS + q) - (MAGIC_BIAS + z) = q - z exactly (small integers), paired f16x2/bf16x2 subtracts
+        wq = q - zz[:, None].to(DT)
+        if SCALE_MODE == 0:
+            part = tl.dot(wq, xt, acc)  # accumulate in the MMA accumulator itself
+        else:
+            part = tl.dot(wq, xt)
+    if SCALE_MODE == 0:
+        return part if not EMULATE_BF16 else acc + part
+    else:
+        return acc + part * s[:, None]
+
+
+@triton.jit
+def decode_gemm_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+        M, N, K, KW, GS, K_PER_SPLIT, KW_PER_SPLIT, MASK, MAGIC_W,
+        stride_xm, stride_wn, stride_sn, stride_ym,
+        BITS8: tl.constexpr, SCALE_MODE: tl.constexpr, MAGIC_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        USE_WORKSPACE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr):
+    """Small-M ``y = x @ dequant(W).T (+ bias)`` computed transposed, ``y.T = W' @ x.T``.
+
+    The weight tile ``[BN, KS]`` is the MMA's M-side operand (64-row warp-group MMA on Hopper),
+    the few activation rows its narrow N side (BM = 8 or 16), so a batch of one pads the
+    activations, not the weights. ``w`` is the checkpoint's storage viewed as int32 words
+    (``[N, KW]``, ``KW = K / per_word``); K steps of BK columns run as BK/KS sub-tiles of one
+    group each. Rows past N are clamped to N-1 instead of masked (their results are never
+    stored), and only the last K step of a split is masked, so the main loop carries no masks.
+
+    SCALE_MODE 0: per-channel (G = 1): exact integer dot, scale once in the epilogue;
+    1: grouped (KS divides GS): each sub-tile's dot is scaled by its group's scale."""
+    DT = x_ptr.dtype.element_ty
+    per_word: tl.constexpr = 4 if BITS8 else 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rows = tl.minimum(offs_n, N - 1)
+    offs_m = tl.arange(0, BM)
+    mask_m = offs_m < M
+    k_start = pid_k * K_PER_SPLIT
+    kw_start = pid_k * KW_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    kw_end = tl.minimum(KW, kw_start + KW_PER_SPLIT)
+    n_full = (k_end - k_start) // BK
+
+    zz_ch = tl.zeros((BN,), dtype=tl.float32).to(DT)
+    if SCALE_MODE == 0:
+        zz_ch = (tl.load(z_ptr + rows * stride_sn) + MAGIC_BIAS).to(tl.float32).to(DT)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for kt in range(0, n_full):
+        for sub in tl.static_range(BK // KS):
+            acc = _decode_subtile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, offs_m, mask_m,
+                                  k_start + kt * BK + sub * KS, kw_start + kt * (BK // per_word) + sub * (KS // per_word),
+                                  k_end, kw_end, zz_ch, MASK, MAGIC_W, K, GS, stride_xm, stride_wn, stride_sn,
+                                  DT, BITS8, SCALE_MODE, MAGIC_BIAS, EMULATE_BF16, False, KS)
+    if k_start + n_full * BK < k_end:
+        for sub in tl.static_range(BK // KS):
+            acc = _decode_subtile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, offs_m, mask_m,
+                                  k_start + n_full * BK + sub * KS,
+                                  kw_start + n_full * (BK // per_word) + sub * (KS // per_word),
+                                  k_end, kw_end, zz_ch, MASK, MAGIC_W, K, GS, stride_xm, stride_wn, stride_sn,
+                                  DT, BITS8, SCALE_MODE, MAGIC_BIAS, EMULATE_BF16, True, KS)
+    if SCALE_MODE == 0:
+        acc = acc * tl.load(s_ptr + rows * stride_sn)[:, None]
+
+    mask_y = (offs_n < N)[:, None] & mask_m[None, :]
+    if not USE_WORKSPACE:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+    else:
+        ws = y_ptr + pid_k * M * N
+        tl.store(ws + offs_m[None, :] * N + offs_n[:, None], acc, mask=mask_y)
