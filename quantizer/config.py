@@ -12,15 +12,13 @@ from typing import Any, Dict, Optional, Tuple
 
 from fxkernels.format import QuantSpec
 
-CONFIG_VERSION = 1
-METHODS = ("rtn", "flexround", "adaround", "signround")
+from .rounding import method_class, method_names
 
-# Learning rates that worked on SmolLM2-135M in short schedules (see docs/RESULTS.md). FlexRound
-# and AdaRound use Adam (FlexRound on log-parameters); SignRound uses signed SGD whose step is a
-# fraction of one quantization step, AutoRound's 1/iters rule. FlexRound at 6e-3 rather than 3e-3:
-# within 100-200 steps the log-scales must travel far enough to move small codes by a whole step
-# (measured: W3 per-channel 39.85 -> 31.88 at 100 steps, 31.30 -> 28.57 at 200; W4 21.34 -> 21.07);
-# 8-bit weights take a smaller step (flexround_default_lr).
+CONFIG_VERSION = 1
+# Options that belong to the engine, not to the rounding's constructor: AdaRound's regularizer
+# weight (see WeightQuantizer.regularizer_weight).
+ENGINE_OPTIONS = ("reg_weight",)
+
 # Layers whose inputs are rotated by default when activations are int8: every linear of every
 # block. Attention-sink tokens put token-wise outliers into the MLP down projections' inputs that
 # no per-channel smoothing can fold into the weights, and smaller ones into the normalized
@@ -31,47 +29,31 @@ METHODS = ("rtn", "flexround", "adaround", "signround")
 AUTO_ROTATE = ("*",)
 MIN_ROTATION_BLOCK = 16
 
-DEFAULT_LR = {"flexround": 6e-3, "adaround": 1e-2, "signround": None, "rtn": 0.0}
-
-
-def flexround_default_lr(bits: int) -> float:
-    """FlexRound's default Adam step for ``bits``-bit weights.
-
-    A weight whose code sits ``c`` steps from the zero point moves by about ``c * d(log S2)`` grid
-    steps, so one Adam step moves 8-bit weights (``|c|`` up to 128) 16x further than 4-bit ones
-    (up to 8). Measured on SmolLM2 (docs/RESULTS.md): 6e-3 is best at 3-4 bits; at W8A8, 6e-3 left
-    several blocks no better than their initial grid while 1e-3 cut block losses 2-3x. Between 4
-    and 8 bits the step is interpolated geometrically."""
-    if bits <= 4:
-        return 6e-3
-    if bits >= 8:
-        return 1e-3
-    return 6e-3 * (1e-3 / 6e-3) ** ((bits - 4) / 4)
-
 
 def method_learning_rate(method: str, lr: Optional[float], iters: int, bits: Optional[int] = None) -> float:
-    """``lr`` if given, else the method's default (SignRound: AutoRound's 1/iters rule; FlexRound:
-    by weight bits when ``bits`` is given, see :func:`flexround_default_lr`)."""
+    """``lr`` if given, else the method's default (its class's ``default_learning_rate``: SignRound
+    AutoRound's 1/iters rule, FlexRound by weight bits when ``bits`` is given)."""
     if lr is not None:
         return float(lr)
-    if method == "flexround" and bits is not None:
-        return flexround_default_lr(bits)
-    if method == "signround":
-        return 1.0 / max(iters, 1)
-    return DEFAULT_LR[method]
+    return float(method_class(method).default_learning_rate(bits, iters))
 
 
 @dataclasses.dataclass
 class QuantizeConfig:
     """One quantization run.
 
-    method: "flexround" | "signround" | "adaround" | "rtn".
-    weight: the weight format (bits, granularity, group_size, symmetric) of every quantized linear.
-    act_bits: None (weight-only) or 8: per-tensor static int8 activations on every linear input,
-        initialized from calibration statistics and learned (LSQ) with the weights.
+    method: a registered rounding method (quantizer.rounding.method_names(): "rtn", "flexround",
+        "adaround", "signround" and any added one).
+    weight: the weight format (bits, granularity, group_size, symmetric) of every quantized layer.
+    first_last: the weight format of a model's first and last quantized layers, for families that
+        single them out (MobileNetV2's stem conv and classifier); with act_bits their inputs use
+        the same width as these weights. None: they are quantized like the rest.
+    act_bits: None (weight-only) or 2..8: per-tensor static activations on every layer input,
+        initialized from calibration statistics and learned (LSQ) with the weights. Language
+        models take 8 only (the int8 kernels); below 8 bits vision models simulate the grid.
     iters: optimizer steps per block (0: export the initial grid, i.e. RTN).
-    lr: step size of the rounding parameters (None: the method's default, DEFAULT_LR; FlexRound's
-        depends on the weight bits, flexround_default_lr).
+    lr: step size of the rounding parameters (None: the method's default_learning_rate; FlexRound's
+        depends on the weight bits).
     act_lr: Adam step size of the activation log-scales and zero points.
     lr_decay: decay Adam's step size linearly to 0 over ``iters`` (SignRound always decays).
     nsamples, seqlen: calibration windows used (the calibration tensor may hold more).
@@ -90,7 +72,8 @@ class QuantizeConfig:
     eval_samples: windows on which "loss before -> after" is measured per block.
     skip: names or glob patterns of linears left in float (lm_head by default).
     resume_dir: directory where finished blocks are saved; a rerun continues after them.
-    options: keyword options of the rounding module (see quantizer.rounding).
+    options: keyword options of the rounding module (see quantizer.rounding), plus "reg_weight"
+        for methods with a regularizer.
     """
 
     method: str = "flexround"
@@ -115,10 +98,13 @@ class QuantizeConfig:
     progress: bool = True
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     version: int = CONFIG_VERSION
+    first_last: Optional[QuantSpec] = None
 
     def __post_init__(self):
         if isinstance(self.weight, dict):
             self.weight = QuantSpec.from_dict(self.weight)
+        if isinstance(self.first_last, dict):
+            self.first_last = QuantSpec.from_dict(self.first_last)
         if isinstance(self.skip, (list, str)):
             self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
         if isinstance(self.rotate, (list, str)):
@@ -129,14 +115,19 @@ class QuantizeConfig:
         def bad(name, expected):
             raise ValueError(f"QuantizeConfig: {name}={getattr(self, name)!r}; expected {expected}")
 
-        if self.method not in METHODS:
-            bad("method", f"one of {METHODS}")
-        if not isinstance(self.weight, QuantSpec):
-            bad("weight", "a fxkernels.QuantSpec")
-        if self.weight.act_bits is not None:
-            bad("weight", "a weight-only QuantSpec (set activations with act_bits=8)")
-        if self.act_bits not in (None, 8):
-            bad("act_bits", "None or 8")
+        if self.method not in method_names():
+            bad("method", f"one of {method_names()}")
+        for name in ("weight", "first_last"):
+            spec = getattr(self, name)
+            if spec is None and name == "first_last":
+                continue
+            if not isinstance(spec, QuantSpec):
+                bad(name, "a fxkernels.QuantSpec" + (" or None" if name == "first_last" else ""))
+            if spec.act_bits is not None:
+                bad(name, "a weight-only QuantSpec (set activations with act_bits)")
+        if self.act_bits is not None and (not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool)
+                                          or not 2 <= self.act_bits <= 8):
+            bad("act_bits", "None or an integer in 2..8")
         for name in ("iters",):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -172,6 +163,14 @@ class QuantizeConfig:
     def learning_rate(self) -> float:
         return method_learning_rate(self.method, self.lr, self.iters, self.weight.bits)
 
+    def rounding_options(self) -> Dict[str, Any]:
+        """Constructor keywords of the rounding: ``options`` without the engine's, plus ``init``
+        for methods that take one (unless ``options`` sets it)."""
+        options = {k: v for k, v in self.options.items() if k not in ENGINE_OPTIONS}
+        if method_class(self.method).takes_init:
+            options.setdefault("init", self.init)
+        return options
+
     @property
     def layer_spec(self) -> QuantSpec:
         """The QuantSpec of exported layers (weights plus static activations if any)."""
@@ -203,6 +202,7 @@ class QuantizeConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["weight"] = self.weight.to_dict()
+        d["first_last"] = None if self.first_last is None else self.first_last.to_dict()
         d["skip"] = list(self.skip)
         d["rotate"] = None if self.rotate is None else list(self.rotate)
         return d
@@ -220,4 +220,6 @@ class QuantizeConfig:
         d = self.to_dict()
         for k in ("resume_dir", "progress"):
             d.pop(k)
+        if d["first_last"] is None:  # resume directories written before the field existed stay valid
+            d.pop("first_last")
         return d

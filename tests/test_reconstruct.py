@@ -161,8 +161,10 @@ def test_bad_calibration_and_config():
         QuantizeConfig(method="gptq")
     with pytest.raises(ValueError, match="batch_size=9"):
         QuantizeConfig(nsamples=8, batch_size=9)
-    with pytest.raises(ValueError, match="act_bits=4"):
-        QuantizeConfig(act_bits=4)
+    with pytest.raises(ValueError, match="act_bits=1"):
+        QuantizeConfig(act_bits=1)
+    with pytest.raises(ValueError, match="act_bits=4.*language model"):  # the int8 kernels' width only
+        quantize(m, calib(), base_cfg(act_bits=4), log=quiet)
     with pytest.raises(ValueError, match="loss='l1'"):
         QuantizeConfig(loss="l1")
     ids = prepare_calibration([torch.arange(30), torch.arange(30)[None]], nsamples=2, seqlen=25)

@@ -7,11 +7,11 @@ import torch
 
 from fxkernels.format import QuantSpec, dequantize, pack, quantize_rtn, unpack
 from quantizer.rounding import (AdaRoundQuantizer, FlexRoundQuantizer, RTNQuantizer, SignRoundQuantizer,
-                                make_quantizer, round_ste)
+                                make_quantizer, method_names, round_ste)
 
 SPECS = [QuantSpec(bits=b, granularity=g, group_size=16 if g == "group" else None, symmetric=s)
          for b, g, s in itertools.product((3, 4, 8), ("tensor", "channel", "group"), (False, True))]
-METHODS = ("rtn", "flexround", "adaround", "signround")
+METHODS = method_names()
 
 
 # Tiny ops: thread hand-offs cost more than the work (conftest.one_thread).

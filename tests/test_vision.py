@@ -17,8 +17,9 @@ from fxkernels.nn import QuantLinear
 from quantizer.vision import data as vdata
 from quantizer.vision.evaluate import agreement, compare_logits
 from quantizer.vision.mobilenetv2 import MobileNetV2, fold_batchnorm, fold_conv_bn
-from quantizer.vision.reconstruct_cnn import (ActFakeQuant, CNNQuantConfig, LayerWrapper, LSQActQuantizer,
-                                              quantize_mobilenet)
+from quantizer.act_quant import ActFakeQuant, ActQuantizer, act_grid, fake_quant
+from quantizer.layers import quant_layer
+from quantizer.vision.reconstruct_cnn import CNN_RANGE_SEARCH, CNNQuantConfig, quantize_mobilenet
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +125,7 @@ def test_exported_layer_equals_last_fake_quant_weight(method, kind):
     layer = {"depthwise": nn.Conv2d(16, 16, 3, 2, 1, groups=16), "pointwise": nn.Conv2d(16, 24, 1),
              "stem": nn.Conv2d(3, 8, 3, 2, 1), "linear": nn.Linear(16, 10)}[kind]
     spec = QuantSpec(bits=4, granularity="tensor")
-    w = LayerWrapper(layer, method, spec, {}, act_bits=None)
+    w = quant_layer(layer, method, spec)
     x = torch.randn(4, 16, 9, 9) if kind in ("depthwise", "pointwise") else \
         (torch.randn(4, 3, 9, 9) if kind == "stem" else torch.randn(4, 16))
     params = [p for g in w.wq.param_groups(1e-2) for p in g["params"]]
@@ -156,7 +157,7 @@ def test_exported_layer_equals_last_fake_quant_weight(method, kind):
 def test_lsq_act_quantizer_export_matches_fake_quant():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 5, 5).relu() * 3
-    aq = LSQActQuantizer(4)
+    aq = ActQuantizer(4, search=CNN_RANGE_SEARCH)
     aq.init_from(x)
     s, z = aq.export()
     assert 0 <= int(z) <= 7 or int(z) >= -8  # in the signed 4-bit range
@@ -164,9 +165,8 @@ def test_lsq_act_quantizer_export_matches_fake_quant():
     assert torch.equal(frozen(x), aq(x).detach())
     assert len(torch.unique(frozen(x))) <= 16
     # Error of the searched range is no worse than min-max.
-    from quantizer.vision.reconstruct_cnn import act_grid, fake_quant_act
     s0, z0 = act_grid(x.min(), x.max(), 4)
-    assert (frozen(x) - x).pow(2).mean() <= (fake_quant_act(x, s0, z0, 4) - x).pow(2).mean()
+    assert (frozen(x) - x).pow(2).mean() <= (fake_quant(x, s0, z0, 4) - x).pow(2).mean()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,9 @@
-"""Learnable roundings: one module per method, all exporting to the same format v1 codes."""
+"""Learnable roundings: one module per method, all exporting to the same format codes.
+
+Each method's file defines one :class:`WeightQuantizer` subclass, declares its learning policy
+in class attributes and registers it with :func:`register_method`; importing this package
+registers the built-in methods in the order below.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +14,18 @@ import torch
 
 from fxkernels.format import QuantSpec
 
-from .adaround import AdaRoundQuantizer
 from .base import RoundSTE, WeightQuantizer, round_ste
-from .flexround import FlexRoundQuantizer
+from .registry import method_class, method_names, methods_help, register_method
 from .rtn import RTNQuantizer
+from .flexround import FlexRoundQuantizer
+from .adaround import AdaRoundQuantizer
 from .signround import SignRoundQuantizer
-
-QUANTIZERS = {
-    "rtn": RTNQuantizer,
-    "flexround": FlexRoundQuantizer,
-    "adaround": AdaRoundQuantizer,
-    "signround": SignRoundQuantizer,
-}
 
 
 def make_quantizer(method: str, weight: torch.Tensor, spec: QuantSpec,
                    options: Optional[Dict[str, Any]] = None) -> WeightQuantizer:
     """The quantizer of ``method`` for ``weight``; ``options`` are its constructor keywords."""
-    if method not in QUANTIZERS:
-        raise ValueError(f"method={method!r}; expected one of {sorted(QUANTIZERS)}")
-    cls = QUANTIZERS[method]
+    cls = method_class(method)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "weight", "spec"}
     unknown = set(options or {}) - accepted
     if unknown:
@@ -37,5 +34,5 @@ def make_quantizer(method: str, weight: torch.Tensor, spec: QuantSpec,
     return cls(weight, spec, **(options or {}))
 
 
-__all__ = ["QUANTIZERS", "make_quantizer", "WeightQuantizer", "RTNQuantizer", "FlexRoundQuantizer",
-           "AdaRoundQuantizer", "SignRoundQuantizer", "RoundSTE", "round_ste"]
+__all__ = ["make_quantizer", "method_class", "method_names", "methods_help", "register_method", "WeightQuantizer",
+           "RTNQuantizer", "FlexRoundQuantizer", "AdaRoundQuantizer", "SignRoundQuantizer", "RoundSTE", "round_ste"]

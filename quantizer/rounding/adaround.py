@@ -16,12 +16,23 @@ from torch import nn
 from fxkernels.format import QuantSpec
 
 from .base import WeightQuantizer, init_grid
+from .registry import register_method
 
 ZETA, GAMMA = 1.1, -0.1
 
 
+@register_method
 class AdaRoundQuantizer(WeightQuantizer):
+    """AdaRound: learned up/down rounding of each weight on the fixed initial grid (Adam)."""
+
     method = "adaround"
+    takes_init = True
+    soft_while_learning = True
+    regularizer_weight = 0.1
+
+    @classmethod
+    def default_learning_rate(cls, bits, iters):
+        return 1e-2
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, init: str = "mse",
                  beta_start: float = 20.0, beta_end: float = 2.0, warmup: float = 0.2):

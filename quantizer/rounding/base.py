@@ -20,6 +20,7 @@ number whatever the broadcasting layout).
 
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -89,9 +90,25 @@ def init_grid(w2: torch.Tensor, spec: QuantSpec, init: str) -> Tuple[torch.Tenso
 
 class WeightQuantizer(nn.Module):
     """Base class: subclasses implement :meth:`codes_float` (the integer-valued, differentiable
-    codes) and :meth:`scale_zero` (the grid that ships)."""
+    codes) and :meth:`scale_zero` (the grid that ships), and state their learning policy in the
+    class attributes below; :func:`quantizer.rounding.register_method` makes them a ``method``."""
 
     method = "base"
+    # -- the learning policy the engine reads ------------------------------------------------
+    #: False: the initial grid is the result and the engine learns nothing (RTN).
+    learns = True
+    #: The constructor has an ``init`` argument ("mse" or "minmax" initial grid) that the run's
+    #: configuration fills in unless the method's options set it.
+    takes_init = False
+    #: Export the parameters of the lowest training loss seen instead of the last ones (a
+    #: sign-gradient walk does not settle, so its last iterate is a random point near the optimum).
+    keep_best = False
+    #: The forward pass uses a soft relaxation while learning; the engine sets ``hard`` for its
+    #: loss evaluations and the export (AdaRound). Other methods are always hard.
+    soft_while_learning = False
+    #: Weight of :meth:`regularizer` in the loss, relative to the unit's initial reconstruction
+    #: loss (so one value suits every unit); ``options["reg_weight"]`` overrides it. None: no term.
+    regularizer_weight: Optional[float] = None
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec):
         super().__init__()
@@ -124,6 +141,35 @@ class WeightQuantizer(nn.Module):
 
     def param_groups(self, lr: float) -> List[Dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def project(self) -> None:
+        """Bring the parameters back into their domain after an optimizer step (default: nothing)."""
+
+    # -- policy hooks (class level: they run before any instance exists) -----------------------
+    @classmethod
+    def default_learning_rate(cls, bits: Optional[int], iters: int) -> float:
+        """The step size when the run's ``lr`` is None (``bits``: weight bits, if known)."""
+        raise NotImplementedError(f"{cls.__name__} must define default_learning_rate")
+
+    @classmethod
+    def make_optimizer(cls, param_groups: List[Dict], lr: float, iters: int):
+        """The optimizer of the rounding parameters (default: Adam; a ``torch.optim.Optimizer``
+        gets the engine's linear learning-rate decay when the run asks for it)."""
+        return torch.optim.Adam(param_groups, lr=lr, fused=True)
+
+    @classmethod
+    def check_policy(cls) -> None:
+        """``TypeError``/``ValueError`` naming the attribute when the declared policy is malformed."""
+        for name in ("learns", "takes_init", "keep_best", "soft_while_learning"):
+            if not isinstance(getattr(cls, name), bool):
+                raise TypeError(f"{cls.__name__}.{name}={getattr(cls, name)!r}; expected True or False")
+        w = cls.regularizer_weight
+        if w is not None and not (isinstance(w, (int, float)) and w >= 0):
+            raise ValueError(f"{cls.__name__}.regularizer_weight={w!r}; expected None or a number >= 0")
+        takes = "init" in inspect.signature(cls.__init__).parameters
+        if takes != cls.takes_init:
+            raise ValueError(f"{cls.__name__}.takes_init={cls.takes_init!r} but its constructor "
+                             f"{'has' if takes else 'has no'} an init argument")
 
     # -- shared ------------------------------------------------------------------------------
     def forward(self) -> torch.Tensor:

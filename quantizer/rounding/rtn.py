@@ -7,12 +7,20 @@ import torch
 from fxkernels.format import QuantSpec
 
 from .base import WeightQuantizer, init_grid
+from .registry import register_method
 
 
+@register_method
 class RTNQuantizer(WeightQuantizer):
     """Round to nearest on a min-max or MSE-searched grid; nothing to learn."""
 
     method = "rtn"
+    learns = False
+    takes_init = True
+
+    @classmethod
+    def default_learning_rate(cls, bits, iters):
+        return 0.0
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, init: str = "minmax"):
         super().__init__(weight, spec)

@@ -6,9 +6,8 @@ grid exactly as :func:`fxkernels.format.grid_from_range` builds it (zero rounded
 through estimator, so it stays the integer that ships), and
 ``W_hat = s * (clamp(round(W / s + V) + zero, 0, qmax) - zero)``.
 
-Optimized by signed gradient descent with a linearly decaying step (the engine's
-:class:`SignSGD`), keeping the parameters of the best loss seen. ``V = 0, alpha = beta = 1`` is
-min-max RTN.
+Optimized by signed gradient descent with a linearly decaying step (:class:`SignSGD`), keeping
+the parameters of the best loss seen. ``V = 0, alpha = beta = 1`` is min-max RTN.
 """
 
 from __future__ import annotations
@@ -19,10 +18,44 @@ from torch import nn
 from fxkernels.format import QuantSpec
 
 from .base import WeightQuantizer, round_ste
+from .registry import register_method
 
 
+class SignSGD:
+    """``p -= lr_t * sign(grad)`` with ``lr_t`` decaying linearly to 0 (SignRound's optimizer)."""
+
+    def __init__(self, params, lr: float, total_steps: int):
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.total, self.t = lr, max(total_steps, 1), 0
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        lr = self.lr * (1 - self.t / self.total)
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(torch.sign(p.grad), alpha=-lr)
+        self.t += 1
+
+
+@register_method
 class SignRoundQuantizer(WeightQuantizer):
+    """SignRound: learned rounding offsets in [-0.5, 0.5] and range clipping (signed SGD)."""
+
     method = "signround"
+    keep_best = True
+
+    @classmethod
+    def default_learning_rate(cls, bits, iters):
+        # AutoRound's rule: over the whole schedule the offsets can travel about one grid step.
+        return 1.0 / max(iters, 1)
+
+    @classmethod
+    def make_optimizer(cls, param_groups, lr, iters):
+        return SignSGD([p for g in param_groups for p in g["params"]], lr, iters)
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, clip_min: float = 0.5):
         super().__init__(weight, spec)

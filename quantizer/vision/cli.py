@@ -18,10 +18,13 @@ from typing import List, Optional
 
 import torch
 
+from ..rounding import methods_help
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flexround-vision", description="Quantize ImageNet MobileNetV2 (BN folded)")
-    p.add_argument("--methods", default="rtn,flexround", help="comma-separated: rtn, adaround, flexround, signround")
+    p.add_argument("--methods", default="rtn,flexround",
+                   help=f"comma-separated rounding methods ({methods_help()})")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--act-bits", type=int, default=None)
     p.add_argument("--granularity", default="tensor", choices=("tensor", "channel"))

@@ -1,0 +1,329 @@
+"""The reconstruction engine every model family shares: learn one unit, then walk the units.
+
+A model is cut into units (a decoder block, a MobileNetV2 stage; see the family modules
+:mod:`quantizer.reconstruct` and :mod:`quantizer.vision.reconstruct_cnn`). For each unit ``i``:
+
+1. ``targets = float_unit_i(x_fp)``: the float unit on the float model's inputs;
+2. its layers become :class:`~quantizer.layers.QuantLayer` wrappers (a rounding module of the
+   configured method, optionally an LSQ activation quantizer whose grid starts from statistics
+   of the unit's quantized-stream inputs);
+3. :func:`learn_unit` minimizes ``loss(unit_i(x_q), targets)`` over the rounding (and activation)
+   parameters, where ``x_q`` are the outputs of the already quantized units ``0..i-1`` (QDrop
+   optionally mixes in ``x_fp``); the method's class decides the optimizer, its default step,
+   whether the best iterate is kept, and its regularizer;
+4. the wrappers are exported; ``x_q`` advances through the unit *as exported* (a
+   :class:`~quantizer.layers.FrozenLayer`, bit-identical to the export's dequantization) and
+   ``x_fp`` becomes ``targets``.
+
+Streams (``x_fp``, ``x_q``, targets) stay on the CPU and pass through a unit in mini-batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from fxkernels.nn import set_submodule
+
+from .config import QuantizeConfig
+from .layers import FrozenLayer, QuantLayer
+from .rounding import method_class
+
+
+class QuantizationError(RuntimeError):
+    """Learning could not finish a unit (non-finite loss); finished units are kept."""
+
+
+def unit_output(out):
+    """A unit's output tensor (HF blocks return tuples whose first item is the hidden state)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_stream(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``forward`` over every row of ``x`` in mini-batches of ``batch``, concatenated."""
+    return torch.cat([forward(x[s:s + batch]) for s in range(0, x.shape[0], batch)])
+
+
+def reconstruction_loss(y: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Unit-output error. ``"mse"``: plain mean squared error. ``"token"``: each token's squared
+    error divided by its target's mean square. LLM residual streams carry "massive activation"
+    tokens (the attention sink) whose few channels are 100-1000x larger than the rest; under a
+    plain MSE they own the gradient and the ordinary tokens, which decide perplexity, get none."""
+    err = (y - t).pow(2)
+    if kind == "token":
+        err = err / t.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-8)
+    return err.mean()
+
+
+@torch.no_grad()
+def eval_loss(forward, x: torch.Tensor, t: torch.Tensor, batch: int, kind: str) -> float:
+    total = 0.0
+    for s in range(0, x.shape[0], batch):
+        y = forward(x[s:s + batch])
+        total += float(reconstruction_loss(y, t[s:s + batch], kind)) * y.numel()
+    return total / t.numel()
+
+
+def set_hard(wrappers: Dict[str, QuantLayer], hard: bool) -> None:
+    """Soft rounding while learning for the methods that relax it; hard everywhere else."""
+    for w in wrappers.values():
+        w.wq.hard = hard if type(w.wq).soft_while_learning else True
+
+
+def optimizer_step(opts, scheds, wrappers: Dict[str, QuantLayer], loss: torch.Tensor) -> None:
+    """One learning step: gradients of ``loss``, every optimizer and schedule, then the roundings'
+    projections (SignRound keeps its offsets inside their box)."""
+    for o in opts:
+        o.zero_grad()
+    loss.backward()
+    for o in opts:
+        o.step()
+    for sch in scheds:
+        sch.step()
+    for w in wrappers.values():
+        w.wq.project()
+
+
+@torch.no_grad()
+def start_activation_grids(forward, wrappers: Dict[str, QuantLayer], x: torch.Tensor, batch: int) -> None:
+    """Initialize every activation quantizer from the inputs its layer sees while ``x`` passes."""
+    with_aq = [w for w in wrappers.values() if w.aq is not None]
+    if not with_aq:
+        return
+    for w in with_aq:
+        w.aq.enabled, w.record = False, []
+    run_stream(forward, x, batch)
+    for w in with_aq:
+        w.aq.init_from(torch.cat([r.reshape(-1) for r in w.record]))
+        w.aq.enabled, w.record = True, None
+
+
+def _state(wrappers):
+    return copy.deepcopy({k: w.state_dict() for k, w in wrappers.items()})
+
+
+def _load_state(wrappers, state):
+    for k, w in wrappers.items():
+        w.load_state_dict(state[k])
+
+
+@dataclasses.dataclass
+class UnitData:
+    """The streams one unit learns from.
+
+    xq, xfp, targets: quantized-stream inputs, float-stream inputs, float outputs (same rows).
+    check: ``(inputs, float targets)`` on which the loss before and after learning is measured;
+    the learned rounding is kept only if it lowers that loss.
+    act_init: inputs whose statistics start the activation grids.
+    batch: mini-batch of the evaluation passes."""
+
+    xq: torch.Tensor
+    xfp: torch.Tensor
+    targets: torch.Tensor
+    check: Tuple[torch.Tensor, torch.Tensor]
+    act_init: torch.Tensor
+    batch: int
+
+
+def _optimizers(wrappers: Dict[str, QuantLayer], cfg: QuantizeConfig):
+    method = method_class(cfg.method)
+    lr = cfg.learning_rate
+    wgroups = [g for w in wrappers.values() for g in w.wq.param_groups(lr)]
+    aparams = [p for w in wrappers.values() if w.aq is not None for p in w.aq.parameters()]
+    opts = [method.make_optimizer(wgroups, lr, cfg.iters)]
+    if aparams and cfg.act_lr > 0:
+        opts.append(torch.optim.Adam(aparams, lr=cfg.act_lr, fused=True))
+    # Linear decay to zero: short schedules end with small steps, so the last iterate (the one
+    # exported) is not a random point of a noisy walk around the optimum. Optimizers that are not
+    # torch optimizers (SignSGD) carry their own schedule.
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1 - t / cfg.iters)
+              for o in opts if isinstance(o, torch.optim.Optimizer) and cfg.lr_decay]
+    return opts, scheds
+
+
+def learn_unit(index: int, forward, wrappers: Dict[str, QuantLayer], data: UnitData, cfg: QuantizeConfig,
+               label: str, log: Callable[[str], None]) -> Tuple[float, float]:
+    """Learn one unit's rounding (and activation grids); returns the check loss (before, after).
+
+    ``forward`` maps a batch of unit inputs to the unit's output with ``wrappers`` installed;
+    ``index`` seeds the unit's batch order and QDrop masks."""
+    method = method_class(cfg.method)
+    start_activation_grids(forward, wrappers, data.act_init, data.batch)
+    set_hard(wrappers, True)
+    before = eval_loss(forward, *data.check, data.batch, cfg.loss)
+    if cfg.iters == 0 or not method.learns:
+        return before, before
+    init_state = _state(wrappers)
+    set_hard(wrappers, False)
+    opts, scheds = _optimizers(wrappers, cfg)
+    reg_weight = 0.0
+    if method.regularizer_weight is not None:
+        # Scaled by the unit's initial loss so that one weight suits every unit.
+        reg_weight = float(cfg.options.get("reg_weight", method.regularizer_weight)) * before
+    best_loss, best_state = float("inf"), None
+
+    n = data.xq.shape[0]
+    bs = min(cfg.batch_size, n)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    order = torch.cat([torch.randperm(n, generator=gen) for _ in range((cfg.iters * bs) // n + 1)])
+    it: Iterable[int] = range(cfg.iters)
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=label, leave=False, unit="it")
+    for step in it:
+        idx = order[step * bs:(step + 1) * bs]
+        xin = data.xq[idx]
+        if cfg.qdrop > 0:
+            keep_fp = torch.rand(xin.shape, generator=gen) < cfg.qdrop
+            xin = torch.where(keep_fp, data.xfp[idx], xin)
+        rec = reconstruction_loss(forward(xin), data.targets[idx], cfg.loss)
+        loss = rec
+        if reg_weight:
+            regs = [r for r in (w.wq.regularizer(step / cfg.iters) for w in wrappers.values()) if r is not None]
+            if regs:
+                loss = loss + reg_weight * torch.stack(regs).mean()
+        if not torch.isfinite(loss):
+            raise QuantizationError(
+                f"{label}: the loss became {float(loss.detach())} at iteration {step}; learning stopped. Units before "
+                f"this one are finished (and saved if resume_dir was given). Try a smaller lr (now "
+                f"{cfg.learning_rate:g}) or check the model's activations for Inf/NaN.")
+        if method.keep_best and float(rec.detach()) < best_loss:
+            best_loss, best_state = float(rec.detach()), _state(wrappers)
+        optimizer_step(opts, scheds, wrappers, loss)
+        if cfg.progress and step % 10 == 0:
+            it.set_postfix(loss=f"{float(rec.detach()):.3e}")
+    if best_state is not None:
+        _load_state(wrappers, best_state)
+    set_hard(wrappers, True)
+    after = eval_loss(forward, *data.check, data.batch, cfg.loss)
+    if not after <= before:  # also catches NaN
+        # Learning made this unit worse on the check inputs (short schedule, noisy batches):
+        # ship the initial grid instead.
+        _load_state(wrappers, init_state)
+        log(f"{label}: learned loss {after:.4e} is not below the initial {before:.4e}; keeping the initial grid")
+        after = before
+    return before, after
+
+
+# -- the unit loop ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Unit:
+    """One piece of a model that is learned at once.
+
+    root: the module the layer names are relative to (wrappers and frozen layers go there).
+    layers: ``(name, float layer)`` pairs to quantize (empty: the unit is only propagated).
+    forward: one batch through the unit as currently installed in ``root``.
+    run_float: the float unit over a whole stream (the targets)."""
+
+    label: str
+    root: nn.Module
+    layers: List[Tuple[str, nn.Module]]
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    run_float: Callable[[torch.Tensor], torch.Tensor]
+
+
+class Family:
+    """How one kind of model is quantized unit by unit; the loop calls these in order.
+    Subclasses implement :meth:`units` and :meth:`wrap`; the other hooks default to nothing."""
+
+    #: rows of whole-stream passes through a unit (targets and propagation)
+    stream_batch: int = 8
+    #: rows of the activation-grid start (None: the check inputs)
+    act_init_rows: Optional[int] = None
+
+    def units(self) -> Sequence[Unit]:
+        raise NotImplementedError
+
+    def wrap(self, unit: Unit, name: str, layer: nn.Module) -> QuantLayer:
+        raise NotImplementedError
+
+    def before_wrapping(self, unit: Unit, xq: torch.Tensor) -> None:
+        """Change the float unit before its layers are wrapped (e.g. SmoothQuant)."""
+
+    def after_learning(self, unit: Unit, wrappers: Dict[str, QuantLayer], xfp: torch.Tensor,
+                       xq: torch.Tensor) -> bool:
+        """Adjust the learned wrappers (e.g. bias correction); True if they changed."""
+        return False
+
+    def deploy(self, unit: Unit, name: str, exported: nn.Module) -> None:
+        """Put the exported layer where it ships (default: in ``unit.root``)."""
+        set_submodule(unit.root, name, exported)
+
+
+def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log: Callable[[str], None],
+                      resume=None, holdout: Optional[torch.Tensor] = None) -> List[dict]:
+    """Quantize every unit of ``family`` in order, starting from the first unit's inputs ``x``.
+
+    resume: a :class:`quantizer.resume.ResumeDir`; units it holds are loaded instead of learned
+    and every newly finished unit is saved to it.
+    holdout: inputs never learned on, carried through the float and the quantized units like
+    ``x``; when given they decide whether each unit keeps its learned rounding (else the first
+    ``cfg.eval_samples`` rows of ``x`` do).
+
+    Returns one ``{"unit", "label", "loss_before", "loss_after", "seconds"}`` per unit learned or loaded."""
+    xfp, xq = x, x.clone()
+    hfp, hq = (holdout, holdout.clone()) if holdout is not None else (None, None)
+    pb = family.stream_batch
+    stats = []
+    for i, unit in enumerate(family.units()):
+        tu = time.time()
+        targets = run_stream(unit.run_float, xfp, pb)
+        htargets = run_stream(unit.run_float, hfp, pb) if hfp is not None else None
+        if not unit.layers:
+            xq = run_stream(unit.forward, xq, pb)
+            hq = run_stream(unit.forward, hq, pb) if hq is not None else None
+            xfp, hfp = targets, htargets
+            continue
+        if resume is not None and i < resume.finished:
+            exported = resume.load_block(i)
+            expected = sorted(n for n, _ in unit.layers)
+            if sorted(exported) != expected:
+                raise ValueError(f"resume_dir={resume.path!r}: block {i} holds layers {sorted(exported)}; "
+                                 f"expected {expected}")
+            before = after = float("nan")
+        else:
+            torch.manual_seed(cfg.seed * 1_000_003 + i)
+            family.before_wrapping(unit, xq)
+            wrappers = {}
+            for name, layer in unit.layers:
+                wrappers[name] = family.wrap(unit, name, layer)
+                set_submodule(unit.root, name, wrappers[name])
+            ne = min(cfg.eval_samples, xq.shape[0])
+            check = (hq, htargets) if hq is not None else (xq[:ne], targets[:ne])
+            act_init = xq[:family.act_init_rows] if family.act_init_rows else xq[:ne]
+            data = UnitData(xq, xfp, targets, check, act_init, cfg.batch_size)
+            try:
+                before, after = learn_unit(i, unit.forward, wrappers, data, cfg, unit.label, log)
+                if family.after_learning(unit, wrappers, xfp, xq):
+                    after = eval_loss(unit.forward, *check, cfg.batch_size, cfg.loss)
+            except BaseException:
+                # Leave the model usable: this unit goes back to its float layers.
+                for name, layer in unit.layers:
+                    set_submodule(unit.root, name, layer)
+                raise
+            exported = {name: w.export() for name, w in wrappers.items()}
+        # Advance the quantized streams through the unit exactly as exported.
+        for name, layer in exported.items():
+            set_submodule(unit.root, name, FrozenLayer(layer))
+        xq = run_stream(unit.forward, xq, pb)
+        hq = run_stream(unit.forward, hq, pb) if hq is not None else None
+        for name, layer in exported.items():
+            family.deploy(unit, name, layer)
+        xfp, hfp = targets, htargets
+        if resume is not None and i >= resume.finished:
+            resume.save_block(i, exported)
+        seconds = time.time() - tu
+        if before == before:
+            log(f"{unit.label}: loss {before:.4e} -> {after:.4e} ({seconds:.1f} s)")
+        else:
+            log(f"{unit.label}: loaded from resume_dir ({seconds:.1f} s)")
+        stats.append({"unit": i, "label": unit.label, "loss_before": before, "loss_after": after, "seconds": seconds})
+        if not torch.isfinite(xq).all():
+            raise QuantizationError(f"{unit.label}: the quantized model's activations became non-finite after this unit")
+    return stats
