@@ -229,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize every linear layer (except --skip) and write a safetensors+JSON "
                        "checkpoint that fxkernels.load_quantized and `flexround eval/generate` read.")
     q.add_argument("--model", required=True, help="HF directory, .gguf file, hub id (online), or 'smollm2'")
-    q.add_argument("--method", default="flexround", choices=["flexround", "signround", "adaround", "rtn"])
+    from .rounding import method_names, methods_help
+
+    q.add_argument("--method", default="flexround", choices=method_names(),
+                   help=f"rounding method (default flexround): {methods_help()}")
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     q.add_argument("--granularity", default="channel", choices=["tensor", "channel", "group"])
     q.add_argument("--group-size", type=int, default=128, help="columns per group when --granularity group")

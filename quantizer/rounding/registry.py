@@ -47,5 +47,5 @@ def methods_help() -> str:
     lines = []
     for name, cls in _METHODS.items():
         doc = (cls.__doc__ or "").strip().splitlines()
-        lines.append(f"{name}: {doc[0] if doc else cls.__name__}")
+        lines.append(f"{name}: {doc[0].rstrip('.') if doc else cls.__name__}")
     return "; ".join(lines)
