@@ -43,7 +43,7 @@ from fxkernels.format import QuantSpec, as_grouped, pack  # noqa: E402
 # (K, N); the target shape first so that a time budget never cuts it
 SHAPES = [(4096, 11008), (4096, 4096), (11008, 4096), (2048, 2048)]
 MS = [1, 16, 64, 256, 1024]
-TARGETS = {1: 3.0, 16: 2.5, 1024: 0.9}  # INT4 4096x11008 speedup over cuBLAS fp16 (H100)
+TARGETS = {1: 3.0, 16: 2.5, 1024: 0.9}  # INT4 4096x11008 speedup over cuBLAS fp16 (H100 / H200)
 
 # Peak DRAM bandwidth (GB/s) and dense fp16 tensor-core TFLOP/s by device-name fragment.
 PEAKS = [("H200", 4800, 989), ("H100 PCIe", 2000, 756), ("H100 NVL", 3900, 835), ("H100", 3350, 989),
@@ -125,7 +125,7 @@ def _check_correctness(dev, cases=None):
             y = fxkernels.ops.dequant_linear(x, qw, s, z, bias, bits, k)
             w = reference.dequant_weight(qw, s, z, bits, k)
             good, err, terr = within_tolerance(y, x, w, bias)
-            ok = kname == tb.KERNEL_NAME and y.dtype == dtype and tuple(y.shape) == (m, n) and good
+            ok = kname in (tb.KERNEL_NAME, tb.DECODE_KERNEL_NAME) and y.dtype == dtype and tuple(y.shape) == (m, n) and good
             line = f"{'PASS' if ok else 'FAIL'} {tag} kernel={kname} err={err:.3g} torch_err={terr:.3g}"
         except Exception as e:
             ok, line = False, f"FAIL {tag} {type(e).__name__}: {e}"
@@ -170,8 +170,16 @@ def bench_rows(dev, layouts, budget_s, t0):
                     naive = lambda: F.linear(x, reference.dequant_weight(qw, s, z, bits, k).half())  # noqa: E731
                     t_naive = bench_ms(naive)
                     good, err, terr = within_tolerance(fn(), x, reference.dequant_weight(qw, s, z, bits, k), None)
-                    cfg = tb.choose_config(x, qw, s, z, None, bits, k)
-                    plan = tb.make_plan(cfg, m, n, k, s.shape[1], bits, x.dtype, props.multi_processor_count)
+                    kname = dispatch.select("dequant_linear", x, qw, s, z, None, bits, k).name
+                    if kname == tb.DECODE_KERNEL_NAME:
+                        dcfg = tb.choose_decode_config(x, qw, s, z, None, bits, k)
+                        dplan = tb.make_decode_plan(dcfg, m, n, k, s.shape[1], bits, x.dtype,
+                                                    props.multi_processor_count)
+                        cfg_text = f"{dcfg} split{dplan.split_k} mode{dplan.scale_mode}"
+                    else:
+                        cfg = tb.choose_config(x, qw, s, z, None, bits, k)
+                        plan = tb.make_plan(cfg, m, n, k, s.shape[1], bits, x.dtype, props.multi_processor_count)
+                        cfg_text = f"{cfg} split{plan.split_k} mode{plan.scale_mode}"
                     flops = 2.0 * m * n * k
                     wbytes = qw.numel() * qw.element_size() + s.numel() * 8
                     io = (m * k + m * n) * 2
@@ -179,7 +187,7 @@ def bench_rows(dev, layouts, budget_s, t0):
                                      check=f"{'PASS' if good else 'FAIL'} {err:.2g}/{terr:.2g}",
                                      tflops=flops / t_tr / 1e9, gbs=(wbytes + io) / t_tr / 1e6,
                                      cublas_gbs=(n * k * 2 + io) / t_cublas / 1e6,
-                                     cfg=f"{cfg} split{plan.split_k} mode{plan.scale_mode}",
+                                     cfg=cfg_text,
                                      bw_peak=bw_peak, tf_peak=tf_peak))
                     r = rows[-1]
                     print(f"K={k:5d} N={n:5d} M={m:4d} {name:7s} {t_tr*1e3:8.1f} us  cuBLAS {t_cublas*1e3:8.1f} us "

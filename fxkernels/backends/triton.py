@@ -103,13 +103,15 @@ class DecodeConfig:
 
 
 # Decode (M <= DECODE_MAX_M): the weight tile is the 64-row side of Hopper's warp-group MMA, so
-# BN >= 64 with 4 warps; wide tiles amortize the per-step loads of x and the scales over more
-# weights (sm_90 main loop, INT4 g128: BN256-BK128 2.6, BN64-BK256 3.2 SASS instructions per
-# weight; bench/gpu_static.py). Split-K is part of the candidates: 4096x11008 at BN256 gives only
-# 43 row tiles for 132 SMs, so the waves choose how far K is split to fill the GPU.
+# BN >= 64; wide tiles amortize the per-step loads of x and the scales over more weights. Every
+# candidate compiles without register spills on sm_80 and sm_90 for INT4/INT8, grouped and
+# per-channel (BN256 with 4 warps reaches 3.3 SASS instructions per INT4 weight on sm_90 but
+# spills at 255 registers, so 256-row tiles get 8 warps; bench/gpu_static.py, docs/GPU_STATIC.md).
+# Split-K is part of the candidates: 4096x11008 at BN256 gives only 43 row tiles for 132 SMs, so
+# the waves choose how far K is split to fill the GPU.
 DECODE_CONFIGS: Tuple[DecodeConfig, ...] = (
-    DecodeConfig(256, 128, 4, 3, 2), DecodeConfig(128, 256, 4, 3, 2), DecodeConfig(128, 128, 4, 4, 4),
-    DecodeConfig(256, 128, 4, 3, 1), DecodeConfig(64, 256, 4, 4, 4), DecodeConfig(256, 128, 8, 3, 2),
+    DecodeConfig(256, 128, 8, 3, 2), DecodeConfig(128, 128, 4, 4, 2), DecodeConfig(128, 128, 4, 4, 4),
+    DecodeConfig(256, 128, 8, 3, 1), DecodeConfig(64, 256, 4, 4, 4),
 )
 DECODE_MAX_M = 16
 DECODE_INTERPRETER_CONFIG = DecodeConfig(16, 64, 4, 1, 0)
