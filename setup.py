@@ -9,7 +9,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -41,21 +41,9 @@ cuda_exts, cuda_reason = cuda_extensions(HERE)
 print(f"flexround: CUDA extension: {cuda_reason}")
 ext_modules += cuda_exts
 
+# Everything else (name, version, dependencies, extras, the `flexround` script, packages) is in
+# pyproject.toml; only the compiled modules need code.
 setup(
-    name="flexround",
-    version="0.1.0",
-    description="FlexRound post-training quantization and fast INT4/INT8 kernels (CPU, Triton, CUDA)",
-    packages=find_packages(include=["fxkernels", "fxkernels.*", "quantizer", "quantizer.*"]),
-    package_data={"quantizer": ["data/*.txt", "data/*.md", "vision_data/*.jpg", "vision_data/*.md"]},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "pytest-timeout", "matplotlib", "pillow"],
-        "hf": ["transformers>=4.45", "safetensors>=0.4", "gguf", "accelerate", "sentencepiece"],
-        "bench": ["pytest-benchmark", "matplotlib"],
-        "vision": ["pillow"],
-    },
-    entry_points={"console_scripts": ["flexround=quantizer.cli:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
