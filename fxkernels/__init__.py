@@ -8,7 +8,7 @@ from .dispatch import available_kernels, use_backend
 from .nn import QuantLinear, replace_linears
 from .fusion import fuse_projections, unfuse_projections
 from . import ops  # registers the fxk:: torch.library ops
-from . import hf as _hf  # from_pretrained support: registers quant_method 'flexround' lazily
+from . import hf  # noqa: F401  (from_pretrained support: registers quant_method 'flexround' lazily)
 
 __version__ = "0.1.0"
 

@@ -200,7 +200,7 @@ def cpu_kernel_table(shapes: Iterable[Tuple[int, int]] = QUICK_SHAPES, ms: Seque
                 c = copies_for(probe_bytes, m)
                 nbytes, fn = build_method(name, k, n, c)
                 with torch.inference_mode():
-                    times = time_call(lambda i: fn(x, i), c, repeats, min_time=min_time)
+                    times = time_call(lambda i, fn=fn: fn(x, i), c, repeats, min_time=min_time)
                 t = statistics.median(times)
                 row = Row(k, n, m, name, t * 1e3, nbytes / t / 1e9, 2 * m * n * k / t / 1e9,
                           min_ms=min(times) * 1e3)

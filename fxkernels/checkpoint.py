@@ -21,7 +21,6 @@ import shutil
 import tempfile
 from typing import Dict, Optional
 
-import torch
 from torch import nn
 
 from .format import FORMAT_VERSION
@@ -99,7 +98,8 @@ def save_quantized(model: nn.Module, directory: str, tokenizer=None, extra: Opti
             hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
             hf_config.quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
             hf_config.to_json_file(os.path.join(tmp, "config.json"))
-            config["model"]["hf_architectures"] = list(getattr(hf_config, "architectures", None) or [type(model).__name__])
+            architectures = getattr(hf_config, "architectures", None) or [type(model).__name__]
+            config["model"]["hf_architectures"] = list(architectures)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD})

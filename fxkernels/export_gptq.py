@@ -148,7 +148,8 @@ def _plan(layers: Dict[str, dict], checkpoint_format: str) -> Tuple[int, int, bo
         if n % pf:
             raise GPTQExportError(
                 f"export_gptq: layer {name!r} has out_features N={n}; GPTQ packs {pf} {b}-bit zero points per int32 "
-                f"along N, so N must be a multiple of {pf}. Keep this layer in float (--skip) or use the flexround format")
+                f"along N, so N must be a multiple of {pf}. Keep this layer in float (--skip) or use the flexround "
+                "format")
         if k % pf:
             raise GPTQExportError(
                 f"export_gptq: layer {name!r} has in_features K={k}; GPTQ packs {pf} {b}-bit codes per int32 along K, "
@@ -158,7 +159,8 @@ def _plan(layers: Dict[str, dict], checkpoint_format: str) -> Tuple[int, int, bo
                 f"export_gptq: layer {name!r} (K={k}) is per-channel but K is not a multiple of the model's "
                 f"group_size={group_size}, so it cannot be written as groups. Quantize it with groups too")
     if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise GPTQExportError(f"export_gptq: checkpoint_format={checkpoint_format!r}; expected one of {CHECKPOINT_FORMATS}")
+        raise GPTQExportError(f"export_gptq: checkpoint_format={checkpoint_format!r}; expected one of "
+                              f"{CHECKPOINT_FORMATS}")
     sym = all(s.symmetric for s in specs.values())
     return b, group_size, sym
 
@@ -254,7 +256,7 @@ def _convert_layer(name: str, entry: dict, tensors: Dict[str, torch.Tensor], bit
         f"{name}.qweight": _pack_int32(q.t().contiguous(), bits, dim=0),
         f"{name}.qzeros": _pack_int32(stored_zero, bits, dim=1),
         f"{name}.scales": scales16,
-        f"{name}.g_idx": (torch.arange(k, dtype=torch.int32) // (group_size if group_size != -1 else k)).to(torch.int32),
+        f"{name}.g_idx": (torch.arange(k, dtype=torch.int32) // (group_size if group_size != -1 else k)).int(),
     }
     assert out[f"{name}.scales"].shape == (g, n)
     bias = tensors.get(f"{name}.bias")

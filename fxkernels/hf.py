@@ -120,7 +120,8 @@ def _build_classes():
             except CheckpointError as e:
                 raise CheckpointError(
                     f"from_pretrained: config.json says quant_method='flexround' but {e}. Load with "
-                    "fxkernels.load_quantized(DIR) from a complete directory written by fxkernels.save_quantized") from e
+                    "fxkernels.load_quantized(DIR) from a complete directory written by "
+                    "fxkernels.save_quantized") from e
             qc.layers = config["layers"]
             return qc.layers
 

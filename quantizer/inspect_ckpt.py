@@ -148,11 +148,12 @@ def format_report(info: dict, max_rows: Optional[int] = None) -> str:
     if len(shown) < len(table):
         lines.append(f"... {len(table) - len(shown)} more layers (--all to list them)")
     t = info["totals"]
+    q, q16, q32 = t["quantized_bytes"], t["quantized_fp16_bytes"], t["quantized_fp32_bytes"]
     lines += ["",
-              f"quantized layers: {t['quantized_layers']}, {_mb(t['quantized_bytes'])} "
-              f"(fp16 {_mb(t['quantized_fp16_bytes'])}: {_ratio(t['quantized_fp16_bytes'], t['quantized_bytes'])} smaller; "
-              f"fp32 {_mb(t['quantized_fp32_bytes'])}: {_ratio(t['quantized_fp32_bytes'], t['quantized_bytes'])} smaller)",
-              f"float tensors:    {t['float_tensors']}, {_mb(t['float_bytes'])} (embeddings, norms, skipped layers; as stored)",
+              f"quantized layers: {t['quantized_layers']}, {_mb(q)} "
+              f"(fp16 {_mb(q16)}: {_ratio(q16, q)} smaller; fp32 {_mb(q32)}: {_ratio(q32, q)} smaller)",
+              f"float tensors:    {t['float_tensors']}, {_mb(t['float_bytes'])} "
+              "(embeddings, norms, skipped layers; as stored)",
               f"whole model:      {_mb(t['model_bytes'])} vs fp16 {_mb(t['model_fp16_bytes'])} "
               f"({_ratio(t['model_fp16_bytes'], t['model_bytes'])}) and fp32 {_mb(t['model_fp32_bytes'])} "
               f"({_ratio(t['model_fp32_bytes'], t['model_bytes'])}); model.safetensors is {_mb(t['file_bytes'])}"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -52,7 +52,8 @@ def _gguf_to_hf_dir(gguf_path: str, out_dir: str, log=print) -> str:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (ValueError, KeyError) as e:
         raise ValueError(f"GGUF file {gguf_path!r} cannot be loaded by transformers ({e}); supported GGUF "
-                         "architectures are those of transformers' GGUF integration (llama, mistral, qwen2, ...)") from e
+                         "architectures are those of transformers' GGUF integration (llama, mistral, qwen2, ...)"
+                         ) from e
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # save_pretrained refuses GGUF-loaded models: rebuild from the config and copy the weights.
     fresh = type(model)(model.config)
@@ -88,7 +89,8 @@ def load_model(source: str, dtype=torch.float32, log=print):
     elif os.path.isdir(source) and not _is_hf_dir(source):
         raise ValueError(f"model={source!r} is a directory without config.json; expected a Hugging Face model "
                          "directory (config.json + weights), a .gguf file, or a hub id")
-    elif not os.path.exists(source) and (source.startswith((".", "/")) or os.sep in source.strip("/").split("/", 1)[-1]):
+    elif not os.path.exists(source) and (source.startswith((".", "/"))
+                                         or os.sep in source.strip("/").split("/", 1)[-1]):
         raise FileNotFoundError(f"model={source!r} does not exist")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(source)

@@ -347,7 +347,8 @@ def test_gpu_qact_linear_matches_reference(out_dtype):
     xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     c = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     sa, za = torch.rand(m, generator=g) * 0.05 + 1e-3, torch.randint(-128, 128, (m,), dtype=torch.int32, generator=g)
-    sw, zero = torch.rand(n, 1, generator=g) * 0.01 + 1e-4, torch.randint(0, 256, (n, 1), dtype=torch.int32, generator=g)
+    sw = torch.rand(n, 1, generator=g) * 0.01 + 1e-4
+    zero = torch.randint(0, 256, (n, 1), dtype=torch.int32, generator=g)
     bias = torch.randn(n, generator=g)
     wsum = reference.weight_sums(c, 8, k, 1)
     args = (xq, sa, za, c, sw, zero, wsum, bias, 8, out_dtype)

@@ -55,9 +55,9 @@ def test_calibration_ids_checks_length():
         def __call__(self, text, return_tensors="pt", add_special_tokens=False):
             import torch
 
-            class O:
+            class Encoded:
                 input_ids = torch.arange(len(text.split()))[None]
-            return O()
+            return Encoded()
 
     ids = data.calibration_ids(Tok(), 3, 4, text=" ".join(["w"] * 20))
     assert ids.shape == (3, 4)

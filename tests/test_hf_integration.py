@@ -156,7 +156,8 @@ def test_float_model_with_flexround_config_is_refused(tmp_path):
     model.save_pretrained(str(tmp_path / "float"))
     FlexRoundConfig = _config_cls()
     with pytest.raises(ValueError, match="does not quantize while loading.*flexround quantize"):
-        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "float"), quantization_config=FlexRoundConfig())
+        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "float"),
+                                                          quantization_config=FlexRoundConfig())
 
 
 def test_missing_quant_config_json_points_to_the_fix(saved):

@@ -1,6 +1,5 @@
 """The fxk:: ops: opcheck, argument validation, and dispatch behaviour."""
 
-import os
 import subprocess
 import sys
 
@@ -65,16 +64,24 @@ def test_dynamic_activation_quantization_round_trip():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 63), qw, s, z, None, 4, 64), r"x.shape: got \(3, 63\); expected \[M, 64\]"),
-    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64).double(), qw, s, z, None, 4, 64), "x.dtype: got torch.float64"),
-    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64), qw.to(torch.int8), s, z, None, 4, 64), "qweight.dtype: got torch.int8; expected torch.uint8"),
+    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 63), qw, s, z, None, 4, 64),
+     r"x.shape: got \(3, 63\); expected \[M, 64\]"),
+    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64).double(), qw, s, z, None, 4, 64),
+     "x.dtype: got torch.float64"),
+    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64), qw.to(torch.int8), s, z, None, 4, 64),
+     "qweight.dtype: got torch.int8; expected torch.uint8"),
     (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64), qw, s, z, None, 9, 64), "bits: got 9"),
-    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64), qw, s[:, :1].repeat(1, 3), z[:, :1].repeat(1, 3), None, 4, 64), r"scale.shape\[1\]: got 3; expected a divisor of in_features=64"),
-    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64), qw, s, z.float(), None, 4, 64), "zero: got torch.float32"),
-    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64), qw, s, z, torch.randn(5), 4, 64), r"bias: got torch.float32 \(5,\)"),
+    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64), qw, s[:, :1].repeat(1, 3), z[:, :1].repeat(1, 3), None,
+                                         4, 64),
+     r"scale.shape\[1\]: got 3; expected a divisor of in_features=64"),
+    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64), qw, s, z.float(), None, 4, 64),
+     "zero: got torch.float32"),
+    (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64), qw, s, z, torch.randn(5), 4, 64),
+     r"bias: got torch.float32 \(5,\)"),
     (lambda qw, s, z: ops.dequant_linear(torch.randn(3, 64, device="meta"), qw, s, z, None, 4, 64), "device"),
     (lambda qw, s, z: ops.quantize_act(torch.randn(3, 8), torch.tensor([0.1]), None), "both"),
-    (lambda qw, s, z: ops.quantize_act(torch.randn(3, 8), torch.tensor([-0.1]), torch.tensor([0], dtype=torch.int32)), "positive"),
+    (lambda qw, s, z: ops.quantize_act(torch.randn(3, 8), torch.tensor([-0.1]), torch.tensor([0], dtype=torch.int32)),
+     "positive"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
     qw, s, z = weight_args(4)
@@ -119,5 +126,5 @@ def test_missing_extension_does_not_break_import():
     assert out.returncode == 0, out.stderr
     assert "torch.Size([2, 8])" in out.stdout
     assert "CPU True" in out.stdout and "_C" in out.stdout
-    warning_lines = [l for l in out.stderr.splitlines() if "compiled CPU kernels unavailable" in l]
+    warning_lines = [line for line in out.stderr.splitlines() if "compiled CPU kernels unavailable" in line]
     assert len(warning_lines) == 1, out.stderr

@@ -110,7 +110,8 @@ def test_save_load_cnn_roundtrip(tmp_path):
                         nn.Conv2d(8, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
     skeleton = __import__("copy").deepcopy(net)
     from fxkernels.nn import QuantLinear
-    replace_convs(net, QuantSpec(bits=4, granularity="tensor"), overrides={"0": QuantSpec(bits=8, granularity="tensor")})
+    replace_convs(net, QuantSpec(bits=4, granularity="tensor"),
+                  overrides={"0": QuantSpec(bits=8, granularity="tensor")})
     net[7] = QuantLinear.from_linear(net[7], QuantSpec(bits=8, granularity="tensor"))
     x = torch.randn(2, 3, 16, 16)
     y = net(x)

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxkernels import QuantLinear, QuantSpec, replace_linears, use_backend
-from fxkernels.format import dequantize, quantize_rtn
 
 from .conftest import tiny_llama
 
@@ -59,8 +58,8 @@ def test_from_codes_keeps_learned_codes_exactly():
     (dict(scale=torch.ones(4)), r"expected \(8,\)"),
 ])
 def test_from_codes_rejects_bad_grids(bad, match):
-    args = dict(codes=torch.zeros(8, 16, dtype=torch.int32), scale=torch.ones(8), zero=torch.zeros(8, dtype=torch.int32),
-                spec=QuantSpec(4, "channel"))
+    args = dict(codes=torch.zeros(8, 16, dtype=torch.int32), scale=torch.ones(8),
+                zero=torch.zeros(8, dtype=torch.int32), spec=QuantSpec(4, "channel"))
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         QuantLinear.from_codes(**args)

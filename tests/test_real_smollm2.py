@@ -55,7 +55,8 @@ def test_cli_quantize_then_eval(tmp_path):
     r = subprocess.run(cmd + ["quantize", "--model", "smollm2", "--method", "rtn", "--bits", "8", "--granularity",
                               "tensor", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(cmd + ["eval", "--model", str(out), "--windows", "2"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd + ["eval", "--model", str(out), "--windows", "2"], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     ppl = json.loads(r.stdout.strip().splitlines()[-1])["perplexity"]
     assert 10 < ppl < 40

@@ -82,8 +82,10 @@ def test_rotation_lowers_static_int8_error_on_token_outliers():
     errs = {}
     for rot in (0, 256):
         xr = hadamard_transform(x, rot) if rot else x
-        grid = dict(act_scale=torch.tensor([float(xr.abs().max()) / 127]), act_zero=torch.tensor([0], dtype=torch.int32))
-        q = QuantLinear.from_linear(lin, QuantSpec(8, "tensor", act_bits=8, act_mode="static"), input_rotation=rot, **grid)
+        grid = dict(act_scale=torch.tensor([float(xr.abs().max()) / 127]),
+                    act_zero=torch.tensor([0], dtype=torch.int32))
+        spec = QuantSpec(8, "tensor", act_bits=8, act_mode="static")
+        q = QuantLinear.from_linear(lin, spec, input_rotation=rot, **grid)
         errs[rot] = float((q(x) - ref)[1:].pow(2).mean())  # the ordinary tokens
     assert errs[256] < 0.05 * errs[0]
 

@@ -201,7 +201,7 @@ def _get(results, name):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_reference(results, case):
     r = _get(results, case[0])
-    dtype, (m, n, k) = case[5], case[6]
+    dtype, (m, n, _) = case[5], case[6]
     assert r["out_shape"] == [m, n] and r["out_dtype"] == f"torch.{dtype}"
     if case[8] is None:
         assert r["kernel"] in ("triton_dequant_linear", "triton_decode_linear")

@@ -309,7 +309,9 @@ def test_activation_aware_equalization_keeps_activation_ranges():
     assert grown_plain > 1.5  # what plain equalization does to a per-tensor activation grid
     assert grown_bounded <= 1 + 1e-3  # fp32 rounding over the sweeps
     # the weights are still equalized where that costs no activation range
-    spread = lambda conv: float(conv.weight.abs().flatten(1).amax(1).max() / conv.weight.abs().flatten(1).amax(1).min())
+    def spread(conv):
+        peaks = conv.weight.abs().flatten(1).amax(1)
+        return float(peaks.max() / peaks.min())
     assert spread(bounded.features[5].conv[1][0]) < spread(net.features[5].conv[1][0])
     with pytest.raises(ValueError, match="act_ranges"):
         equalize_mobilenet(copy.deepcopy(net), act_ranges=before[:1])

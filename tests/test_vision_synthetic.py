@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 from quantizer.vision.synthetic import _BNStatLoss, _pixel_bounds, distill_images
-from tests.test_vision import one_thread  # noqa: F401  (fixture shared)
+
+# Tiny convolutions: one torch thread (tests/conftest.py) is faster than two on a loaded machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_net(seed=0):

@@ -32,7 +32,8 @@ try:
     IMPORT_ERROR: Optional[str] = None
 except ImportError as e:  # not built (no toolkit at build time), or libcudart missing at load
     _ext = None
-    IMPORT_ERROR = f"fxkernels._cuda is not importable ({e}); build with FXK_BUILD_CUDA=1 python setup.py build_ext --inplace"
+    IMPORT_ERROR = (f"fxkernels._cuda is not importable ({e}); build with "
+                    "FXK_BUILD_CUDA=1 python setup.py build_ext --inplace")
 
 MIN_CAPABILITY = (8, 0)  # mma.sync.m16n8k32 int8 and cp.async
 MAX_K = 32768            # |sum_k (xq-za)(c-zs)| <= K * 255^2 must fit int32
