@@ -1,4 +1,4 @@
-"""Format v1: bit-exact pack/unpack, RTN grids, QuantSpec validation."""
+"""The checkpoint's weight layout: bit-exact pack/unpack, RTN grids, QuantSpec validation."""
 
 import pytest
 import torch

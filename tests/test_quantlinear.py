@@ -178,7 +178,7 @@ def test_kernel_cache_follows_environment(monkeypatch):
 @pytest.mark.parametrize("built_in_inference_mode", [False, True])
 def test_runs_under_inference_mode(act_bits, built_in_inference_mode):
     """Inference tensors keep no version counter: the kernel caches must not ask them for one
-    (a W4A8 layer built outside and first called inside ``torch.inference_mode`` used to raise)."""
+    (a W4A8 layer built outside and first called inside ``torch.inference_mode`` included)."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 40)
     spec = QuantSpec(4, "channel", act_bits=act_bits)

