@@ -40,7 +40,10 @@ class Kernel:
     can_implement: same arguments, returns ``(ok, reason)`` and must be cheap (no device syncs);
     priority: higher runs first; bind (optional): takes the op's arguments once (the leading
     :data:`VARYING_ARGS` as examples) and returns ``f(*varying) -> result`` with the others fixed,
-    preparing whatever it can (e.g. a repacked weight) outside the per-call path.
+    preparing whatever it can (e.g. a repacked weight) outside the per-call path; graph
+    (optional): same arguments as bind, returns ``(operator, fixed)``, a registered torch operator
+    and the non-varying arguments, such that ``operator(*varying, *fixed)`` runs the kernel: the
+    form compiled graphs (torch.compile, CUDA graphs) call with no Python in between.
     """
 
     name: str
@@ -50,6 +53,13 @@ class Kernel:
     can_implement: Callable[..., Tuple[bool, str]]
     priority: int = 0
     bind: Optional[Callable] = None
+    graph: Optional[Callable] = None
+
+
+def graph_call(kernel: Kernel, args: tuple) -> Optional[tuple]:
+    """``(operator, fixed)`` for compiled graphs (see :class:`Kernel`), or None when the kernel
+    has no operator form (graphs then call the generic ``fxk::`` op)."""
+    return kernel.graph(*args) if kernel.graph is not None else None
 
 
 def bind(kernel: Kernel, args: tuple) -> Callable:

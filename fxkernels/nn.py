@@ -58,19 +58,31 @@ def store_grid(layer: nn.Module, packed: torch.Tensor, scale: torch.Tensor, zero
 
 
 class _Plan:
-    """An eager call prepared once: the buffer stamp it was built for, the bound callable
-    ``x2 -> y``, and the kernels it runs (``backend`` names the last one's)."""
+    """A layer's call prepared once for inputs of one kind.
 
-    __slots__ = ("stamp", "run", "kernels", "buffers")
+    ``stamp``: the buffer identities and write counters it was built for (see
+    ``QuantLinear._stamp``); ``run``: the eager closure ``x2 -> y``; ``kernels``: what it runs
+    (``backend`` names the last one's); ``derived``: the grouped grids and code sums it binds;
+    ``steps``: the same calls as ``(torch operator, fixed arguments)`` pairs, applied in turn to
+    the activation, for compiled graphs (None when a kernel has no operator form)."""
 
-    def __init__(self, stamp: tuple, run, kernels: tuple, layer: nn.Module):
+    __slots__ = ("stamp", "run", "kernels", "buffers", "derived", "steps")
+
+    def __init__(self, stamp: tuple, run, kernels: tuple, layer: nn.Module, derived: tuple,
+                 steps: Optional[tuple]):
         self.stamp, self.run, self.kernels = stamp, run, kernels
+        self.derived, self.steps = derived, steps
         # the stamp holds buffer ids: keeping the buffers alive keeps those ids from being reused
         self.buffers = tuple(layer._buffers.values())
 
     @property
     def backend(self) -> str:
         return self.kernels[-1].backend
+
+
+def _in_graph() -> bool:
+    """True while torch.compile / export / jit tracing runs the forward."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 class QuantLinear(nn.Module):
@@ -107,7 +119,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("act_zero", torch.zeros(1, dtype=torch.int32, device=device))
         else:
             self.act_scale = self.act_zero = None
-        self._kernels: Dict[tuple, "_Plan"] = {}  # eager plans, see forward
+        self._kernels: Dict[tuple, "_Plan"] = {}  # prepared calls, see _plan
+        self._graph: Optional[tuple] = None  # the plan compiled graphs call, see prepare
         self._fusion, self._fusion_index = None, 0  # set by fxkernels.fusion.fuse_projections
 
     # -- construction ----------------------------------------------------------------------
@@ -178,13 +191,22 @@ class QuantLinear(nn.Module):
         except RuntimeError:  # inference tensors keep no version counter (and are not written in place)
             return ids + (version_of(qw), version_of(sc), version_of(zr))
 
+    def _check_static_grid(self) -> None:
+        """A static activation scale must be positive. Checked once per prepared plan (reading it
+        on an accelerator is a device sync, which a forward must never do)."""
+        act_scale = self._buffers.get("act_scale")
+        if act_scale is not None and not bool((act_scale > 0).all()):
+            raise ValueError(f"QuantLinear: act_scale={act_scale.tolist()}; expected a positive scale")
+
     def _make_plan(self, x2: torch.Tensor, out_dtype: torch.dtype) -> "_Plan":
         """Validate and select the kernels for inputs like ``x2`` once, and bind every argument
-        but the activation, so a call is one Python closure around the kernel."""
-        scale_g, zero_g, wsum = self._derive()
+        but the activation, so an eager call is one Python closure around the kernel and a
+        compiled graph one operator call per kernel."""
+        derived = scale_g, zero_g, wsum = self._derive()
         b = self._buffers
         qw, bias, bits = b["qweight"], b["bias"], self.spec.bits
         if self.spec.act_bits:
+            self._check_static_grid()
             act = (b.get("act_scale"), b.get("act_zero"))
             ops.check_args("quantize_act", x2, *act)
             qk = dispatch.select("quantize_act", x2, *act)
@@ -193,16 +215,59 @@ class QuantLinear(nn.Module):
             ops.check_args("qact_linear", xq, sa, za, *tail)
             lk = dispatch.select("qact_linear", xq, sa, za, *tail)
             quant, linear = dispatch.bind(qk, (x2, *act)), dispatch.bind(lk, (xq, sa, za, *tail))
-            return _Plan(self._stamp(), lambda x: linear(*quant(x)), (qk, lk), self)
+            steps = (dispatch.graph_call(qk, (x2, *act)), dispatch.graph_call(lk, (xq, sa, za, *tail)))
+            return _Plan(self._stamp(), lambda x: linear(*quant(x)), (qk, lk), self, derived,
+                         None if None in steps else steps)
         args = (x2, qw, scale_g, zero_g, bias, bits, self.in_features)
         ops.check_args("dequant_linear", *args)
         kernel = dispatch.select("dequant_linear", *args)
-        return _Plan(self._stamp(), dispatch.bind(kernel, args), (kernel,), self)
+        step = dispatch.graph_call(kernel, args)
+        return _Plan(self._stamp(), dispatch.bind(kernel, args), (kernel,), self, derived,
+                     None if step is None else (step,))
 
-    def _traced(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """Through the registered ops: graphs (torch.compile, export, fake tensors) see opaque,
-        schema-checked nodes and hold no Python-side caches."""
-        scale_g, zero_g, wsum = self._derive()
+    def _plan(self, x2: torch.Tensor, out_dtype: torch.dtype) -> "_Plan":
+        """The prepared call for inputs like ``x2``: one per (dtype, device, M bucket, alignment,
+        dispatch state), rebuilt whenever a buffer was replaced or written (see _stamp).
+
+        The torch.library layer and per-call argument checks cost tens of microseconds, which at
+        ~200 linears per decoded token of a small model is a large share of each step (measured:
+        2.40x -> 2.8x decode speed-up over fp32 without them), so they run once per plan."""
+        m = x2.shape[0]
+        key = (x2.dtype, x2.device, m if m <= 16 else -1, x2.data_ptr() % 16 == 0, dispatch.selection_state())
+        plan = self._kernels.get(key)
+        if plan is None or plan.stamp != self._stamp():
+            plan = self._kernels[key] = self._make_plan(x2, out_dtype)
+        return plan
+
+    @torch.no_grad()
+    def prepare(self, dtype: torch.dtype = torch.float32, rows: int = 1) -> "QuantLinear":
+        """Prepare the layer for compiled graphs (``torch.compile``, export, CUDA-graph capture):
+        choose its kernels for ``dtype`` activations of ``rows`` rows on the layer's device, repack
+        the weight, check the grid, and pin the result, so the traced forward is one registered
+        operator call per kernel, with no Python, no host-device sync and no per-call preparation.
+        The pin is dropped when the layer is moved or loaded (``.to()``, ``load_state_dict``) and
+        ignored when a buffer is replaced; the traced forward then falls back to the generic
+        ``fxk::`` ops. Eager calls need no preparation. Returns ``self``."""
+        x2 = torch.zeros(rows, self.in_features, dtype=dtype, device=self.qweight.device)
+        plan = self._plan(x2, dtype)
+        self._graph = (self._buffers["qweight"], dtype, plan.derived, plan.steps)
+        return self
+
+    def _graph_forward(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The traced forward: the pinned operators (see prepare) when they fit, else the generic
+        registered ops, which graphs see as opaque, schema-checked nodes."""
+        pinned = self._graph
+        if pinned is not None and pinned[0] is self._buffers["qweight"] and pinned[1] == x2.dtype:
+            derived, steps = pinned[2], pinned[3]
+            if steps is not None:
+                args = (x2,)
+                for op, fixed in steps:
+                    out = op(*args, *fixed)
+                    args = out if isinstance(out, (tuple, list)) else (out,)
+                return args[0]
+        else:
+            derived = self._derive()
+        scale_g, zero_g, wsum = derived
         b = self._buffers
         if self.spec.act_bits:
             xq, sa, za = ops.quantize_act(x2, b.get("act_scale"), b.get("act_zero"))
@@ -210,8 +275,18 @@ class QuantLinear(nn.Module):
                                    out_dtype)
         return ops.dequant_linear(x2, b["qweight"], scale_g, zero_g, b["bias"], self.spec.bits, self.in_features)
 
+    def _apply(self, fn, recurse=True):
+        # moved or converted buffers: every prepared call binds the old ones
+        self._kernels.clear()
+        self._graph = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._graph = None  # in-place writes: the pinned repack is stale (eager plans check stamps)
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fusion is not None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        if self._fusion is not None and not _in_graph():
             y = self._fusion.output(self, x)  # one kernel call shared with sibling layers
             if y is not None:
                 return y
@@ -223,20 +298,10 @@ class QuantLinear(nn.Module):
             x2 = hadamard_transform(x2, self.input_rotation)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x2) is not torch.Tensor:
-            y = self._traced(x2, x.dtype)
+        if _in_graph() or type(x2) is not torch.Tensor:
+            y = self._graph_forward(x2, x.dtype)
         else:
-            # Eager: the torch.library layer and per-call argument checks cost tens of
-            # microseconds, which at ~200 linears per decoded token of a small model is a large
-            # share of each step (measured: 2.40x -> 2.8x decode speed-up over fp32 without it).
-            # So one plan per (dtype, device, M bucket, alignment, dispatch state) is built once
-            # and reused while the buffers are unchanged (see _stamp).
-            m = x2.shape[0]
-            key = (x2.dtype, x2.device, m if m <= 16 else -1, x2.data_ptr() % 16 == 0, dispatch.selection_state())
-            plan = self._kernels.get(key)
-            if plan is None or plan.stamp != self._stamp():
-                plan = self._kernels[key] = self._make_plan(x2, x.dtype)
-            y = plan.run(x2)
+            y = self._plan(x2, x.dtype).run(x2)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -93,9 +93,16 @@ def quantize_act(x: Tensor, scale: Optional[Tensor], zero: Optional[Tensor]) -> 
     Returns ``(xq int8 [M, K], scale fp32 [M], zero int32 [M])`` with ``x ~= scale * (xq - zero)``.
     """
     _check_quantize_act(x, scale, zero)
-    if scale is not None and not bool(scale.reshape(()) > 0):  # value check: real tensors only
-        _fail("scale", float(scale.reshape(())), "a positive float32 [1] tensor")
+    _check_static_scale_value(scale)
     return dispatch.run("quantize_act", x, scale, zero)
+
+
+def _check_static_scale_value(scale: Optional[Tensor]) -> None:
+    """A static scale must be positive. Read on CPU tensors only: on an accelerator the read would
+    be a device-to-host sync in every forward (and break CUDA-graph capture); QuantLinear checks
+    its grid once, when it prepares a layer (see QuantLinear.prepare)."""
+    if scale is not None and scale.device.type == "cpu" and not bool(scale.reshape(()) > 0):
+        _fail("scale", float(scale.reshape(())), "a positive float32 [1] tensor")
 
 
 def _check_quantize_act(x, scale, zero) -> None:
@@ -161,4 +168,5 @@ def check_args(op: str, *args) -> None:
     {"dequant_linear": _check_dequant_linear, "quantize_act": _check_quantize_act,
      "qact_linear": _check_qact_linear}[op](*args)
     if op == "quantize_act" and args[1] is not None and not bool(args[1].reshape(()) > 0):
+        # fast paths call this once per prepared layer, never per forward: the read may sync
         _fail("scale", float(args[1].reshape(())), "a positive float32 [1] tensor")

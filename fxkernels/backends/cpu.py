@@ -107,6 +107,11 @@ def _dq_bind(x, qweight, scale, zero, bias, bits, in_features):
     return lambda x: f(x, qweight, scale, zero, packed, bias, bits, in_features)
 
 
+def _dq_graph(x, qweight, scale, zero, bias, bits, in_features):
+    packed = _dq_packed(qweight, scale, zero, bits, in_features)
+    return torch.ops.fxk_cpu.dequant_linear.default, (qweight, scale, zero, packed, bias, bits, in_features)
+
+
 # -- quantize_act --------------------------------------------------------------------------------
 def _quant_can(x, scale, zero):
     if x.device.type != "cpu":
@@ -121,6 +126,10 @@ def _quant_run(x, scale, zero):
 def _quant_bind(x, scale, zero):
     f = _C.quantize_act
     return lambda x: f(x, scale, zero)  # a [xq, scale, zero] list
+
+
+def _quant_graph(x, scale, zero):
+    return torch.ops.fxk_cpu.quantize_act.default, (scale, zero)
 
 
 # -- qact_linear ---------------------------------------------------------------------------------
@@ -150,10 +159,36 @@ def _qa_bind(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dt
     return lambda xq, sa, za: f(xq, sa, za, qweight, scale, zero, wsum, packed, bias, bits, out_dtype)
 
 
+def _qa_graph(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype):
+    packed = _qa_packed(xq.shape[1], qweight, scale, zero, wsum, bits)
+    return torch.ops.fxk_cpu.qact_linear.default, (qweight, scale, zero, wsum, packed, bias, bits, out_dtype)
+
+
+# -- fake (shape) implementations of the fxk_cpu operators (csrc/cpu/torch_ops.cpp) -------------
+@torch.library.register_fake("fxk_cpu::dequant_linear")
+def _(x, qweight, scale, zero, packed, bias, bits, in_features):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.register_fake("fxk_cpu::quantize_act")
+def _(x, scale, zero):
+    m = x.shape[0]
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(m, dtype=torch.float32),
+            x.new_empty(m, dtype=torch.int32))
+
+
+@torch.library.register_fake("fxk_cpu::qact_linear")
+def _(xq, x_scale, x_zero, qweight, scale, zero, wsum, packed, bias, bits, out_dtype):
+    return xq.new_empty(xq.shape[0], qweight.shape[0], dtype=out_dtype)
+
+
 set_isa(os.environ.get("FXK_CPU_ISA", "auto") or "auto")
 _feat = _C.cpu_features()
 set_backend_status("cpu", True, f"fxkernels._C, {active_isa()} kernels "
                    f"(cpu features: {', '.join(k for k, v in _feat.items() if v) or 'baseline x86-64'})")
-register(Kernel("cpu_dequant_linear", "cpu", "dequant_linear", _dq_run, _dq_can, priority=100, bind=_dq_bind))
-register(Kernel("cpu_quantize_act", "cpu", "quantize_act", _quant_run, _quant_can, priority=100, bind=_quant_bind))
-register(Kernel("cpu_qact_linear", "cpu", "qact_linear", _qa_run, _qa_can, priority=100, bind=_qa_bind))
+register(Kernel("cpu_dequant_linear", "cpu", "dequant_linear", _dq_run, _dq_can, priority=100, bind=_dq_bind,
+                graph=_dq_graph))
+register(Kernel("cpu_quantize_act", "cpu", "quantize_act", _quant_run, _quant_can, priority=100, bind=_quant_bind,
+                graph=_quant_graph))
+register(Kernel("cpu_qact_linear", "cpu", "qact_linear", _qa_run, _qa_can, priority=100, bind=_qa_bind,
+                graph=_qa_graph))

@@ -1,0 +1,48 @@
+// The CPU kernels as torch operators (namespace fxk_cpu), so that compiled graphs
+// (torch.compile / inductor, torch.export) call them through the dispatcher with no Python in
+// between. Their fake (shape) implementations live in fxkernels/backends/cpu.py. The argument
+// conventions are those of the pybind11 functions in bindings_cpu.cpp; `packed` is the repacked
+// weight list those functions take (from repack_dequant / repack_qact, prepared at load time).
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cpu/kernels_cpu.h"
+
+namespace {
+
+at::Tensor dequant_linear_op(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                             const at::Tensor& zero, at::TensorList packed, const c10::optional<at::Tensor>& bias,
+                             int64_t bits, int64_t in_features) {
+  return fxk::dequant_linear(x, qweight, scale, zero, packed.vec(), bias, bits, in_features);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_op(const at::Tensor& x,
+                                                              const c10::optional<at::Tensor>& scale,
+                                                              const c10::optional<at::Tensor>& zero) {
+  auto r = fxk::quantize_act(x, scale, zero);
+  return {r[0], r[1], r[2]};
+}
+
+at::Tensor qact_linear_op(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& x_zero,
+                          const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
+                          const at::Tensor& wsum, at::TensorList packed, const c10::optional<at::Tensor>& bias,
+                          int64_t bits, at::ScalarType out_dtype) {
+  return fxk::qact_linear(xq, x_scale, x_zero, qweight, scale, zero, wsum, packed.vec(), bias, bits, out_dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fxk_cpu, m) {
+  m.def("dequant_linear(Tensor x, Tensor qweight, Tensor scale, Tensor zero, Tensor[] packed, Tensor? bias, "
+        "int bits, int in_features) -> Tensor");
+  m.def("quantize_act(Tensor x, Tensor? scale, Tensor? zero) -> (Tensor, Tensor, Tensor)");
+  m.def("qact_linear(Tensor xq, Tensor x_scale, Tensor x_zero, Tensor qweight, Tensor scale, Tensor zero, "
+        "Tensor wsum, Tensor[] packed, Tensor? bias, int bits, ScalarType out_dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fxk_cpu, CPU, m) {
+  m.impl("dequant_linear", &dequant_linear_op);
+  m.impl("quantize_act", &quantize_act_op);
+  m.impl("qact_linear", &qact_linear_op);
+}
