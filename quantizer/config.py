@@ -195,7 +195,8 @@ class QuantizeConfig:
                 if auto:
                     continue
                 raise ValueError(f"QuantizeConfig: rotate matches {name!r}, whose in_features={lin.in_features} has "
-                                 f"no power-of-two factor >= {MIN_ROTATION_BLOCK}; expected layers a Hadamard block divides")
+                                 f"no power-of-two factor >= {MIN_ROTATION_BLOCK}; expected layers a Hadamard "
+                                 "block divides")
             blocks[name] = b
         return blocks
 

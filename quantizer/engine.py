@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +33,11 @@ from fxkernels.nn import set_submodule
 from .config import QuantizeConfig
 from .layers import FrozenLayer, QuantLayer
 from .rounding import method_class
+
+if TYPE_CHECKING:
+    from .resume import ResumeDir
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 class QuantizationError(RuntimeError):
@@ -45,7 +50,7 @@ def unit_output(out):
 
 
 @torch.no_grad()
-def run_stream(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+def run_stream(forward: Forward, x: torch.Tensor, batch: int) -> torch.Tensor:
     """``forward`` over every row of ``x`` in mini-batches of ``batch``, concatenated."""
     return torch.cat([forward(x[s:s + batch]) for s in range(0, x.shape[0], batch)])
 
@@ -62,7 +67,7 @@ def reconstruction_loss(y: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Te
 
 
 @torch.no_grad()
-def eval_loss(forward, x: torch.Tensor, t: torch.Tensor, batch: int, kind: str) -> float:
+def eval_loss(forward: Forward, x: torch.Tensor, t: torch.Tensor, batch: int, kind: str) -> float:
     total = 0.0
     for s in range(0, x.shape[0], batch):
         y = forward(x[s:s + batch])
@@ -91,7 +96,7 @@ def optimizer_step(opts, scheds, wrappers: Dict[str, QuantLayer], loss: torch.Te
 
 
 @torch.no_grad()
-def start_activation_grids(forward, wrappers: Dict[str, QuantLayer], x: torch.Tensor, batch: int) -> None:
+def start_activation_grids(forward: Forward, wrappers: Dict[str, QuantLayer], x: torch.Tensor, batch: int) -> None:
     """Initialize every activation quantizer from the inputs its layer sees while ``x`` passes."""
     with_aq = [w for w in wrappers.values() if w.aq is not None]
     if not with_aq:
@@ -147,7 +152,7 @@ def _optimizers(wrappers: Dict[str, QuantLayer], cfg: QuantizeConfig):
     return opts, scheds
 
 
-def learn_unit(index: int, forward, wrappers: Dict[str, QuantLayer], data: UnitData, cfg: QuantizeConfig,
+def learn_unit(index: int, forward: Forward, wrappers: Dict[str, QuantLayer], data: UnitData, cfg: QuantizeConfig,
                label: str, log: Callable[[str], None]) -> Tuple[float, float]:
     """Learn one unit's rounding (and activation grids); returns the check loss (before, after).
 
@@ -224,8 +229,8 @@ class Unit:
     label: str
     root: nn.Module
     layers: List[Tuple[str, nn.Module]]
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    run_float: Callable[[torch.Tensor], torch.Tensor]
+    forward: Forward
+    run_float: Forward
 
 
 class Family:
@@ -257,10 +262,10 @@ class Family:
 
 
 def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log: Callable[[str], None],
-                      resume=None, holdout: Optional[torch.Tensor] = None) -> List[dict]:
+                      resume: Optional["ResumeDir"] = None, holdout: Optional[torch.Tensor] = None) -> List[dict]:
     """Quantize every unit of ``family`` in order, starting from the first unit's inputs ``x``.
 
-    resume: a :class:`quantizer.resume.ResumeDir`; units it holds are loaded instead of learned
+    resume: units it holds are loaded instead of learned
     and every newly finished unit is saved to it.
     holdout: inputs never learned on, carried through the float and the quantized units like
     ``x``; when given they decide whether each unit keeps its learned rounding (else the first
@@ -325,5 +330,6 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
             log(f"{unit.label}: loaded from resume_dir ({seconds:.1f} s)")
         stats.append({"unit": i, "label": unit.label, "loss_before": before, "loss_after": after, "seconds": seconds})
         if not torch.isfinite(xq).all():
-            raise QuantizationError(f"{unit.label}: the quantized model's activations became non-finite after this unit")
+            raise QuantizationError(f"{unit.label}: the quantized model's activations became non-finite "
+                                    "after this unit")
     return stats

@@ -21,11 +21,11 @@ from torch import nn
 from .act_quant import ActQuantizer
 from .blocks import BlockLayout, block_linears, find_blocks, matches, unknown_layers
 from .config import QuantizeConfig
-from .engine import Family, QuantizationError, Unit, reconstruct_units, reconstruction_loss, run_stream, unit_output
+from .engine import Family, QuantizationError, Unit, reconstruct_units, run_stream, unit_output
 from .layers import LinearQuant, quant_layer
 from .resume import ResumeDir, model_fingerprint, tensor_fingerprint
 
-__all__ = ["reconstruct", "capture_inputs", "run_block", "QuantizationError", "reconstruction_loss", "ResumeDir"]
+__all__ = ["reconstruct", "capture_inputs", "run_block", "BlockFamily", "QuantizationError"]
 
 
 # -- capturing block 0's inputs -----------------------------------------------------------

@@ -75,7 +75,8 @@ class ResumeDir:
                     if key == "config":
                         old, new = man["identity"]["config"], identity["config"]
                         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                        detail = f" (differing fields: {', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)})"
+                        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+                        detail = f" (differing fields: {changes})"
                     raise ValueError(f"resume_dir={path!r} was written for {what}{detail}; use a fresh "
                                      "resume_dir or the original model/config")
             self.finished = int(man["finished"])

@@ -78,7 +78,7 @@ def test_flexround_beats_rtn_and_exports_quantlinear(ref_model):
 def test_token_normalized_loss(ref_model):
     """Each token's error is divided by its target's mean square: a token scaled 1000x weighs the
     same as before, and learning with this loss still beats RTN."""
-    from quantizer.reconstruct import reconstruction_loss
+    from quantizer.engine import reconstruction_loss
 
     t = torch.randn(2, 5, 16)
     y = t + 0.1 * torch.randn(2, 5, 16)

@@ -52,7 +52,8 @@ def equalization_pairs(model: nn.Module) -> List[Pair]:
     for prod, seq, idx, cons in pairs:
         if not (isinstance(prod, nn.Conv2d) and isinstance(cons, nn.Conv2d) and prod.bias is not None):
             raise ValueError("equalize_mobilenet: expected a batch-norm-folded MobileNetV2 "
-                             f"(got {type(prod).__name__} -> {type(cons).__name__}, producer bias {prod.bias is not None})")
+                             f"(got {type(prod).__name__} -> {type(cons).__name__}, "
+                             f"producer bias {prod.bias is not None})")
         if not isinstance(seq[idx], (nn.ReLU6, ChannelClippedReLU)):
             raise ValueError(f"equalize_mobilenet: expected ReLU6 between the convs, found {type(seq[idx]).__name__}")
     return pairs

@@ -46,5 +46,6 @@ def compare_logits(ref: torch.Tensor, test: torch.Tensor, margin: float = 0.1) -
             "decided_n": int(decided.sum()), "margin": float(margin)}
 
 
-def agreement(fp_model: nn.Module, q_model: nn.Module, images: torch.Tensor, batch: int = 32) -> Dict[str, Optional[float]]:
+def agreement(fp_model: nn.Module, q_model: nn.Module, images: torch.Tensor,
+              batch: int = 32) -> Dict[str, Optional[float]]:
     return compare_logits(logits(fp_model, images, batch), logits(q_model, images, batch))

@@ -166,7 +166,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
         raise TypeError(f"fold_conv_bn: got {type(conv).__name__}, {type(bn).__name__}; expected Conv2d, BatchNorm2d")
     if bn.num_features != conv.out_channels:
-        raise ValueError(f"fold_conv_bn: bn.num_features={bn.num_features}; expected conv.out_channels={conv.out_channels}")
+        raise ValueError(f"fold_conv_bn: bn.num_features={bn.num_features}; "
+                         f"expected conv.out_channels={conv.out_channels}")
     if bn.running_mean is None:
         raise ValueError("fold_conv_bn: batch norm has no running statistics (track_running_stats=False); cannot fold")
     g = bn.weight.double() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64)
