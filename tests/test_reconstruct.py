@@ -165,6 +165,10 @@ def test_bad_calibration_and_config():
         QuantizeConfig(act_bits=1)
     with pytest.raises(ValueError, match="act_bits=4.*language model"):  # the int8 kernels' width only
         quantize(m, calib(), base_cfg(act_bits=4), log=quiet)
+    with pytest.raises(ValueError, match="first_last=W8.*language model"):
+        quantize(m, calib(), base_cfg(first_last=QuantSpec(bits=8)), log=quiet)
+    with pytest.raises(ValueError, match="first_last=.*weight-only"):
+        QuantizeConfig(first_last=QuantSpec(bits=8, act_bits=8, act_mode="static"))
     with pytest.raises(ValueError, match="loss='l1'"):
         QuantizeConfig(loss="l1")
     ids = prepare_calibration([torch.arange(30), torch.arange(30)[None]], nsamples=2, seqlen=25)
@@ -321,3 +325,16 @@ def test_flexround_default_step_size_follows_weight_bits():
     assert lr[2] == lr[3] == lr[4] == 6e-3 and lr[8] == 1e-3 and 1e-3 < lr[6] < 6e-3
     assert QuantizeConfig(weight=QuantSpec(bits=8, granularity="tensor"), lr=5e-3).learning_rate == 5e-3
     assert QuantizeConfig(method="adaround", weight=QuantSpec(bits=8, granularity="tensor")).learning_rate == 1e-2
+
+
+def test_config_round_trip_and_resume_identity():
+    """``first_last`` survives to_dict/from_dict (as a dict in JSON); left at None it is not part of
+    the resume identity, so directories written before the field existed still match."""
+    cfg = base_cfg(first_last=QuantSpec(bits=8, granularity="tensor"))
+    back = QuantizeConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.first_last == QuantSpec(bits=8, granularity="tensor")
+    assert "first_last" in cfg.fingerprint_dict()
+    assert "first_last" not in base_cfg().fingerprint_dict()
+    assert base_cfg(options={"reg_weight": 0.3, "s1_lr_scale": 0.5}).rounding_options() == \
+        {"s1_lr_scale": 0.5, "init": "mse"}
+    assert base_cfg(method="signround").rounding_options() == {}  # SignRound takes no init

@@ -46,8 +46,8 @@ def output_channel_means(unit: nn.Module, layers: Dict[str, nn.Module], x: torch
 def correct_unit_biases(fp_unit: nn.Module, fp_layers: Dict[str, nn.Module], unit: nn.Module,
                         wrappers: Dict[str, nn.Module], xfp: torch.Tensor, xq: torch.Tensor,
                         batch: int = 32) -> None:
-    """Shift each wrapper's ``bias`` buffer (a :class:`LayerWrapper` in its hard, quantized state)
-    so that its output-channel means on ``xq`` equal the float layer's on ``xfp``.
+    """Shift each wrapper's ``bias`` buffer (a :class:`quantizer.layers.QuantLayer` in its hard,
+    quantized state) so that its output-channel means on ``xq`` equal the float layer's on ``xfp``.
 
     ``fp_layers`` and ``wrappers`` map the same names, in execution order."""
     if list(fp_layers) != list(wrappers):
