@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -242,14 +242,15 @@ class Family:
     #: rows of the activation-grid start (None: the check inputs)
     act_init_rows: Optional[int] = None
 
-    def units(self) -> Sequence[Unit]:
+    def units(self) -> Iterable[Unit]:
         raise NotImplementedError
 
     def wrap(self, unit: Unit, name: str, layer: nn.Module) -> QuantLayer:
         raise NotImplementedError
 
     def before_wrapping(self, unit: Unit, xq: torch.Tensor) -> None:
-        """Change the float unit before its layers are wrapped (e.g. SmoothQuant)."""
+        """Change the float unit before its layers are wrapped or loaded from a resume directory
+        (e.g. SmoothQuant); ``xq`` are the unit's quantized-stream inputs."""
 
     def after_learning(self, unit: Unit, wrappers: Dict[str, QuantLayer], xfp: torch.Tensor,
                        xq: torch.Tensor) -> bool:
@@ -261,17 +262,47 @@ class Family:
         set_submodule(unit.root, name, exported)
 
 
+def _learn_and_export(family: Family, unit: Unit, index: int, data: UnitData, cfg: QuantizeConfig,
+                      log: Callable[[str], None]) -> Tuple[Dict[str, nn.Module], float, float]:
+    """Wrap the unit's layers, learn them, let the family adjust them; ``(exported layers, check
+    loss before, after)``. On any error the unit gets its float layers back."""
+    wrappers = {}
+    for name, layer in unit.layers:
+        wrappers[name] = family.wrap(unit, name, layer)
+        set_submodule(unit.root, name, wrappers[name])
+    try:
+        before, after = learn_unit(index, unit.forward, wrappers, data, cfg, unit.label, log)
+        if family.after_learning(unit, wrappers, data.xfp, data.xq):
+            after = eval_loss(unit.forward, *data.check, data.batch, cfg.loss)
+    except BaseException:
+        # Leave the model usable: this unit goes back to its float layers.
+        for name, layer in unit.layers:
+            set_submodule(unit.root, name, layer)
+        raise
+    return {name: w.export() for name, w in wrappers.items()}, before, after
+
+
+def _load_finished(resume: "ResumeDir", index: int, unit: Unit) -> Dict[str, nn.Module]:
+    exported = resume.load_block(index)
+    expected = sorted(n for n, _ in unit.layers)
+    if sorted(exported) != expected:
+        raise ValueError(f"resume_dir={resume.path!r}: block {index} holds layers {sorted(exported)}; "
+                         f"expected {expected}")
+    return exported
+
+
 def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log: Callable[[str], None],
                       resume: Optional["ResumeDir"] = None, holdout: Optional[torch.Tensor] = None) -> List[dict]:
     """Quantize every unit of ``family`` in order, starting from the first unit's inputs ``x``.
 
-    resume: units it holds are loaded instead of learned
-    and every newly finished unit is saved to it.
+    resume: units it already holds are loaded instead of learned; every newly finished unit is
+    saved to it.
     holdout: inputs never learned on, carried through the float and the quantized units like
     ``x``; when given they decide whether each unit keeps its learned rounding (else the first
     ``cfg.eval_samples`` rows of ``x`` do).
 
-    Returns one ``{"unit", "label", "loss_before", "loss_after", "seconds"}`` per unit learned or loaded."""
+    Returns ``{"unit", "label", "loss_before", "loss_after", "seconds"}`` per unit learned or loaded
+    (NaN losses for loaded ones)."""
     xfp, xq = x, x.clone()
     hfp, hq = (holdout, holdout.clone()) if holdout is not None else (None, None)
     pb = family.stream_batch
@@ -280,47 +311,29 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
         tu = time.time()
         targets = run_stream(unit.run_float, xfp, pb)
         htargets = run_stream(unit.run_float, hfp, pb) if hfp is not None else None
-        if not unit.layers:
-            xq = run_stream(unit.forward, xq, pb)
-            hq = run_stream(unit.forward, hq, pb) if hq is not None else None
-            xfp, hfp = targets, htargets
-            continue
-        if resume is not None and i < resume.finished:
-            exported = resume.load_block(i)
-            expected = sorted(n for n, _ in unit.layers)
-            if sorted(exported) != expected:
-                raise ValueError(f"resume_dir={resume.path!r}: block {i} holds layers {sorted(exported)}; "
-                                 f"expected {expected}")
-            before = after = float("nan")
-        else:
+        if unit.layers:
             torch.manual_seed(cfg.seed * 1_000_003 + i)
+            # Also for a unit loaded from ``resume``: what this changes outside the quantized
+            # layers (SmoothQuant rescales norms) is not in the saved files and must be redone.
             family.before_wrapping(unit, xq)
-            wrappers = {}
-            for name, layer in unit.layers:
-                wrappers[name] = family.wrap(unit, name, layer)
-                set_submodule(unit.root, name, wrappers[name])
-            ne = min(cfg.eval_samples, xq.shape[0])
-            check = (hq, htargets) if hq is not None else (xq[:ne], targets[:ne])
-            act_init = xq[:family.act_init_rows] if family.act_init_rows else xq[:ne]
-            data = UnitData(xq, xfp, targets, check, act_init, cfg.batch_size)
-            try:
-                before, after = learn_unit(i, unit.forward, wrappers, data, cfg, unit.label, log)
-                if family.after_learning(unit, wrappers, xfp, xq):
-                    after = eval_loss(unit.forward, *check, cfg.batch_size, cfg.loss)
-            except BaseException:
-                # Leave the model usable: this unit goes back to its float layers.
-                for name, layer in unit.layers:
-                    set_submodule(unit.root, name, layer)
-                raise
-            exported = {name: w.export() for name, w in wrappers.items()}
-        # Advance the quantized streams through the unit exactly as exported.
-        for name, layer in exported.items():
-            set_submodule(unit.root, name, FrozenLayer(layer))
+            if resume is not None and i < resume.finished:
+                exported, before, after = _load_finished(resume, i, unit), float("nan"), float("nan")
+            else:
+                ne = min(cfg.eval_samples, xq.shape[0])
+                check = (hq, htargets) if hq is not None else (xq[:ne], targets[:ne])
+                act_init = xq[:family.act_init_rows] if family.act_init_rows else xq[:ne]
+                data = UnitData(xq, xfp, targets, check, act_init, cfg.batch_size)
+                exported, before, after = _learn_and_export(family, unit, i, data, cfg, log)
+            # Advance the quantized streams through the unit exactly as exported.
+            for name, layer in exported.items():
+                set_submodule(unit.root, name, FrozenLayer(layer))
         xq = run_stream(unit.forward, xq, pb)
         hq = run_stream(unit.forward, hq, pb) if hq is not None else None
+        xfp, hfp = targets, htargets
+        if not unit.layers:
+            continue
         for name, layer in exported.items():
             family.deploy(unit, name, layer)
-        xfp, hfp = targets, htargets
         if resume is not None and i >= resume.finished:
             resume.save_block(i, exported)
         seconds = time.time() - tu

@@ -149,6 +149,35 @@ def test_resume_continues_after_last_finished_block(ref_model, tmp_path):
         quantize(tiny_llama(seed=5), calib(), base_cfg(iters=8, resume_dir=rd), log=quiet)
 
 
+def test_resume_redoes_the_smoothing_of_loaded_blocks(ref_model, tmp_path):
+    """SmoothQuant rescales a block's norms, which the resume files do not hold: a resumed W8A8
+    run smooths the loaded blocks again and ends bit-identical to an uninterrupted one."""
+    state, ids, _ = ref_model
+    cfg = dict(weight=QuantSpec(bits=8, granularity="tensor"), act_bits=8, smooth=0.5, iters=3)
+    full = fresh(state)
+    quantize(full, calib(), base_cfg(**cfg), log=quiet)
+
+    class Interrupt(Exception):
+        pass
+
+    def die_after_first(msg):
+        if msg.startswith("block 1/2: loss"):
+            raise Interrupt
+
+    rd = str(tmp_path / "resume")
+    with pytest.raises(Interrupt):
+        quantize(fresh(state), calib(), base_cfg(**cfg, resume_dir=rd), log=die_after_first)
+    lines = []
+    resumed = fresh(state)
+    quantize(resumed, calib(), base_cfg(**cfg, resume_dir=rd), log=lines.append)
+    assert any("block 1/2: loaded from resume_dir" in line for line in lines)
+    assert any("block 1/2: smoothed" in line for line in lines)
+    a, b = full.state_dict(), resumed.state_dict()
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(a[norm], state[norm])  # smoothing did rescale it
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_calibration_and_config():
     m = tiny_llama()
     with pytest.raises(ValueError, match=r"too short.*nsamples=8 x seqlen=24"):
