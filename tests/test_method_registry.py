@@ -55,6 +55,10 @@ def test_malformed_policies_are_refused(own_registry):
         method = "noinit"
         takes_init = True  # but the constructor has no init argument
 
+        @classmethod
+        def default_learning_rate(cls, bits, iters):
+            return 0.1
+
     with pytest.raises(ValueError, match="NoInit.takes_init=True"):
         register_method(NoInit)
 
@@ -62,8 +66,18 @@ def test_malformed_policies_are_refused(own_registry):
         method = "keep"
         keep_best = "yes"
 
+        @classmethod
+        def default_learning_rate(cls, bits, iters):
+            return 0.1
+
     with pytest.raises(TypeError, match="Keep.keep_best='yes'"):
         register_method(Keep)
+
+    class NoStep(WeightQuantizer):
+        method = "nostep"
+
+    with pytest.raises(ValueError, match="NoStep does not define default_learning_rate"):
+        register_method(NoStep)
 
     class Clash(WeightQuantizer):
         method = "flexround"

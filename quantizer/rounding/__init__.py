@@ -3,6 +3,13 @@
 Each method's file defines one :class:`WeightQuantizer` subclass, declares its learning policy
 in class attributes and registers it with :func:`register_method`; importing this package
 registers the built-in methods in the order below.
+
+Adding a method is one file here (imported below) plus its test: subclass ``WeightQuantizer``,
+implement ``scale_zero`` and ``codes_float`` (and ``regularizer``/``project`` if it has them),
+set ``method`` and the policy attributes, define ``default_learning_rate`` (and
+``make_optimizer`` unless Adam suits), and decorate the class with ``@register_method``. The
+configuration, ``flexround quantize --method``, the vision command and both model families pick
+it up from the registry; ``tests/test_method_registry.py`` shows a complete one.
 """
 
 from __future__ import annotations

@@ -163,6 +163,9 @@ class WeightQuantizer(nn.Module):
         for name in ("learns", "takes_init", "keep_best", "soft_while_learning"):
             if not isinstance(getattr(cls, name), bool):
                 raise TypeError(f"{cls.__name__}.{name}={getattr(cls, name)!r}; expected True or False")
+        if cls.default_learning_rate.__func__ is WeightQuantizer.default_learning_rate.__func__:
+            raise ValueError(f"{cls.__name__} does not define default_learning_rate(bits, iters); expected the "
+                             "step size a run uses when its lr is None")
         w = cls.regularizer_weight
         if w is not None and not (isinstance(w, (int, float)) and w >= 0):
             raise ValueError(f"{cls.__name__}.regularizer_weight={w!r}; expected None or a number >= 0")
