@@ -161,3 +161,14 @@ def test_a_new_kind_is_one_registration(tmp_path):
     finally:
         from fxkernels import layers
         layers._KINDS.pop("toy_scale", None)
+
+
+def test_inspect_lists_every_quantized_kind():
+    from quantizer.inspect_ckpt import inspect_checkpoint
+
+    info = inspect_checkpoint(os.path.join(V2, "cnn"))
+    rows = {r["name"]: r for r in info["layers"]}
+    assert set(rows) == {"0", "2", "4", "7"}  # the clip layer "1" holds no quantized weight
+    assert (rows["2"]["kind"], rows["2"]["out_features"], rows["2"]["in_features"]) == ("conv2d", 8, 9)
+    assert rows["4"]["act"] == "A8 static" and rows["7"]["kind"] == "linear"
+    assert info["totals"]["float_tensors"] == 1  # the clip layer's upper bounds
