@@ -131,8 +131,10 @@ def upgrade_entries(config: dict) -> Dict[str, dict]:
     (no kind), and CNN checkpoints added ``conv_layers`` (QuantConv2d geometry) and ``clip_layers``
     (name -> channels); both become entries of their kinds here. Returns fresh dicts.
     """
-    out = {name: {"kind": "linear", **e} if isinstance(e, dict) and "kind" not in e else dict(e)
-           for name, e in config.get("layers", {}).items()}
+    out = {}
+    for name, e in config.get("layers", {}).items():
+        # a malformed entry is passed on as is: entry_kind refuses it with its type
+        out[name] = ({"kind": "linear", **e} if "kind" not in e else dict(e)) if isinstance(e, dict) else e
     for name, g in config.get("conv_layers", {}).items():
         out[name] = {"kind": "conv2d", **g}
     for name, channels in config.get("clip_layers", {}).items():
@@ -204,7 +206,7 @@ register_layer_kind(LayerKind(
     weight_shape=lambda e: (e["out_features"], e["in_features"])))
 register_layer_kind(LayerKind(
     "conv2d", QuantConv2d, (nn.Conv2d,), build=lambda e, device: QuantConv2d.from_entry(e, device=device),
-     describe=lambda m: m.entry(), mismatch=_conv_mismatch,
+    describe=lambda m: m.entry(), mismatch=_conv_mismatch,
     weight_shape=lambda e: (e["out_channels"], e["in_channels"] // e["groups"] * e["kernel_size"][0]
                             * e["kernel_size"][1])))
 register_layer_kind(LayerKind(

@@ -172,3 +172,16 @@ def test_inspect_lists_every_quantized_kind():
     assert (rows["2"]["kind"], rows["2"]["out_features"], rows["2"]["in_features"]) == ("conv2d", 8, 9)
     assert rows["4"]["act"] == "A8 static" and rows["7"]["kind"] == "linear"
     assert info["totals"]["float_tensors"] == 1  # the clip layer's upper bounds
+
+
+def test_malformed_entry_is_refused_with_its_type(tmp_path):
+    model = nn.Sequential(QuantLinear.from_linear(nn.Linear(16, 8), QuantSpec(4, "channel")))
+    path = save_quantized(model, str(tmp_path / "ck"))
+    cfg_path = os.path.join(path, "quant_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["layers"]["0"] = [16, 8]
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(CheckpointError, match="layer entry is a list; expected a JSON object"):
+        load_quantized(path, model=nn.Sequential(nn.Linear(16, 8)))
