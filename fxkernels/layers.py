@@ -97,11 +97,12 @@ def layer_entries(model: nn.Module) -> Dict[str, dict]:
     return {name: layer_entry(m) for name, m in model.named_modules() if kind_of(m) is not None}
 
 
-def entry_kind(entry: dict) -> LayerKind:
+def entry_kind(entry: dict, name: Optional[str] = None) -> LayerKind:
     """The kind of an entry; entries without ``"kind"`` (format versions 1 and 2, resume files
-    written before the registry) are linear layers."""
+    written before the registry) are linear layers. ``name`` (the layer's) goes into errors."""
     if not isinstance(entry, dict):
-        raise CheckpointError(f"layer entry is a {type(entry).__name__}; expected a JSON object")
+        where = "" if name is None else f"layer {name!r}: "
+        raise CheckpointError(f"{where}layer entry is a {type(entry).__name__}; expected a JSON object")
     return get_layer_kind(entry.get("kind", "linear"))
 
 
@@ -150,7 +151,7 @@ def install_layers(model: nn.Module, entries: Dict[str, dict], device=None, who:
     replaced module's first parameter (meta for a skeleton built on meta). ``who`` prefixes errors.
     """
     for name, entry in entries.items():
-        kind = entry_kind(entry)
+        kind = entry_kind(entry, name)
         try:
             old = model.get_submodule(name)
         except AttributeError as e:

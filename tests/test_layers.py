@@ -183,5 +183,5 @@ def test_malformed_entry_is_refused_with_its_type(tmp_path):
     cfg["layers"]["0"] = [16, 8]
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(CheckpointError, match="layer entry is a list; expected a JSON object"):
+    with pytest.raises(CheckpointError, match="layer '0': layer entry is a list; expected a JSON object"):
         load_quantized(path, model=nn.Sequential(nn.Linear(16, 8)))
