@@ -112,30 +112,29 @@ def analyse(cubin: bytes, threads: int, weights_per_iter: int, bits: int) -> dic
 
 
 # -- variants ---------------------------------------------------------------------------------
-def triton_variants(quick: bool):
-    """(label, compile(arch) -> kernel, threads, weights per main-loop trip, bits)."""
+def triton_variants(arch: int, quick: bool):
+    """(label, compile() -> kernel, threads, weights per main-loop trip, bits) for ``sm_<arch>``:
+    every decode candidate of that architecture, then the general kernel's configurations."""
     import torch
     from fxkernels.backends import triton as tb
 
     out = []
-    for cfg in tb.DECODE_CONFIGS:
-        layouts = [(4, 32, torch.float16, "g128")] if quick else [
-            (4, 32, torch.float16, "g128"), (4, 1, torch.float16, "ch"), (4, 32, torch.bfloat16, "g128"),
-            (8, 1, torch.float16, "ch"), (8, 32, torch.float16, "g128")]
+    layouts = [(4, 32, torch.float16, "g128")] if quick else [
+        (4, 32, torch.float16, "g128"), (4, 1, torch.float16, "ch"), (4, 32, torch.bfloat16, "g128"),
+        (8, 1, torch.float16, "ch"), (8, 32, torch.float16, "g128")]
+    for cfg in tb.decode_configs((arch // 10, arch % 10)):
         for bits, groups, dt, lay in layouts:
-            ks = tb._subtile(4096, groups, cfg.bk)
             out.append((f"decode {cfg} W{bits} {lay} {str(dt)[6:]}",
-                        lambda arch, cfg=cfg, bits=bits, groups=groups, dt=dt:
+                        lambda cfg=cfg, bits=bits, groups=groups, dt=dt:
                         tb.compile_decode_variant(arch, cfg, bits, dt, groups),
                         32 * cfg.warps, cfg.bn * cfg.bk, bits))
-            del ks
     for cfg in tb.shipped_configs():
         if quick and cfg.bm > 16:
             continue
         bk = min(cfg.bk, 128)
         mode = 1 if cfg.bm <= 32 else 2
         out.append((f"gemm {cfg} W4 g128 fp16 (BK{bk} mode{mode})",
-                    lambda arch, cfg=cfg, bk=bk, mode=mode: tb.compile_variant(arch, cfg, 4, torch.float16, mode, bk=bk),
+                    lambda cfg=cfg, bk=bk, mode=mode: tb.compile_variant(arch, cfg, 4, torch.float16, mode, bk=bk),
                     32 * cfg.warps, cfg.bn * bk, 4))
     return out
 
@@ -185,9 +184,9 @@ def main():
              "|---|---|---|---|---|---|---|---|---|---|"]
     failures = []
     for arch in args.arch:
-        for label, comp, threads, wpi, bits in triton_variants(args.quick):
+        for label, comp, threads, wpi, bits in triton_variants(arch, args.quick):
             try:
-                k = comp(arch)
+                k = comp()
                 r = analyse(k.asm["cubin"], threads, wpi, bits)
             except Exception as e:  # report and go on: one broken variant must not hide the others
                 failures.append(f"sm_{arch} {label}: {type(e).__name__}: {str(e)[:300]}")

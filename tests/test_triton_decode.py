@@ -321,8 +321,9 @@ def test_decode_plan():
     assert (p.bm, p.ks) == (16, 32)
     p = tb.make_decode_plan(tb.DecodeConfig(256, 128, 4, 3, 0), 1, 4096, 4096, 1, 8, torch.bfloat16, 132)
     assert (p.split_k, p.scale_mode, p.mask, p.magic_w) == (1, 0, 0x00FF00FF, 0x43004300)
-    for c in tb.DECODE_CONFIGS:
+    for c in tb.DECODE_CONFIGS_SM90 + tb.DECODE_CONFIGS_SM80:
         assert c.bn % 64 == 0  # whole 64-row warp-group MMAs on Hopper
+    assert tb.decode_configs((9, 0))[0] != tb.decode_configs((8, 0))[0]
 
 
 _STATIC_SCRIPT = """
@@ -332,11 +333,13 @@ import gpu_static
 from fxkernels.backends import triton as tb
 rows = []
 for arch in (80, 90):
-    for cfg in (tb.DECODE_CONFIGS if FULL else tb.DECODE_CONFIGS[:1]):
-        for bits, groups in ((4, 32), (4, 1), (8, 1)) if FULL else ((4, 32), (4, 1)):
+    cands = tb.decode_configs((arch // 10, arch % 10))
+    for cfg in (cands if FULL else cands[:1]):
+        for bits, groups in ((4, 32), (4, 1), (8, 1), (8, 32)) if FULL else ((4, 32), (4, 1)):
             k = tb.compile_decode_variant(arch, cfg, bits, torch.float16, groups)
             r = gpu_static.analyse(k.asm["cubin"], 32 * cfg.warps, cfg.bn * cfg.bk, bits)
             rows.append(dict(tag=f"sm_{arch} {cfg} W{bits} groups{groups}", arch=arch, groups=groups, bits=bits,
+                             default=cfg == cands[0],
                              per_weight=r["per_weight"], spills=r["spill_ins"], local=r["local"],
                              shared=k.metadata.shared))
 print(json.dumps(rows))
@@ -361,8 +364,10 @@ def _check_static(rows):
         assert r["spills"] == 0 and r["local"] == 0, f"{r['tag']}: register spills"
         assert r["shared"] <= SMEM_LIMIT[r["arch"]], f"{r['tag']}: {r['shared']} B shared memory"
         if r["arch"] == 90 and r["bits"] == 4:
-            # regression guard: the general kernel's decode bucket issues 9.2 per INT4 weight
-            assert r["per_weight"] < 4.2, f"{r['tag']}: {r['per_weight']:.2f} SASS instructions per weight"
+            # the general kernel's decode bucket issues 9.2 per INT4 weight; the issue's target
+            # for the decode path is <= 2.5 (default candidate), every candidate well below 9.2
+            limit = 2.5 if r["default"] else 4.0
+            assert r["per_weight"] <= limit, f"{r['tag']}: {r['per_weight']:.2f} SASS instructions per weight"
 
 
 def test_decode_kernel_compiles_without_spills():

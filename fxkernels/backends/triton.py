@@ -103,16 +103,29 @@ class DecodeConfig:
 
 
 # Decode (M <= DECODE_MAX_M): the weight tile is the 64-row side of Hopper's warp-group MMA, so
-# BN >= 64; wide tiles amortize the per-step loads of x and the scales over more weights. Every
-# candidate compiles without register spills on sm_80 and sm_90 for INT4/INT8, grouped and
-# per-channel (BN256 with 4 warps reaches 3.3 SASS instructions per INT4 weight on sm_90 but
-# spills at 255 registers, so 256-row tiles get 8 warps; bench/gpu_static.py, docs/GPU_STATIC.md).
-# Split-K is part of the candidates: 4096x11008 at BN256 gives only 43 row tiles for 132 SMs, so
-# the waves choose how far K is split to fill the GPU.
-DECODE_CONFIGS: Tuple[DecodeConfig, ...] = (
-    DecodeConfig(256, 128, 8, 3, 2), DecodeConfig(128, 128, 4, 4, 2), DecodeConfig(128, 128, 4, 4, 4),
-    DecodeConfig(256, 128, 8, 3, 1), DecodeConfig(64, 256, 4, 4, 4),
+# BN >= 64; wide and deep tiles amortize the per-step work that is not per weight (x and scale
+# loads, addresses, barriers) over more weights. sm_90 main loop, INT4 g128, SASS instructions
+# per weight: BN512-BK128 2.3, BN256-BK256 2.4, BN256-BK128 2.6, BN128-BK128 2.8
+# (bench/gpu_static.py, docs/GPU_STATIC.md). 256-row tiles and wider need 8 warps (with 4 they
+# reach 255 registers and spill); A100 (163 KiB of shared memory per block) gets the tiles that
+# fit it without spills. Split-K is part of the candidates: 4096x11008 at BN256 gives only 43
+# row tiles for 132 SMs, so the waves choose how far K is split to fill the GPU.
+DECODE_CONFIGS_SM90: Tuple[DecodeConfig, ...] = (
+    DecodeConfig(256, 256, 8, 2, 2), DecodeConfig(512, 128, 8, 2, 2), DecodeConfig(256, 128, 8, 3, 2),
+    DecodeConfig(256, 256, 8, 2, 4), DecodeConfig(128, 128, 4, 4, 4), DecodeConfig(64, 256, 4, 4, 4),
 )
+DECODE_CONFIGS_SM80: Tuple[DecodeConfig, ...] = (
+    DecodeConfig(256, 128, 8, 3, 2), DecodeConfig(128, 128, 4, 4, 4), DecodeConfig(256, 128, 8, 3, 1),
+    DecodeConfig(64, 256, 4, 4, 4),
+)
+DECODE_CONFIGS = DECODE_CONFIGS_SM90  # the list for the newest architecture (reports, compile checks)
+
+
+def decode_configs(cc: Tuple[int, int]) -> Tuple[DecodeConfig, ...]:
+    """Candidates for a GPU of compute capability ``cc`` (the first is the untimed default)."""
+    return DECODE_CONFIGS_SM90 if cc >= (9, 0) else DECODE_CONFIGS_SM80
+
+
 DECODE_MAX_M = 16
 DECODE_INTERPRETER_CONFIG = DecodeConfig(16, 64, 4, 1, 0)
 DECODE_KERNEL_NAME = "triton_decode_linear"
@@ -279,13 +292,18 @@ class DecodePlan:
     mask: int
 
 
+DECODE_MAX_SUBTILE = 128
+
+
 def _subtile(k: int, groups: int, bk: int) -> int:
-    """K columns per sub-tile: one group each (the largest power of two dividing the group
-    size, at most BK); per-channel layers take whole K steps."""
+    """K columns per sub-tile: within one group (the largest power of two dividing the group
+    size), at most BK and at most 128: the dequantized ``[BN, sub-tile]`` tile is staged in shared
+    memory for the MMA, and 256-row tiles of 256 columns (128 KiB) do not fit A100's 163 KiB
+    next to the pipelined weight words."""
     if groups == 1:
-        return bk
+        return min(bk, DECODE_MAX_SUBTILE)
     gs = k // groups
-    return min(bk, gs & -gs)
+    return min(bk, gs & -gs, DECODE_MAX_SUBTILE)
 
 
 def make_decode_plan(cfg: DecodeConfig, m: int, n: int, k: int, groups: int, bits: int, dtype: torch.dtype,
@@ -339,12 +357,13 @@ def _launch_decode(x, qweight, scale, zero, bias, bits, in_features, cfg, split_
     out = y if plan.split_k == 1 else torch.empty((plan.split_k, m, n), device=x.device, dtype=torch.float32)
     km.decode_gemm_kernel[(-(-n // cfg.bn), plan.split_k)](
         x, words, scale, zero, bias if bias is not None else scale, out,
-        m, n, k, k // per_word, k // groups, plan.k_per_split, plan.k_per_split // per_word,
+        m, n, k, k // per_word, plan.k_per_split, plan.k_per_split // per_word,
         _as_i32(plan.mask), _as_i32(plan.magic_w),
         x.stride(0), words.stride(0), scale.stride(0), y.stride(0),
-        BITS8=bits > 4, SCALE_MODE=plan.scale_mode, MAGIC_BIAS=plan.magic_bias, HAS_BIAS=bias is not None,
+        GS=k // groups if groups > 1 else 0, BITS8=bits > 4, SCALE_MODE=plan.scale_mode, MAGIC_BIAS=plan.magic_bias, HAS_BIAS=bias is not None,
         USE_WORKSPACE=plan.split_k > 1, EMULATE_BF16=km.INTERPRETED and x.dtype == torch.bfloat16,
-        BM=plan.bm, BN=cfg.bn, BK=cfg.bk, KS=plan.ks, num_warps=cfg.warps, num_stages=cfg.stages)
+        SPLIT_ASM=not km.INTERPRETED, BM=plan.bm, BN=cfg.bn, BK=cfg.bk, KS=plan.ks, num_warps=cfg.warps,
+        num_stages=cfg.stages)
     if plan.split_k > 1:
         km.splitk_reduce_kernel[(-(-(m * n) // REDUCE_BLOCK),)](
             out, bias if bias is not None else scale, y, m, n, plan.split_k,
@@ -358,20 +377,21 @@ _decode_tuned: Dict[tuple, DecodeConfig] = {}
 def choose_decode_config(x, qweight, scale, zero, bias, bits, in_features) -> DecodeConfig:
     if x.device.type != "cuda":
         return DECODE_INTERPRETER_CONFIG
+    cands = decode_configs(_device_facts(x.device)[0])
     if not _autotune_enabled():
-        return DECODE_CONFIGS[0]
+        return cands[0]
     key = (x.device.index, 8 if x.shape[0] <= 8 else 16, qweight.shape[0], in_features, scale.shape[1], bits,
            x.dtype, bias is not None)
     hit = _decode_tuned.get(key)
     if hit is not None:
         return hit
     if torch.cuda.is_current_stream_capturing():
-        return DECODE_CONFIGS[0]  # no timing inside a CUDA-graph capture; warm up before capturing
+        return cands[0]  # no timing inside a CUDA-graph capture; warm up before capturing
     with _tune_lock:
         hit = _decode_tuned.get(key)
         if hit is None:
             hit = _decode_tuned[key] = _time_candidates(
-                DECODE_CONFIGS, lambda cfg: _launch_decode(x, qweight, scale, zero, bias, bits, in_features, cfg))
+                cands, lambda cfg: _launch_decode(x, qweight, scale, zero, bias, bits, in_features, cfg))
     return hit
 
 
@@ -560,7 +580,8 @@ def compile_variant(arch: int, cfg: Config, bits: int, dtype: torch.dtype, scale
 
 
 def compile_decode_variant(arch: int, cfg: DecodeConfig, bits: int, dtype: torch.dtype, groups: int = 32,
-                           m: int = 1, split_k: int = 1, has_bias: bool = False, k: int = 4096):
+                           m: int = 1, split_k: int = 1, has_bias: bool = False, k: int = 4096,
+                           split_asm: bool = True):
     """Compile the decode kernel for ``sm_<arch>`` without a GPU, as :func:`compile_variant` does
     for the general kernel (16-divisible sizes and pointers, unit strides as the JIT sees them).
     ``groups`` = 1 is per-channel; otherwise the group size is ``k // groups``."""
@@ -574,17 +595,16 @@ def compile_decode_variant(arch: int, cfg: DecodeConfig, bits: int, dtype: torch
     plan = make_decode_plan(cfg, m, 4096, k, groups, bits, dtype, 132, split_k)
     sig = {"x_ptr": _PTR[dtype], "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i32", "b_ptr": "*fp32",
            "y_ptr": _PTR[dtype] if split_k == 1 else "*fp32"}
-    ints = ("M", "N", "K", "KW", "GS", "K_PER_SPLIT", "KW_PER_SPLIT", "MASK", "MAGIC_W", "stride_xm",
+    ints = ("M", "N", "K", "KW", "K_PER_SPLIT", "KW_PER_SPLIT", "MASK", "MAGIC_W", "stride_xm",
             "stride_wn", "stride_sn", "stride_ym")
     sig.update({name: "i32" for name in ints})
-    consts = dict(BITS8=bits > 4, SCALE_MODE=plan.scale_mode, MAGIC_BIAS=plan.magic_bias, HAS_BIAS=has_bias,
-                  USE_WORKSPACE=split_k > 1, EMULATE_BF16=False, BM=plan.bm, BN=cfg.bn, BK=cfg.bk, KS=plan.ks)
+    consts = dict(GS=k // groups if groups > 1 else 0, BITS8=bits > 4, SCALE_MODE=plan.scale_mode, MAGIC_BIAS=plan.magic_bias, HAS_BIAS=has_bias,
+                  USE_WORKSPACE=split_k > 1, EMULATE_BF16=False, SPLIT_ASM=split_asm, BM=plan.bm, BN=cfg.bn,
+                  BK=cfg.bk, KS=plan.ks)
     sig.update({name: "constexpr" for name in consts})
     names = km.decode_gemm_kernel.arg_names
     div16 = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KW", "K_PER_SPLIT", "KW_PER_SPLIT",
              "stride_xm", "stride_wn", "stride_ym"]
-    if groups > 1:
-        div16.append("GS")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
     src = ASTSource(fn=km.decode_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),

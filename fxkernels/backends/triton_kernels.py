@@ -195,15 +195,25 @@ def splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, M, N, split_k, HAS_BIAS: tl.const
 
 # -- decode (small M): weights as 32-bit words, the weight tile as the MMA's wide operand ------
 @triton.jit
-def _halves(v):
-    """The low and high 16 bits of each int32 of ``v`` (as uint16)."""
-    return (v & 0xFFFF).to(tl.uint16), (v >> 16).to(tl.uint16)
+def _halves(v, SPLIT_ASM: tl.constexpr):
+    """The low and high 16 bits of each int32 of ``v`` (as uint16).
+
+    SPLIT_ASM (GPU builds): one PTX ``mov.b32 {lo, hi}, v`` (the first destination is the low
+    half), which ptxas resolves to the two halves of v's register, so a later f16x2 operation on
+    (lo, hi) reads v as is. Written with a mask and a shift (the interpreter's form, same values),
+    LLVM loses the pairing and ptxas re-assembles every pair with a PRMT: +0.5 instructions per
+    INT4 weight on sm_90 (bench/gpu_static.py). The interpreter cannot run inline assembly."""
+    if SPLIT_ASM:
+        return tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [v], dtype=(tl.uint16, tl.uint16),
+                                         is_pure=True, pack=1)
+    else:
+        return (v & 0xFFFF).to(tl.uint16), (v >> 16).to(tl.uint16)
 
 
 @triton.jit
-def _unpack_words(w, MASK, MAGIC_W, DT: tl.constexpr, BITS8: tl.constexpr):
-    """``[BN, BKW]`` int32 words -> ``[BN, BKW * per_word]`` values ``MAGIC_BIAS + q`` in DT,
-    columns in the original K order.
+def _unpack_words(w, MASK, MAGIC_W, DT: tl.constexpr, BITS8: tl.constexpr, SPLIT_ASM: tl.constexpr):
+    """``[BN, BKW]`` int32 words -> ``[BN, BKW * per_word]`` values ``MAGIC_BIAS + q`` in DT, in
+    the column order of :func:`_word_order` (not K order).
 
     One AND-OR (a single LOP3) on a word sets two codes into the mantissas of two 16-bit floats
     at once (``MAGIC_W`` = the magic bias in both halves), so the per-weight integer work is a
@@ -214,35 +224,53 @@ def _unpack_words(w, MASK, MAGIC_W, DT: tl.constexpr, BITS8: tl.constexpr):
 
     INT4 (8 nibbles per word, nibble j = column j): shifts by 0/4/8/12 bring nibble pairs
     (j, j+4) under the mask 0x000F000F. INT8 (4 bytes, each ``q - 128``): flipping every sign bit
-    gives ``q``, shifts by 0/8 bring byte pairs (j, j+2) under 0x00FF00FF. The join tree
-    below restores column order: ``join`` appends a trailing axis, so the last join picks the
-    lowest bit of the column index within the word."""
+    gives ``q``, shifts by 0/8 bring byte pairs (j, j+2) under 0x00FF00FF. The join tree keeps
+    the two halves of each LOP3 result adjacent (``join`` appends a trailing axis, so the last
+    join pairs them): the subtraction of the zero point is then one f16x2/bf16x2 operation on the
+    LOP3's register, and the activations are loaded in the same permuted column order instead."""
     if BITS8:
         u = w ^ -2139062144  # 0x80808080
-        b0, b2 = _halves((u & MASK) | MAGIC_W)
-        b1, b3 = _halves(((u >> 8) & MASK) | MAGIC_W)
-        q = tl.join(tl.join(b0, b2), tl.join(b1, b3))
+        b0, b2 = _halves((u & MASK) | MAGIC_W, SPLIT_ASM)
+        b1, b3 = _halves(((u >> 8) & MASK) | MAGIC_W, SPLIT_ASM)
+        q = tl.join(tl.join(b0, b1), tl.join(b2, b3))
     else:
-        a0, a4 = _halves((w & MASK) | MAGIC_W)
-        a1, a5 = _halves(((w >> 4) & MASK) | MAGIC_W)
-        a2, a6 = _halves(((w >> 8) & MASK) | MAGIC_W)
-        a3, a7 = _halves(((w >> 12) & MASK) | MAGIC_W)
-        q = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7)))
+        a0, a4 = _halves((w & MASK) | MAGIC_W, SPLIT_ASM)
+        a1, a5 = _halves(((w >> 4) & MASK) | MAGIC_W, SPLIT_ASM)
+        a2, a6 = _halves(((w >> 8) & MASK) | MAGIC_W, SPLIT_ASM)
+        a3, a7 = _halves(((w >> 12) & MASK) | MAGIC_W, SPLIT_ASM)
+        q = tl.join(tl.join(tl.join(a0, a2), tl.join(a1, a3)), tl.join(tl.join(a4, a6), tl.join(a5, a7)))
     per_word: tl.constexpr = 4 if BITS8 else 8
     q = tl.reshape(q, (w.shape[0], w.shape[1] * per_word))
     return q.to(DT, bitcast=True)
 
 
 @triton.jit
+def _magic_zero(z, MAGIC_W, DT: tl.constexpr):
+    """``MAGIC_BIAS + z`` in DT by the same mantissa OR as the codes (one LOP3, no int->float
+    conversions); exact for the zero points' range (z < 1024 in fp16, z < 128 in bf16)."""
+    return (z | (MAGIC_W & 0xFFFF)).to(tl.uint16).to(DT, bitcast=True)
+
+
+@triton.jit
+def _word_order(t, BITS8: tl.constexpr):
+    """K offset (within its word) of tile column ``t`` as :func:`_unpack_words` lays them out:
+    INT4 columns hold K offsets 0,4,1,5,2,6,3,7 of each word, INT8 0,2,1,3."""
+    if BITS8:
+        return (t & ~3) + ((t >> 1) & 1) + 2 * (t & 1)
+    else:
+        return (t & ~7) + 2 * ((t >> 2) & 1) + ((t >> 1) & 1) + 4 * (t & 1)
+
+
+@triton.jit
 def _decode_subtile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, offs_m, mask_m, kk, kw, k_end, kw_end, zz_ch,
-                    MASK, MAGIC_W, K, GS, stride_xm, stride_wn, stride_sn,
+                    MASK, MAGIC_W, K, stride_xm, stride_wn, stride_sn, GS: tl.constexpr,
                     DT: tl.constexpr, BITS8: tl.constexpr, SCALE_MODE: tl.constexpr, MAGIC_BIAS: tl.constexpr,
-                    EMULATE_BF16: tl.constexpr, MASKED: tl.constexpr, KS: tl.constexpr):
+                    EMULATE_BF16: tl.constexpr, SPLIT_ASM: tl.constexpr, MASKED: tl.constexpr, KS: tl.constexpr):
     """``acc [BN, BM] += dequant(W[rows, kk:kk+KS]) @ x[:, kk:kk+KS].T`` (K columns from ``kk``,
     word column ``kw = kk / per_word`` passed separately so its divisibility stays visible)."""
     per_word: tl.constexpr = 4 if BITS8 else 8
     offs_w = kw + tl.arange(0, KS // per_word)
-    offs_k = kk + tl.arange(0, KS)
+    offs_k = kk + _word_order(tl.arange(0, KS), BITS8)
     wp = w_ptr + rows[:, None] * stride_wn + offs_w[None, :]
     xp = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
     if MASKED:  # the last, partial K step of a split: zero words and zero activations add nothing
@@ -251,28 +279,26 @@ def _decode_subtile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, offs_m, mask_m, kk, k
     else:
         w = tl.load(wp)
         xt = tl.load(xp, mask=mask_m[None, :], other=0.0)
-    q = _unpack_words(w, MASK, MAGIC_W, DT, BITS8)
+    q = _unpack_words(w, MASK, MAGIC_W, DT, BITS8, SPLIT_ASM)
     if SCALE_MODE == 0:
         zz = zz_ch  # loop-invariant, converted to DT once
     else:
         # KS divides the group size and sub-tiles start at multiples of KS: one group per sub-tile
         # (clamped: a masked sub-tile past K must not read past the last group)
+        # (GS is a compile-time constant: a runtime division costs ~15 instructions per sub-tile)
         g = tl.minimum(kk, K - 1) // GS
         s = tl.load(s_ptr + rows * stride_sn + g)
-        zz = (tl.load(z_ptr + rows * stride_sn + g) + MAGIC_BIAS).to(tl.float32)
+        zz = _magic_zero(tl.load(z_ptr + rows * stride_sn + g), MAGIC_W, DT)
     if EMULATE_BF16:
         # interpreter only: it does bf16 arithmetic (and dots) on raw bit patterns; fp32 is exact here
         wq = q.to(tl.float32) - zz[:, None].to(tl.float32)
         part = tl.dot(wq, xt.to(tl.float32), input_precision="ieee")
     else:
         # (MAGIC_BIAS + q) - (MAGIC_BIAS + z) = q - z exactly (small integers), paired f16x2/bf16x2 subtracts
-        wq = q - zz[:, None].to(DT)
-        if SCALE_MODE == 0:
-            part = tl.dot(wq, xt, acc)  # accumulate in the MMA accumulator itself
-        else:
-            part = tl.dot(wq, xt)
+        wq = q - zz[:, None]
+        part = tl.dot(wq, xt)
     if SCALE_MODE == 0:
-        return part if not EMULATE_BF16 else acc + part
+        return acc + part
     else:
         return acc + part * s[:, None]
 
@@ -280,10 +306,10 @@ def _decode_subtile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, offs_m, mask_m, kk, k
 @triton.jit
 def decode_gemm_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-        M, N, K, KW, GS, K_PER_SPLIT, KW_PER_SPLIT, MASK, MAGIC_W,
+        M, N, K, KW, K_PER_SPLIT, KW_PER_SPLIT, MASK, MAGIC_W,
         stride_xm, stride_wn, stride_sn, stride_ym,
-        BITS8: tl.constexpr, SCALE_MODE: tl.constexpr, MAGIC_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
-        USE_WORKSPACE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        GS: tl.constexpr, BITS8: tl.constexpr, SCALE_MODE: tl.constexpr, MAGIC_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        USE_WORKSPACE: tl.constexpr, EMULATE_BF16: tl.constexpr, SPLIT_ASM: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr):
     """Small-M ``y = x @ dequant(W).T (+ bias)`` computed transposed, ``y.T = W' @ x.T``.
 
@@ -310,23 +336,23 @@ def decode_gemm_kernel(
     kw_end = tl.minimum(KW, kw_start + KW_PER_SPLIT)
     n_full = (k_end - k_start) // BK
 
-    zz_ch = tl.zeros((BN,), dtype=tl.float32).to(DT)
+    zz_ch = tl.zeros((BN,), dtype=DT)
     if SCALE_MODE == 0:
-        zz_ch = (tl.load(z_ptr + rows * stride_sn) + MAGIC_BIAS).to(tl.float32).to(DT)
+        zz_ch = _magic_zero(tl.load(z_ptr + rows * stride_sn), MAGIC_W, DT)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for kt in range(0, n_full):
         for sub in tl.static_range(BK // KS):
             acc = _decode_subtile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, offs_m, mask_m,
                                   k_start + kt * BK + sub * KS, kw_start + kt * (BK // per_word) + sub * (KS // per_word),
-                                  k_end, kw_end, zz_ch, MASK, MAGIC_W, K, GS, stride_xm, stride_wn, stride_sn,
-                                  DT, BITS8, SCALE_MODE, MAGIC_BIAS, EMULATE_BF16, False, KS)
+                                  k_end, kw_end, zz_ch, MASK, MAGIC_W, K, stride_xm, stride_wn, stride_sn, GS,
+                                  DT, BITS8, SCALE_MODE, MAGIC_BIAS, EMULATE_BF16, SPLIT_ASM, False, KS)
     if k_start + n_full * BK < k_end:
         for sub in tl.static_range(BK // KS):
             acc = _decode_subtile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, offs_m, mask_m,
                                   k_start + n_full * BK + sub * KS,
                                   kw_start + n_full * (BK // per_word) + sub * (KS // per_word),
-                                  k_end, kw_end, zz_ch, MASK, MAGIC_W, K, GS, stride_xm, stride_wn, stride_sn,
-                                  DT, BITS8, SCALE_MODE, MAGIC_BIAS, EMULATE_BF16, True, KS)
+                                  k_end, kw_end, zz_ch, MASK, MAGIC_W, K, stride_xm, stride_wn, stride_sn, GS,
+                                  DT, BITS8, SCALE_MODE, MAGIC_BIAS, EMULATE_BF16, SPLIT_ASM, True, KS)
     if SCALE_MODE == 0:
         acc = acc * tl.load(s_ptr + rows * stride_sn)[:, None]
 
