@@ -1,7 +1,9 @@
 """End-to-end decode of SmolLM2-135M at batch 1 (2 threads): fp32 Hugging Face model vs the same
 model with QuantLinear (W4 per-channel asym, lm_head INT8 per-channel) on the best CPU kernels,
-with each block's layers called separately and with q/k/v and gate/up fused
-(:func:`fxkernels.fuse_projections`, bit-identical outputs).
+with each block's layers called separately, with q/k/v and gate/up fused
+(:func:`fxkernels.fuse_projections`, bit-identical outputs), and through the compiled
+static-cache engine (:class:`fxkernels.Generator`). The side-by-side table against llama.cpp is
+``flexround bench decode``.
 
     .venv/bin/pytest bench/test_bench_decode.py --benchmark-columns=median,ops
 
@@ -18,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fxkernels import QuantSpec, fuse_projections, replace_linears  # noqa: E402
+from fxkernels.generation import Generator  # noqa: E402
 from quantizer.decode_bench import compare_tokens_per_second, dequantized_reference, greedy_decode  # noqa: E402
 
 PROMPT = "The history of Azerbaijan"
@@ -37,6 +40,11 @@ def load_models():
     return fp, q, fused, ids
 
 
+def engine_decode(gen, ids, new_tokens):
+    out = gen.generate(ids, new_tokens)
+    return out.tokens[0], out.decode_seconds
+
+
 @pytest.fixture(scope="module")
 def models():
     pytest.importorskip("transformers")
@@ -53,6 +61,14 @@ def test_decode(benchmark, models, which):
     greedy_decode(model, ids, 4)
     benchmark.extra_info["new_tokens"] = NEW_TOKENS
     benchmark.pedantic(greedy_decode, args=(model, ids, NEW_TOKENS), rounds=3, iterations=1)
+
+
+def test_decode_engine(benchmark, models):
+    _, _, fused, ids = models
+    gen = Generator(fused)
+    gen.generate(ids, NEW_TOKENS)  # compiles
+    benchmark.extra_info["new_tokens"] = NEW_TOKENS
+    benchmark.pedantic(engine_decode, args=(gen, ids, NEW_TOKENS), rounds=3, iterations=1)
 
 
 def test_same_greedy_tokens_as_dequantized_reference(models):

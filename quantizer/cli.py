@@ -145,14 +145,41 @@ def generate_text(model, tok, prompt: str, max_new_tokens: int):
 
 
 def cmd_generate(a) -> int:
+    import torch
+
     _threads(a.threads)
     model, tok = _load_any(a.model)
-    if not a.no_fuse:
-        from fxkernels import fuse_projections
-        fuse_projections(model)  # q/k/v and gate/up as one kernel call each; bit-identical
-    text, _, tps = generate_text(model, tok, a.prompt, a.max_new_tokens)
-    print(a.prompt + text)
-    print(f"[{tps:.1f} tokens/s, greedy, {a.max_new_tokens} tokens]", file=sys.stderr)
+    if a.hf_generate:
+        if not a.no_fuse:
+            from fxkernels import fuse_projections
+            fuse_projections(model)  # q/k/v and gate/up as one kernel call each; bit-identical
+        text, _, tps = generate_text(model, tok, a.prompt, a.max_new_tokens)
+        print(a.prompt + text)
+        print(f"[{tps:.1f} tokens/s, Hugging Face generate(), greedy, {a.max_new_tokens} tokens]", file=sys.stderr)
+        return 0
+    from fxkernels.generation import Generator, Sampling, UnsupportedModelError
+
+    try:
+        gen = Generator(model, compile=not a.no_compile, fuse=not a.no_fuse)
+    except UnsupportedModelError as e:
+        print(f"error: {e} (`flexround generate --hf-generate` runs it)", file=sys.stderr)
+        return 2
+    sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    ids = tok(a.prompt, return_tensors="pt").input_ids
+    stops = [t for t in [tok.eos_token_id] if t is not None]
+    shown: list = []
+    print(a.prompt, end="", flush=True)
+
+    def stream(step_tokens: "torch.Tensor") -> None:  # print the text as it grows
+        before = tok.decode(shown, skip_special_tokens=True)
+        shown.append(int(step_tokens[0]))
+        print(tok.decode(shown, skip_special_tokens=True)[len(before):], end="", flush=True)
+
+    out = gen.generate(ids, a.max_new_tokens, sampling=sampling, stop_tokens=stops, streamer=stream)
+    print()
+    print(f"[decode {out.decode_tokens_per_second:.1f} tokens/s, prefill {ids.shape[1]} tokens in "
+          f"{out.prefill_seconds * 1e3:.0f} ms, compile {out.compile_seconds:.1f} s; fxkernels.Generator, "
+          f"{'greedy' if sampling.greedy else 'sampled'}, {out.tokens.shape[1]} tokens]", file=sys.stderr)
     return 0
 
 
@@ -175,6 +202,12 @@ def cmd_bench(a) -> int:
         if a.threads:
             argv += ["--threads", str(a.threads)]
         bench_main(argv)  # prints the table as it goes
+        return 0
+    if a.what == "decode":
+        from .bench_decode import run
+
+        run(threads=a.threads or 2, new_tokens=a.new_tokens, batch=a.batch, rounds=a.rounds,
+            llama_cpp=not a.no_llama_cpp)
         return 0
     return 2
 
@@ -277,11 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None)
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="greedy generation from a prompt")
+    g = sub.add_parser("generate", help="generate text from a prompt (compiled static-cache engine)",
+                       description="Streams the continuation of --prompt through fxkernels.Generator: prefill, then "
+                       "a compiled fixed-shape decode step over a static KV cache (the first call compiles: "
+                       "~10-60 s on 2 cores, faster once inductor's cache is warm). Greedy unless --temperature > 0.")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", default="The capital of France is")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (no compile time)")
+    g.add_argument("--hf-generate", action="store_true",
+                   help="use Hugging Face generate() instead of the engine (any architecture; greedy)")
     g.add_argument("--no-fuse", action="store_true",
                    help="call q/k/v and gate/up separately (default: one fused kernel call per group)")
     g.set_defaults(func=cmd_generate)
@@ -289,10 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernels", help="list kernels and why each is or is not usable here")
     k.set_defaults(func=cmd_kernels)
 
-    b = sub.add_parser("bench", help="kernel speed table (CPU)")
-    b.add_argument("what", choices=["kernels"])
-    b.add_argument("--full", action="store_true", help="full (K, N, M) grid instead of the quick subset")
+    b = sub.add_parser("bench", help="speed tables: kernels (CPU), decode (whole model, vs llama.cpp)",
+                       description="kernels: one linear per shape against fp32 and fbgemm. decode: SmolLM2-135M "
+                       "decode and prefill tokens/s of HF fp32 generate(), the quantized model through generate() "
+                       "and through fxkernels.Generator, and llama.cpp when llama-cpp-python is installed.")
+    b.add_argument("what", choices=["kernels", "decode"])
+    b.add_argument("--full", action="store_true", help="kernels: full (K, N, M) grid instead of the quick subset")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--new-tokens", type=int, default=128, help="decode: greedy tokens per run")
+    b.add_argument("--batch", type=int, default=8, help="decode: the engine's batched row")
+    b.add_argument("--rounds", type=int, default=3, help="decode: interleaved rounds (medians)")
+    b.add_argument("--no-llama-cpp", action="store_true", help="decode: leave llama.cpp out even when installed")
     b.set_defaults(func=cmd_bench)
 
     pl = sub.add_parser("plot", help="PNG plots: grid shift, perplexity vs bits, kernel speed vs M",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import time
 from typing import Callable, Iterable, Optional, Sequence
@@ -52,10 +53,15 @@ class Decoder(nn.Module):
             layer.gate_up = _fused((layer.gate_proj, layer.up_proj))
 
     def prepare(self) -> None:
-        """Pin every quantized layer's kernels for compiled graphs (QuantLinear.prepare)."""
+        """Pin every quantized layer's kernels for compiled graphs (QuantLinear.prepare).
+
+        Preparing a layer allocates short-lived unpacked copies of its codes between long-lived
+        repacked weights, and glibc keeps the freed pages: without handing them back after each
+        layer, SmolLM2-135M's decode process peaked at 2.5 GB instead of 1.2 GB."""
         for m in self.modules():
             if isinstance(m, QuantLinear):
                 m.prepare(self.weight_dtype)
+                release_free_heap()
 
     @torch.no_grad()
     def allocate(self, batch: int, length: int) -> bool:
@@ -83,6 +89,21 @@ class Decoder(nn.Module):
 
     def forward(self, ids: Tensor, slots: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         return decoder_forward(self, ids, slots, positions, valid)
+
+
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _fused(members) -> Optional[nn.Module]:
