@@ -161,10 +161,41 @@ def cuda_int8_rows(archs) -> list:
                     regs = re.search(r"Used (\d+) registers", info).group(1)
                     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
                     smem = re.search(r"(\d+) bytes smem", info)
-                    rows.append((cu.name, arch, f"{fn[:60]}: {regs} regs, spills "
-                                 f"{spill.group(1) + '/' + spill.group(2) if spill else '?'} B st/ld, "
-                                 f"smem {smem.group(1) if smem else 0} B"))
+                    text = (f"`{_demangle(fn)}`: {regs} regs, spills "
+                            f"{spill.group(1) + '/' + spill.group(2) if spill else '?'} B st/ld, "
+                            f"smem {smem.group(1) if smem else 0} B")
+                    if (cu.name, arch, text) not in rows:  # ptxas reports some entries once per pass
+                        rows.append((cu.name, arch, text))
     return rows
+
+
+def _demangle(name: str) -> str:
+    filt = shutil.which("c++filt")
+    if not filt:
+        return name
+    out = subprocess.run([filt, name], capture_output=True, text=True).stdout.strip() or name
+    return out.replace("(anonymous namespace)::", "")
+
+
+def summary(results: dict, archs) -> list:
+    """The decode comparison the issue asks for: INT4 g128 fp16 at M <= 16, the decode kernel's
+    untimed default candidate against the general kernel's decode-bucket default."""
+    from fxkernels.backends import triton as tb
+
+    out = ["## Decode (M <= 16), INT4 g128 fp16: main loop", "",
+           "| arch | kernel (configuration) | SASS instr / INT4 weight | regs | spills | issue-bound share of HBM |",
+           "|---|---|---|---|---|---|"]
+    for arch in archs:
+        new = f"decode {tb.decode_configs((arch // 10, arch % 10))[0]} W4 g128 float16"
+        old_cfg = tb.bucket_configs(1)[0]
+        old = f"gemm {old_cfg} W4 g128 fp16 (BK{min(old_cfg.bk, 128)} mode1)"
+        for label in (new, old):
+            r = results.get((arch, label))
+            if r is None:
+                continue
+            share = " / ".join(f"{g} {100 * r[g]:.0f}%" for g in GPUS if GPUS[g][0] == arch)
+            out.append(f"| sm_{arch} | {label} | {r['per_weight']:.2f} | {r['regs']} | {r['spill_ins']} | {share} |")
+    return out
 
 
 def main():
@@ -182,7 +213,7 @@ def main():
     lines = ["| arch | variant | loop instr | instr / weight | instr / weight byte | regs | spills (LDL+STL, local B) "
              "| smem KiB | issue-bound share of HBM (H100 / H200 / A100) | top opcodes in the loop |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    failures = []
+    failures, results = [], {}
     for arch in args.arch:
         for label, comp, threads, wpi, bits in triton_variants(arch, args.quick):
             try:
@@ -194,10 +225,12 @@ def main():
                 continue
             shares = " / ".join(f"{100 * r[g]:.0f}%" if GPUS[g][0] == arch else "-" for g in GPUS)
             top = ", ".join(f"{op} {c}" for op, c in r["hist"].most_common(6))
-            line = (f"| sm_{arch} | {label} | {r['loop']} | {r['per_weight']:.2f} | {r['per_byte']:.2f} | {r['regs']} | "
-                    f"{r['spill_ins']}, {r['local']} | {k.metadata.shared / 1024:.0f} | {shares} | {top} |")
+            line = (f"| sm_{arch} | {label} | {r['loop']} | {r['per_weight']:.2f} | {r['per_byte']:.2f} | "
+                    f"{r['regs']} | {r['spill_ins']}, {r['local']} | {k.metadata.shared / 1024:.0f} | {shares} | "
+                    f"{top} |")
             print(line, flush=True)
             lines.append(line)
+            results[(arch, label)] = r
     cuda = [] if args.no_cuda else cuda_int8_rows(args.arch)
     md = ["# Static GPU review (compile-only, no GPU)", "",
           f"Command: `PYTHONPATH=. python bench/gpu_static.py --out docs/GPU_STATIC.md` "
@@ -207,9 +240,10 @@ def main():
           + "; ".join(f"{g}: sm_{a}, {s} SMs, {c} GHz, {bw / 1000:.2f} TB/s" for g, (a, s, c, bw) in GPUS.items())
           + ". The share is the HBM bandwidth the instruction stream alone could sustain (capped at 100 %).",
           "Instructions per weight = main-loop SASS instructions x threads per CTA / weights per loop trip.", ""]
-    md += lines
+    md += summary(results, args.arch) + ["", "## Every variant", ""] + lines
     if cuda:
-        md += ["", "## CUDA INT8 GEMM (nvcc -cubin -Xptxas -v)", ""] + [f"- sm_{a} {f}: {t}" for f, a, t in cuda]
+        md += ["", "## CUDA kernels (nvcc -cubin -Xptxas -v; static shared memory only, the GEMM's dynamic "
+               "shared memory is sized at launch)", ""] + [f"- sm_{a} {f}: {t}" for f, a, t in cuda]
     if failures:
         md += ["", "## Variants that failed to compile", ""] + [f"- {f}" for f in failures]
     text = "\n".join(md) + "\n"

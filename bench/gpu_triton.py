@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fxkernels  # noqa: E402
-from fxkernels import dispatch, reference  # noqa: E402
-from fxkernels.backends import triton as tb  # noqa: E402
-from fxkernels.format import QuantSpec, as_grouped, pack  # noqa: E402
+import fxkernels
+from fxkernels import dispatch, reference
+from fxkernels.backends import triton as tb
+from fxkernels.format import QuantSpec, as_grouped, pack
 
 # (K, N); the target shape first so that a time budget never cuts it
 SHAPES = [(4096, 11008), (4096, 4096), (11008, 4096), (2048, 2048)]
@@ -125,7 +125,8 @@ def _check_correctness(dev, cases=None):
             y = fxkernels.ops.dequant_linear(x, qw, s, z, bias, bits, k)
             w = reference.dequant_weight(qw, s, z, bits, k)
             good, err, terr = within_tolerance(y, x, w, bias)
-            ok = kname in (tb.KERNEL_NAME, tb.DECODE_KERNEL_NAME) and y.dtype == dtype and tuple(y.shape) == (m, n) and good
+            ok = (kname in (tb.KERNEL_NAME, tb.DECODE_KERNEL_NAME) and y.dtype == dtype
+                  and tuple(y.shape) == (m, n) and good)
             line = f"{'PASS' if ok else 'FAIL'} {tag} kernel={kname} err={err:.3g} torch_err={terr:.3g}"
         except Exception as e:
             ok, line = False, f"FAIL {tag} {type(e).__name__}: {e}"
@@ -151,7 +152,7 @@ def bench_rows(dev, layouts, budget_s, t0):
         for m in MS:
             x = torch.randn(m, k, device=dev).half()
             try:
-                t_cublas = bench_ms(lambda: F.linear(x, w16))
+                t_cublas = bench_ms(lambda w16=w16: F.linear(x, w16))
             except Exception as e:
                 skipped.append(f"K={k} N={n} M={m} cuBLAS: {type(e).__name__}: {e}")
                 continue

@@ -360,7 +360,8 @@ def _launch_decode(x, qweight, scale, zero, bias, bits, in_features, cfg, split_
         m, n, k, k // per_word, plan.k_per_split, plan.k_per_split // per_word,
         _as_i32(plan.mask), _as_i32(plan.magic_w),
         x.stride(0), words.stride(0), scale.stride(0), y.stride(0),
-        GS=k // groups if groups > 1 else 0, BITS8=bits > 4, SCALE_MODE=plan.scale_mode, MAGIC_BIAS=plan.magic_bias, HAS_BIAS=bias is not None,
+        GS=k // groups if groups > 1 else 0, BITS8=bits > 4, SCALE_MODE=plan.scale_mode,
+        MAGIC_BIAS=plan.magic_bias, HAS_BIAS=bias is not None,
         USE_WORKSPACE=plan.split_k > 1, EMULATE_BF16=km.INTERPRETED and x.dtype == torch.bfloat16,
         SPLIT_ASM=not km.INTERPRETED, BM=plan.bm, BN=cfg.bn, BK=cfg.bk, KS=plan.ks, num_warps=cfg.warps,
         num_stages=cfg.stages)
@@ -598,7 +599,8 @@ def compile_decode_variant(arch: int, cfg: DecodeConfig, bits: int, dtype: torch
     ints = ("M", "N", "K", "KW", "K_PER_SPLIT", "KW_PER_SPLIT", "MASK", "MAGIC_W", "stride_xm",
             "stride_wn", "stride_sn", "stride_ym")
     sig.update({name: "i32" for name in ints})
-    consts = dict(GS=k // groups if groups > 1 else 0, BITS8=bits > 4, SCALE_MODE=plan.scale_mode, MAGIC_BIAS=plan.magic_bias, HAS_BIAS=has_bias,
+    consts = dict(GS=k // groups if groups > 1 else 0, BITS8=bits > 4, SCALE_MODE=plan.scale_mode,
+                  MAGIC_BIAS=plan.magic_bias, HAS_BIAS=has_bias,
                   USE_WORKSPACE=split_k > 1, EMULATE_BF16=False, SPLIT_ASM=split_asm, BM=plan.bm, BN=cfg.bn,
                   BK=cfg.bk, KS=plan.ks)
     sig.update({name: "constexpr" for name in consts})

@@ -308,8 +308,8 @@ def decode_gemm_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         M, N, K, KW, K_PER_SPLIT, KW_PER_SPLIT, MASK, MAGIC_W,
         stride_xm, stride_wn, stride_sn, stride_ym,
-        GS: tl.constexpr, BITS8: tl.constexpr, SCALE_MODE: tl.constexpr, MAGIC_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
-        USE_WORKSPACE: tl.constexpr, EMULATE_BF16: tl.constexpr, SPLIT_ASM: tl.constexpr,
+        GS: tl.constexpr, BITS8: tl.constexpr, SCALE_MODE: tl.constexpr, MAGIC_BIAS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_WORKSPACE: tl.constexpr, EMULATE_BF16: tl.constexpr, SPLIT_ASM: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr):
     """Small-M ``y = x @ dequant(W).T (+ bias)`` computed transposed, ``y.T = W' @ x.T``.
 
@@ -343,7 +343,8 @@ def decode_gemm_kernel(
     for kt in range(0, n_full):
         for sub in tl.static_range(BK // KS):
             acc = _decode_subtile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, offs_m, mask_m,
-                                  k_start + kt * BK + sub * KS, kw_start + kt * (BK // per_word) + sub * (KS // per_word),
+                                  k_start + kt * BK + sub * KS,
+                                  kw_start + kt * (BK // per_word) + sub * (KS // per_word),
                                   k_end, kw_end, zz_ch, MASK, MAGIC_W, K, stride_xm, stride_wn, stride_sn, GS,
                                   DT, BITS8, SCALE_MODE, MAGIC_BIAS, EMULATE_BF16, SPLIT_ASM, False, KS)
     if k_start + n_full * BK < k_end:
