@@ -205,8 +205,33 @@ def _guard_and_compile() -> dict:
     return out
 
 
+def _refusals() -> dict:
+    """decode_can_implement's reasons, name the argument and the expected value."""
+    import fxkernels
+    from fxkernels.backends import triton as tb
+
+    out = {}
+    with fxkernels.use_backend("triton"):
+        for label, m, lay in (("m17", 17, (4, "group", 32, "float16", 128)),
+                              ("k196", 1, (4, "channel", None, "float16", 196)),
+                              ("g40", 1, (4, "group", 40, "float16", 200)),
+                              ("w8_bf16", 1, (8, "channel", None, "bfloat16", 64)),
+                              ("fp32", 1, (4, "channel", None, "float32", 64))):
+            x, qw, s, z, b, bits, k = _make(m, 24, lay, False, 3)
+            out[label] = list(tb.decode_can_implement(x, qw, s, z, b, bits, k))
+        x, qw, s, z, b, bits, k = _make(1, 24, (4, "channel", None, "float16", 128), False, 3)
+        out["ok"] = list(tb.decode_can_implement(x, qw, s, z, b, bits, k))
+        out["odd_offset"] = list(tb.decode_can_implement(x, qw.reshape(-1)[2:2 + qw.numel() - 64].reshape(-1, 64)[:23],
+                                                         s[:23], z[:23], None, bits, k))
+    return out
+
+
 def _worker(path: str, full: bool) -> None:
     results = {}
+    try:
+        results["_refusals"] = _refusals()
+    except Exception as e:
+        results["_refusals"] = {"error": f"{type(e).__name__}: {e}"}
     for exact, cases in ((False, dispatch_cases(full) + CONFIG_CASES), (True, EXACT_CASES)):
         for case in cases:
             try:
@@ -284,6 +309,16 @@ def test_config_cases_cover_the_paths(results):
 def test_exact_on_integer_data(results, case):
     r = _get(results, case[0])
     assert r["exact"], f"{case[0]}: max error {r['err']} on exact data"
+
+
+def test_decode_refusals_explain_themselves(results):
+    r = _get(results, "_refusals")
+    assert r["ok"][0] is True
+    expect = {"m17": "M=17", "k196": "in_features=196", "g40": "group size 40", "w8_bf16": "bits=8",
+              "fp32": "x.dtype", "odd_offset": "offset 2"}
+    for label, text in expect.items():
+        ok, why = r[label]
+        assert not ok and text in why, (label, why)
 
 
 def test_every_launch_is_device_guarded(results):

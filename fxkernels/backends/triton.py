@@ -412,8 +412,11 @@ def decode_can_implement(x, qweight, scale, zero, bias, bits, in_features) -> Tu
         return False, f"in_features={k} is not a multiple of {per_word} (whole 32-bit weight words per row)"
     if groups > 1 and (k // groups) % 16:
         return False, f"group size {k // groups} is not a multiple of 16 (the MMA's K step)"
-    if qweight.stride(1) != 1 or qweight.storage_offset() % 4:
-        return False, "qweight rows are not contiguous 4-byte aligned words"
+    if qweight.stride(1) != 1 or qweight.stride(0) % 4 or qweight.storage_offset() % 4:
+        return False, (f"qweight strides {tuple(qweight.stride())}, offset {qweight.storage_offset()}; "
+                       "expected rows of 4-byte aligned words (unit column stride, row stride and offset % 4 == 0)")
+    if x.device.type == "cuda" and torch.version.hip:
+        return False, "ROCm device: the decode kernel splits registers with PTX inline assembly (NVIDIA only)"
     if x.stride(1) != 1 or scale.stride(1) != 1 or zero.stride() != scale.stride():
         return False, "x, scale and zero must have unit column stride (and zero the strides of scale)"
     return True, "fused dequant-GEMM, small-M decode path"
