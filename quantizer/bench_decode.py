@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 PROMPT = "The history of Azerbaijan"
+LLAMA_CPP = "llama.cpp, Q4_1 GGUF (llama-cpp-python)"
 
 
 class _Clock:
@@ -73,15 +74,41 @@ def engine_prefill(gen, ids) -> float:
 
 
 def llama_cpp_model(threads: int, context: int):
-    """llama.cpp on SmolLM2's Q4_1 GGUF, or None when llama-cpp-python is not installed."""
+    """llama.cpp on SmolLM2's Q4_1 GGUF, or None when llama-cpp-python is not installed.
+
+    llama.cpp's extra weight buffers (AMX tiles, repacked layouts) are used when a probe process
+    decodes with them; on a host where they crash (seen: a KVM guest with AMX, llama-cpp-python
+    0.3.36, segmentation fault in the first decode) they are turned off, and the row says so."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp
     except ImportError:
         return None
     from .models import smollm2_gguf_path
 
-    return Llama(model_path=smollm2_gguf_path(), n_threads=threads, n_threads_batch=threads, n_ctx=context,
-                 n_batch=context, verbose=False)
+    extra = _llama_cpp_extra_buffers_work()
+    if not extra:
+        default_params = llama_cpp.llama_model_default_params
+
+        def without_extra_buffers():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+        llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_buffers
+    llm = llama_cpp.Llama(model_path=smollm2_gguf_path(), n_threads=threads, n_threads_batch=threads, n_ctx=context,
+                          n_batch=context, verbose=False)
+    llm.extra_buffers = extra
+    return llm
+
+
+_PROBE = ("from llama_cpp import Llama; from quantizer.models import smollm2_gguf_path; "
+          "llm = Llama(model_path=smollm2_gguf_path(), n_ctx=64, verbose=False); llm.eval([1, 2, 3])")
+
+
+def _llama_cpp_extra_buffers_work() -> bool:
+    probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return probe.returncode == 0
 
 
 def llama_cpp_decode(llm, ids, new_tokens: int) -> float:
@@ -189,13 +216,12 @@ def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch
     }
     llm = llama_cpp_model(threads, prompt_tokens + new_tokens + 64) if llama_cpp else None
     if llm is not None:
-        contenders["llama.cpp, Q4_1 GGUF (llama-cpp-python)"] = lambda: (llama_cpp_decode(llm, short, new_tokens),
-                                                                         llama_cpp_prefill(llm, long))
+        contenders[LLAMA_CPP] = lambda: (llama_cpp_decode(llm, short, new_tokens), llama_cpp_prefill(llm, long))
     rates = interleaved_medians(contenders, rounds)
     child = fresh_process_figures(ckpt_dir.name, threads, new_tokens)
     ckpt_dir.cleanup()
 
-    ref = rates.get("llama.cpp, Q4_1 GGUF (llama-cpp-python)")
+    ref = rates.get(LLAMA_CPP)
     out(f"\nSmolLM2-135M, {threads} threads, greedy; decode: {new_tokens} new tokens after a "
         f"{short.shape[1]}-token prompt; prefill: a {long.shape[1]}-token prompt; median of {rounds} interleaved rounds\n")
     head = "| | decode tok/s | prefill tok/s |" + (" decode vs llama.cpp | prefill vs llama.cpp |" if ref else "")
@@ -214,6 +240,8 @@ def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch
         f"decode {child['decode_tok_s']:.1f} tok/s, peak RSS {child['peak_rss_mb']:.0f} MB")
     if llm is None and llama_cpp:
         out("(llama.cpp row missing: `pip install llama-cpp-python` to add it)")
+    elif llm is not None and not llm.extra_buffers:
+        out("llama.cpp ran without its extra weight buffers (AMX/repack): with them it crashed on this host")
     return {"rates": rates, "same_64_tokens": same, "fresh_process": child, "batch": batch, "threads": threads}
 
 

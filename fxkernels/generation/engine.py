@@ -17,6 +17,16 @@ from .sampling import Sampling, next_tokens
 from .step import decoder_forward
 
 CACHE_ROUNDING = 128  # cache lengths are rounded up to this, so nearby lengths share a compiled step
+# Per-token costs of a compiled step that buy nothing here (SmolLM2-135M, 2 threads):
+# * the wrapper checks every extern kernel's output shape, stride and alignment on each call; the
+#   shapes are static and the kernels' fake implementations are tested (107 -> 117 tok/s without);
+# * dynamo re-checks its guards on every module attribute the step reads, over a thousand tensors
+#   (1.6 ms a token; 94 -> 110 tok/s without). The step's own inputs (tokens, slot, positions,
+#   the [B, L] validity mask) stay guarded, so a new batch size or cache length still recompiles;
+#   the model's modules are read once: a Generator does not follow later changes to its model.
+# inductor's C++ wrapper was faster still but took minutes to compile on 2 cores.
+STEP_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False,
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 
 
 class Decoder(nn.Module):
@@ -140,7 +150,9 @@ class Generator:
     fixed-shape decode step over a static KV cache, traced by ``torch.compile`` into one graph
     (``compile=True``: inductor on the CPU, CUDA graphs on a GPU), so no Python runs per layer.
     Compiled steps are kept per (batch, cache length): cache lengths are rounded up to a multiple
-    of 128, and inductor's on-disk cache makes later processes compile faster.
+    of 128, and inductor's on-disk cache makes later processes compile faster. The model's modules
+    are read when the Generator is built: after changing the model (new weights, ``.to()``),
+    build a new Generator.
 
     ``max_length``: a fixed cache length (prompt plus new tokens must fit); None sizes the cache
     per call, up to the model's ``max_position_embeddings``. ``fuse``: run q/k/v and gate/up as
@@ -171,7 +183,7 @@ class Generator:
         if self._step is None:
             self.decoder.prepare()
             mode = "reduce-overhead" if self.decoder.device.type == "cuda" else None  # CUDA graphs
-            self._step = torch.compile(self.decoder, fullgraph=True, dynamic=False, mode=mode)
+            self._step = torch.compile(self.decoder, fullgraph=True, dynamic=False, mode=mode, options=STEP_OPTIONS)
         return self._step
 
     def _warm_up(self, step: Callable, batch: int) -> float:
@@ -209,8 +221,7 @@ class Generator:
         valid[:, :plen] = mask.bool()
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         t0 = time.perf_counter()
-        logits = self.decoder(ids, torch.arange(plen, device=dev), positions, valid)
-        tok = next_tokens(logits, sampling, generator)
+        tok = next_tokens(*self.decoder(ids, torch.arange(plen, device=dev), positions, valid), sampling, generator)
         prefill_s = time.perf_counter() - t0
 
         out = [tok]
@@ -222,8 +233,8 @@ class Generator:
         for i in range(1, max_new_tokens):
             if stops.numel() and bool(finished.all()):
                 break
-            logits = step(tok[:, None], torch.full((1,), plen + i - 1, dtype=torch.long, device=dev), pos, valid)
-            tok = next_tokens(logits, sampling, generator)
+            slot = torch.full((1,), plen + i - 1, dtype=torch.long, device=dev)
+            tok = next_tokens(*step(tok[:, None], slot, pos, valid), sampling, generator)
             if stops.numel():
                 tok = torch.where(finished, torch.full_like(tok, self.pad_token), tok)
                 finished = finished | torch.isin(tok, stops)

@@ -48,9 +48,9 @@ def filtered_logits(logits: Tensor, sampling: Sampling) -> Tensor:
     return x
 
 
-def next_tokens(logits: Tensor, sampling: Sampling, generator: Optional[torch.Generator]) -> Tensor:
-    """``[B]`` token ids chosen from ``logits [B, V]``."""
+def next_tokens(logits: Tensor, argmax: Tensor, sampling: Sampling, generator: Optional[torch.Generator]) -> Tensor:
+    """``[B]`` token ids chosen from ``logits [B, V]`` (``argmax [B]``: their greedy choice)."""
     if sampling.greedy:
-        return logits.argmax(dim=-1)
+        return argmax
     probs = torch.softmax(filtered_logits(logits, sampling), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
