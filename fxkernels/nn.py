@@ -121,6 +121,7 @@ class QuantLinear(nn.Module):
             self.act_scale = self.act_zero = None
         self._kernels: Dict[tuple, "_Plan"] = {}  # prepared calls, see _plan
         self._graph: Optional[tuple] = None  # the plan compiled graphs call, see prepare
+        self._grids: Optional[tuple] = None  # (stamp, grids), see _derived_grids
         self._fusion, self._fusion_index = None, 0  # set by fxkernels.fusion.fuse_projections
 
     # -- construction ----------------------------------------------------------------------
@@ -191,6 +192,15 @@ class QuantLinear(nn.Module):
         except RuntimeError:  # inference tensors keep no version counter (and are not written in place)
             return ids + (version_of(qw), version_of(sc), version_of(zr))
 
+    def _derived_grids(self) -> tuple:
+        """:meth:`_derive`, computed once per buffer stamp: every plan of the layer (one per M
+        bucket, dtype, ...) binds the same grid tensors, so the kernels' repacked weights, which
+        are cached per grid tensor, are made once per layer rather than once per plan."""
+        stamp = self._stamp()
+        if self._grids is None or self._grids[0] != stamp:
+            self._grids = (stamp, self._derive())
+        return self._grids[1]
+
     def _check_static_grid(self) -> None:
         """A static activation scale must be positive. Checked once per prepared plan (reading it
         on an accelerator is a device sync, which a forward must never do)."""
@@ -202,7 +212,7 @@ class QuantLinear(nn.Module):
         """Validate and select the kernels for inputs like ``x2`` once, and bind every argument
         but the activation, so an eager call is one Python closure around the kernel and a
         compiled graph one operator call per kernel."""
-        derived = scale_g, zero_g, wsum = self._derive()
+        derived = scale_g, zero_g, wsum = self._derived_grids()
         b = self._buffers
         qw, bias, bits = b["qweight"], b["bias"], self.spec.bits
         if self.spec.act_bits:
@@ -278,7 +288,7 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # moved or converted buffers: every prepared call binds the old ones
         self._kernels.clear()
-        self._graph = None
+        self._graph = self._grids = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):

@@ -206,3 +206,17 @@ def test_interleaved_decode_rates_and_dequantized_reference():
     ref = dequantized_reference(q)
     assert not any(isinstance(m, QuantLinear) for m in ref.modules())
     assert torch.equal(greedy_decode(q, ids, 6)[0], greedy_decode(ref, ids, 6)[0])
+
+
+def test_plans_for_several_batch_sizes_share_one_repacked_weight():
+    """Each M bucket gets its own plan, but all bind the same grids, so the CPU kernels' repacked
+    weight (cached per weight and grid tensors) is made once per layer, not once per plan."""
+    pytest.importorskip("fxkernels._C")
+    from fxkernels.backends import _cache
+
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), QuantSpec(4, "channel"))
+    with torch.no_grad():
+        for m in (1, 4, 9):
+            layer(torch.randn(m, 64))
+    assert len(layer._kernels) == 3
+    assert len(_cache._cache[id(layer.qweight)][1]) == 1
