@@ -341,7 +341,7 @@ def benchmark(out_path, quick):
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
     lines = [
-        f"# fxkernels CUDA INT8 GEMM benchmark",
+        "# fxkernels CUDA INT8 GEMM benchmark",
         "",
         f"Device: {props.name} ({props.multi_processor_count} SMs, sm_{props.major}{props.minor}), "
         f"torch {torch.__version__}, CUDA {torch.version.cuda}. Times are medians of CUDA-graph replays "

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fxkernels import QuantSpec, replace_linears  # noqa: E402
-from fxkernels.generation import Generator  # noqa: E402
-from quantizer.bench_decode import PROMPT, engine_decode, hf_decode, interleaved_medians  # noqa: E402
-from quantizer.models import load_smollm2  # noqa: E402
+from fxkernels import QuantSpec, replace_linears
+from fxkernels.generation import Generator
+from quantizer.bench_decode import PROMPT, engine_decode, hf_decode, interleaved_medians
+from quantizer.models import load_smollm2
 
 
 def main() -> int:

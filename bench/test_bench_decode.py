@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fxkernels import QuantSpec, fuse_projections, replace_linears  # noqa: E402
-from fxkernels.generation import Generator  # noqa: E402
-from quantizer.decode_bench import compare_tokens_per_second, dequantized_reference, greedy_decode  # noqa: E402
+from fxkernels import QuantSpec, fuse_projections, replace_linears
+from fxkernels.generation import Generator
+from quantizer.decode_bench import compare_tokens_per_second, dequantized_reference, greedy_decode
 
 PROMPT = "The history of Azerbaijan"
 NEW_TOKENS = 32

@@ -7,6 +7,7 @@ from .format import FORMAT_VERSION, QuantSpec, dequantize, pack, quantize_rtn, u
 from .dispatch import available_kernels, use_backend
 from .nn import QuantLinear, replace_linears
 from .fusion import fuse_projections, unfuse_projections
+from .generation import Generator, Sampling
 from . import ops  # registers the fxk:: torch.library ops
 from . import hf  # noqa: F401  (from_pretrained support: registers quant_method 'flexround' lazily)
 
@@ -28,4 +29,4 @@ load_quantized.__doc__ = "See fxkernels.checkpoint.load_quantized."
 
 __all__ = ["QuantSpec", "QuantLinear", "replace_linears", "pack", "unpack", "dequantize", "quantize_rtn",
            "save_quantized", "load_quantized", "available_kernels", "use_backend", "ops", "FORMAT_VERSION",
-           "fuse_projections", "unfuse_projections"]
+           "fuse_projections", "unfuse_projections", "Generator", "Sampling"]

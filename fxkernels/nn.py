@@ -110,7 +110,8 @@ class QuantLinear(nn.Module):
         self.input_rotation = int(input_rotation or 0)
         dt = torch.uint8 if spec.packed else torch.int8
         sshape = spec.scale_shape(out_features, in_features)
-        self.register_buffer("qweight", torch.zeros(spec.packed_shape(out_features, in_features), dtype=dt, device=device))
+        self.register_buffer("qweight", torch.zeros(spec.packed_shape(out_features, in_features), dtype=dt,
+                                                    device=device))
         self.register_buffer("scale", torch.ones(sshape, dtype=torch.float32, device=device))
         self.register_buffer("zero", torch.zeros(sshape, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)

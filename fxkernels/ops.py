@@ -112,9 +112,11 @@ def _check_quantize_act(x, scale, zero) -> None:
         _fail("scale/zero", "only one of them", "both (static per-tensor) or neither (dynamic per-token)")
     if scale is not None:
         if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != x.device:
-            _fail("scale", f"{scale.dtype} {tuple(scale.shape)} on {scale.device}", f"a positive float32 [1] tensor on {x.device}")
+            _fail("scale", f"{scale.dtype} {tuple(scale.shape)} on {scale.device}",
+                  f"a positive float32 [1] tensor on {x.device}")
         if zero.numel() != 1 or zero.dtype != torch.int32 or zero.device != x.device:
-            _fail("zero", f"{zero.dtype} {tuple(zero.shape)} on {zero.device}", f"an int32 [1] tensor in -128..127 on {x.device}")
+            _fail("zero", f"{zero.dtype} {tuple(zero.shape)} on {zero.device}",
+                  f"an int32 [1] tensor in -128..127 on {x.device}")
 
 
 @quantize_act.register_fake

@@ -107,7 +107,8 @@ _PROBE = ("from llama_cpp import Llama; from quantizer.models import smollm2_ggu
 
 
 def _llama_cpp_extra_buffers_work() -> bool:
-    probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     return probe.returncode == 0
 
 
@@ -127,7 +128,8 @@ def llama_cpp_prefill(llm, ids) -> float:
     return ids.shape[1] / (time.perf_counter() - t)
 
 
-def interleaved_medians(contenders: Dict[str, Callable[[], Tuple[float, ...]]], rounds: int) -> Dict[str, Tuple[float, ...]]:
+def interleaved_medians(contenders: Dict[str, Callable[[], Tuple[float, ...]]],
+                        rounds: int) -> Dict[str, Tuple[float, ...]]:
     """``name -> medians`` of each contender's figures over rounds that run the contenders in turn
     (after one warm-up call each, so first-call costs stay out)."""
     for measure in contenders.values():
@@ -157,8 +159,9 @@ def fresh_process_figures(ckpt: str, threads: int, new_tokens: int) -> dict:
     loads the checkpoint and decodes with the engine."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, OMP_NUM_THREADS=str(threads))
-        out = subprocess.run([sys.executable, "-m", "quantizer.bench_decode", "--child", ckpt, "--threads", str(threads),
-                              "--new-tokens", str(new_tokens)], env=env, capture_output=True, text=True, check=True)
+        cmd = [sys.executable, "-m", "quantizer.bench_decode", "--child", ckpt, "--threads", str(threads),
+               "--new-tokens", str(new_tokens)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -174,9 +177,18 @@ def _child(ckpt: str, threads: int, new_tokens: int) -> None:
     gen = Generator(model)
     first = gen.generate(ids, new_tokens)
     again = gen.generate(ids, new_tokens)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"compile_s": first.compile_seconds, "decode_tok_s": again.decode_tokens_per_second,
-                      "peak_rss_mb": rss}))
+                      "peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started its program: VmHWM, which execve
+    resets (``ru_maxrss`` keeps the forking parent's size across exec, which is not ours)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch: int = 8, rounds: int = 3,
@@ -223,7 +235,8 @@ def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch
 
     ref = rates.get(LLAMA_CPP)
     out(f"\nSmolLM2-135M, {threads} threads, greedy; decode: {new_tokens} new tokens after a "
-        f"{short.shape[1]}-token prompt; prefill: a {long.shape[1]}-token prompt; median of {rounds} interleaved rounds\n")
+        f"{short.shape[1]}-token prompt; prefill: a {long.shape[1]}-token prompt; median of {rounds} interleaved "
+        "rounds\n")
     head = "| | decode tok/s | prefill tok/s |" + (" decode vs llama.cpp | prefill vs llama.cpp |" if ref else "")
     out(head)
     out("|---|---:|---:|" + ("---:|---:|" if ref else ""))

@@ -27,7 +27,8 @@ EPILOG = """examples:
 def _spec_from_args(a):
     from fxkernels import QuantSpec
 
-    return QuantSpec(bits=a.bits, granularity=a.granularity, group_size=a.group_size if a.granularity == "group" else None,
+    group_size = a.group_size if a.granularity == "group" else None
+    return QuantSpec(bits=a.bits, granularity=a.granularity, group_size=group_size,
                      symmetric=a.symmetric, act_bits=a.act_bits,
                      act_mode=a.act_mode if a.act_bits else "dynamic")
 
@@ -52,7 +53,6 @@ def _threads(n: Optional[int]):
 
 
 def cmd_quantize(a) -> int:
-    import torch
 
     from fxkernels import replace_linears, save_quantized
 
@@ -88,7 +88,8 @@ def cmd_quantize(a) -> int:
         calib = calibration_ids(tok, config.nsamples, config.seqlen, seed=a.seed, text=text)
         model = quantize(model, calib, config)
     secs = time.time() - t
-    save_quantized(model, a.out, tokenizer=tok, extra={"method": a.method, "source": a.model, "seconds": round(secs, 1)})
+    save_quantized(model, a.out, tokenizer=tok,
+                   extra={"method": a.method, "source": a.model, "seconds": round(secs, 1)})
     print(f"quantized with {a.method} ({spec}) in {secs:.1f} s -> {a.out}")
     return 0
 
@@ -229,7 +230,8 @@ def cmd_plot(a) -> int:
             qlayer, flayer = q.get_submodule(a.layer), fp.get_submodule(a.layer)
         except AttributeError:
             names = [n for n, m in q.named_modules() if hasattr(m, "qweight")][:5]
-            print(f"error: --layer {a.layer!r} is not in the checkpoint; quantized layers include {names}", file=sys.stderr)
+            print(f"error: --layer {a.layer!r} is not in the checkpoint; quantized layers include {names}",
+                  file=sys.stderr)
             return 2
         path = plots.plot_grid_shift(flayer.weight, qlayer, a.out, title=a.title or "")
     elif a.kind == "ppl":
@@ -255,7 +257,8 @@ def cmd_vision(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flexround", description="FlexRound post-training quantization and fast "
-                                "INT4/INT8 kernels.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                "INT4/INT8 kernels.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint",

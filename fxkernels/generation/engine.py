@@ -174,6 +174,7 @@ class Generator:
             self.decoder.fuse(model)
         self.compile = bool(compile)
         self._step: Optional[Callable] = None
+        self._warm = False  # the step has run for the current cache shapes
         self.pad_token = _pad_token(model.config)
 
     # -- the decode step -----------------------------------------------------------------------
@@ -192,8 +193,8 @@ class Generator:
         d, dev = self.decoder, self.decoder.device
         t = time.perf_counter()
         last = torch.full((1,), d.length - 1, dtype=torch.long, device=dev)
-        step(torch.zeros(batch, 1, dtype=torch.long, device=dev), last,
-             torch.zeros(batch, 1, dtype=torch.long, device=dev), torch.ones(batch, d.length, dtype=torch.bool, device=dev))
+        token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        step(token, last, token, torch.ones(batch, d.length, dtype=torch.bool, device=dev))
         return time.perf_counter() - t
 
     # -- generation ------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ class Generator:
         length = self._cache_length(plen + max_new_tokens)
         changed = self.decoder.allocate(batch, length)
         step = self._decode_step()
-        compile_s = self._warm_up(step, batch) if self.compile and (changed or not getattr(self, "_warm", False)) else 0.0
+        compile_s = self._warm_up(step, batch) if self.compile and (changed or not self._warm) else 0.0
         self._warm = True
         generator = None
         if not sampling.greedy and sampling.seed is not None:
@@ -262,7 +263,8 @@ class Generator:
     def _check_inputs(self, input_ids, attention_mask, max_new_tokens, sampling):
         dev = self.decoder.device
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            got = (f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor)
+                   else type(input_ids).__name__)
             raise ValueError(f"generate: input_ids is {got}; expected an int64 tensor [batch, prompt_length]")
         if input_ids.shape[1] < 1 or input_ids.shape[0] < 1:
             raise ValueError(f"generate: input_ids shape {tuple(input_ids.shape)}; expected at least one token per row")
@@ -270,7 +272,8 @@ class Generator:
             raise ValueError(f"generate: input_ids on {input_ids.device}; the model is on {dev}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape or attention_mask.device != dev:
+        if (not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape
+                or attention_mask.device != dev):
             got = (f"{tuple(attention_mask.shape)} on {attention_mask.device}" if isinstance(attention_mask, Tensor)
                    else type(attention_mask).__name__)
             raise ValueError(f"generate: attention_mask is {got}; expected a tensor {tuple(input_ids.shape)} on {dev} "
