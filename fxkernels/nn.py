@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import dispatch, ops
-from .format import QuantSpec, as_grouped, check_weight, pack, quantize_rtn
+from .format import QuantSpec, as_grouped, check_weight, pack, quantize_rtn, register_layer_buffers
 from .backends._cache import version_of
 from .reference import weight_sums
 from .rotation import check_rotation_block, hadamard_transform
@@ -108,18 +108,7 @@ class QuantLinear(nn.Module):
             check_rotation_block(input_rotation, in_features, "QuantLinear: input_rotation")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.input_rotation = int(input_rotation or 0)
-        dt = torch.uint8 if spec.packed else torch.int8
-        sshape = spec.scale_shape(out_features, in_features)
-        self.register_buffer("qweight", torch.zeros(spec.packed_shape(out_features, in_features), dtype=dt,
-                                                    device=device))
-        self.register_buffer("scale", torch.ones(sshape, dtype=torch.float32, device=device))
-        self.register_buffer("zero", torch.zeros(sshape, dtype=torch.int32, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        if spec.act_bits and spec.act_mode == "static":
-            self.register_buffer("act_scale", torch.ones(1, device=device))
-            self.register_buffer("act_zero", torch.zeros(1, dtype=torch.int32, device=device))
-        else:
-            self.act_scale = self.act_zero = None
+        register_layer_buffers(self, spec, out_features, in_features, bias, device)
         self._kernels: Dict[tuple, "_Plan"] = {}  # prepared calls, see _plan
         self._graph: Optional[tuple] = None  # the plan compiled graphs call, see prepare
         self._grids: Optional[tuple] = None  # (stamp, grids), see _derived_grids

@@ -34,7 +34,7 @@ def _kernel_speed_rows(threads: int) -> List[Dict]:
     from fxkernels.bench import cpu_kernel_table
 
     # the harness's own repeats / minimum time: with 7 repeats of >= 0.1 s the batch-1 rows of our
-    # kernels read 3-4x slower than with its defaults on the same idle host (measured 2026-11-30)
+    # kernels read 3-4x slower than with its defaults on the same idle host
     res = cpu_kernel_table(shapes=[(4096, 11008)], ms=[1, 8, 32], threads=threads,
                            methods=["fp32", "fbgemm_int8", "ours_w4", "ours_w4a8"], out=lambda s: None)
     return [{"kernel": r.method, "M": r.m, "ms": r.ms, "x_fp32": r.vs_fp32} for r in res["rows"]]

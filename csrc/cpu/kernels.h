@@ -1,5 +1,6 @@
 // Raw-pointer kernel interfaces shared by the torch-facing driver (kernels.cpp) and the
-// per-ISA implementations (kernels_avx2.cpp, kernels_scalar.cpp).
+// per-ISA implementations (kernels_avx2.cpp, kernels_avx512vnni.cpp; the portable scalar loops are
+// in kernels.cpp).
 //
 // The AVX2 translation unit includes no torch header: every function in it carries
 // __attribute__((target("avx2,fma,f16c"))) and has internal linkage except the entry points

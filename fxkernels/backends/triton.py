@@ -187,10 +187,6 @@ class Plan:
     stages: int
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
 def make_plan(cfg: Config, m: int, n: int, k: int, groups: int, bits: int, dtype: torch.dtype,
               num_sms: int, split_k: Optional[int] = None) -> Plan:
     """Choose the scale mode, the K step and the split of K for one configuration.
@@ -478,11 +474,6 @@ def _time_candidates(cands, launch_with):
     if best is None:
         raise RuntimeError("triton: every configuration failed: " + "; ".join(errors))
     return best
-
-
-def tuned_configs() -> Dict[tuple, object]:
-    """What autotuning chose so far (for benchmark reports): GEMM and decode keys."""
-    return {**_tuned, **{("decode",) + k: v for k, v in _decode_tuned.items()}}
 
 
 # -- dispatch hooks ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ A quantizer owns one weight ``W`` (a Linear ``[N, K]`` or a Conv ``[O, I, kh, kw
   ``q`` in ``[0, qmax]``;
 * :meth:`export` -> ``(codes int32 [N, K], scale fp32, zero int32)`` in ``spec.scale_shape``, such
   that ``fxkernels.format.dequantize(pack(codes), scale, zero)`` equals the last hard ``forward()``
-  bit for bit (THE INVARIANT of DESIGN.md).
+  bit for bit (the invariant that ties the quantizer to the kernels; tests/test_invariant.py).
 
 Bit-exactness rests on two facts: rounding uses :class:`RoundSTE`, whose forward is ``torch.round``
 itself (the popular ``x + (round(x) - x).detach()`` trick is *not* exact in floating point), and

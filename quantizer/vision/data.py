@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vision_data")
-# Session 5 added nine natural photographs to the calibration set: with only five photos (three of
-# them microscopy/astronomy), longer learning schedules over-fitted the calibration crops. Session 6
-# added twelve MATE nature photographs, six to each split: with four evaluation photos, crops of
-# one photo flipped together and moved the agreement in large correlated steps
+# Why so many photographs: with a handful of calibration photos (most of them microscopy or
+# astronomy) longer learning schedules over-fitted the calibration crops, and with few evaluation
+# photos the crops of one photo flip together and move the agreement in large correlated steps
 # (docs/RESULTS_VISION.md).
 CALIBRATION_PHOTOS = ("astronaut", "china", "retina", "hubble_deep_field", "ihc", "grace_hopper",
                       "kde_bythewater", "kde_coldripple", "kde_colorfulcups", "kde_darkesthour",
@@ -128,6 +127,3 @@ def evaluation_images(n: int = 192, seed: int = 1, size: int = 224) -> torch.Ten
     photos = load_photos(EVALUATION_PHOTOS)
     return random_crops(list(photos.values()), n, seed, size, EVAL_SCALE)
 
-
-def photo_names() -> List[str]:
-    return list(CALIBRATION_PHOTOS) + list(EVALUATION_PHOTOS)
