@@ -247,7 +247,7 @@ def _launch(x, qweight, scale, zero, bias, bits, in_features, cfg, split_k=None)
         return y
     num_sms = _device_facts(x.device)[1] if x.device.type == "cuda" else 4
     plan = make_plan(cfg, m, n, k, groups, bits, x.dtype, num_sms, split_k)
-    out = y if plan.split_k == 1 else torch.empty((plan.split_k, m, n), device=x.device, dtype=torch.float32)
+    out = _split_k_workspace(y, plan.split_k)
     grid = (-(-m // cfg.bm) * -(-n // cfg.bn), plan.split_k)
     km.dequant_gemm_kernel[grid](
         x, qweight, scale, zero, bias if bias is not None else scale, out,
@@ -259,9 +259,21 @@ def _launch(x, qweight, scale, zero, bias, bits, in_features, cfg, split_k=None)
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         EMULATE_BF16=km.INTERPRETED and x.dtype == torch.bfloat16,
         BM=cfg.bm, BN=cfg.bn, BK=plan.bk, GROUP_M=GROUP_M, num_warps=cfg.warps, num_stages=plan.stages)
-    if plan.split_k > 1:
+    return _reduce_split_k(km, out, y, bias, scale, plan.split_k)
+
+
+def _split_k_workspace(y: torch.Tensor, split_k: int) -> torch.Tensor:
+    """Where the kernels write: ``y`` itself, or fp32 partial sums ``[split_k, M, N]``."""
+    return y if split_k == 1 else torch.empty((split_k, *y.shape), device=y.device, dtype=torch.float32)
+
+
+def _reduce_split_k(km, out: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
+                    split_k: int) -> torch.Tensor:
+    """``y`` = sum of the partial sums (+ bias) when the launch split K; returns ``y``."""
+    if split_k > 1:
+        m, n = y.shape
         km.splitk_reduce_kernel[(-(-(m * n) // REDUCE_BLOCK),)](
-            out, bias if bias is not None else scale, y, m, n, plan.split_k,
+            out, bias if bias is not None else scale, y, m, n, split_k,
             HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4)
     return y
 
@@ -350,7 +362,7 @@ def _launch_decode(x, qweight, scale, zero, bias, bits, in_features, cfg, split_
     plan = make_decode_plan(cfg, m, n, k, groups, bits, x.dtype, num_sms, split_k)
     per_word = 4 if bits > 4 else 8
     words = qweight.view(torch.int32)  # the checkpoint storage as 32-bit words: no copy
-    out = y if plan.split_k == 1 else torch.empty((plan.split_k, m, n), device=x.device, dtype=torch.float32)
+    out = _split_k_workspace(y, plan.split_k)
     km.decode_gemm_kernel[(-(-n // cfg.bn), plan.split_k)](
         x, words, scale, zero, bias if bias is not None else scale, out,
         m, n, k, k // per_word, plan.k_per_split, plan.k_per_split // per_word,
@@ -361,11 +373,7 @@ def _launch_decode(x, qweight, scale, zero, bias, bits, in_features, cfg, split_
         USE_WORKSPACE=plan.split_k > 1, EMULATE_BF16=km.INTERPRETED and x.dtype == torch.bfloat16,
         SPLIT_ASM=not km.INTERPRETED, BM=plan.bm, BN=cfg.bn, BK=cfg.bk, KS=plan.ks, num_warps=cfg.warps,
         num_stages=cfg.stages)
-    if plan.split_k > 1:
-        km.splitk_reduce_kernel[(-(-(m * n) // REDUCE_BLOCK),)](
-            out, bias if bias is not None else scale, y, m, n, plan.split_k,
-            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4)
-    return y
+    return _reduce_split_k(km, out, y, bias, scale, plan.split_k)
 
 
 _decode_tuned: Dict[tuple, DecodeConfig] = {}
