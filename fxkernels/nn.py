@@ -62,16 +62,14 @@ class _Plan:
 
     ``stamp``: the buffer identities and write counters it was built for (see
     ``QuantLinear._stamp``); ``run``: the eager closure ``x2 -> y``; ``kernels``: what it runs
-    (``backend`` names the last one's); ``derived``: the grouped grids and code sums it binds;
-    ``steps``: the same calls as ``(torch operator, fixed arguments)`` pairs, applied in turn to
-    the activation, for compiled graphs (None when a kernel has no operator form)."""
+    (``backend`` names the last one's); ``steps``: the same calls as ``(torch operator, fixed
+    arguments)`` pairs, applied in turn to the activation, for compiled graphs (None when a
+    kernel has no operator form)."""
 
-    __slots__ = ("stamp", "run", "kernels", "buffers", "derived", "steps")
+    __slots__ = ("stamp", "run", "kernels", "buffers", "steps")
 
-    def __init__(self, stamp: tuple, run, kernels: tuple, layer: nn.Module, derived: tuple,
-                 steps: Optional[tuple]):
-        self.stamp, self.run, self.kernels = stamp, run, kernels
-        self.derived, self.steps = derived, steps
+    def __init__(self, stamp: tuple, run, kernels: tuple, layer: nn.Module, steps: Optional[tuple]):
+        self.stamp, self.run, self.kernels, self.steps = stamp, run, kernels, steps
         # the stamp holds buffer ids: keeping the buffers alive keeps those ids from being reused
         self.buffers = tuple(layer._buffers.values())
 
@@ -202,7 +200,7 @@ class QuantLinear(nn.Module):
         """Validate and select the kernels for inputs like ``x2`` once, and bind every argument
         but the activation, so an eager call is one Python closure around the kernel and a
         compiled graph one operator call per kernel."""
-        derived = scale_g, zero_g, wsum = self._derived_grids()
+        scale_g, zero_g, wsum = self._derived_grids()
         b = self._buffers
         qw, bias, bits = b["qweight"], b["bias"], self.spec.bits
         if self.spec.act_bits:
@@ -216,13 +214,13 @@ class QuantLinear(nn.Module):
             lk = dispatch.select("qact_linear", xq, sa, za, *tail)
             quant, linear = dispatch.bind(qk, (x2, *act)), dispatch.bind(lk, (xq, sa, za, *tail))
             steps = (dispatch.graph_call(qk, (x2, *act)), dispatch.graph_call(lk, (xq, sa, za, *tail)))
-            return _Plan(self._stamp(), lambda x: linear(*quant(x)), (qk, lk), self, derived,
+            return _Plan(self._stamp(), lambda x: linear(*quant(x)), (qk, lk), self,
                          None if None in steps else steps)
         args = (x2, qw, scale_g, zero_g, bias, bits, self.in_features)
         ops.check_args("dequant_linear", *args)
         kernel = dispatch.select("dequant_linear", *args)
         step = dispatch.graph_call(kernel, args)
-        return _Plan(self._stamp(), dispatch.bind(kernel, args), (kernel,), self, derived,
+        return _Plan(self._stamp(), dispatch.bind(kernel, args), (kernel,), self,
                      None if step is None else (step,))
 
     def _plan(self, x2: torch.Tensor, out_dtype: torch.dtype) -> "_Plan":
@@ -250,7 +248,7 @@ class QuantLinear(nn.Module):
         ``fxk::`` ops. Eager calls need no preparation. Returns ``self``."""
         x2 = torch.zeros(rows, self.in_features, dtype=dtype, device=self.qweight.device)
         plan = self._plan(x2, dtype)
-        self._graph = (self._buffers["qweight"], dtype, plan.derived, plan.steps)
+        self._graph = (self._buffers["qweight"], dtype, self._derived_grids(), plan.steps)
         return self
 
     def _graph_forward(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

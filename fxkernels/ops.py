@@ -166,9 +166,7 @@ def _(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype):
 
 
 def check_args(op: str, *args) -> None:
-    """Validate ``fxk::<op>`` arguments without running it (fast paths that call kernels directly)."""
+    """Validate ``fxk::<op>`` arguments' shapes, dtypes and devices without running it (fast paths
+    that call kernels directly; they check values such as a positive static scale themselves)."""
     {"dequant_linear": _check_dequant_linear, "quantize_act": _check_quantize_act,
      "qact_linear": _check_qact_linear}[op](*args)
-    if op == "quantize_act" and args[1] is not None and not bool(args[1].reshape(()) > 0):
-        # fast paths call this once per prepared layer, never per forward: the read may sync
-        _fail("scale", float(args[1].reshape(())), "a positive float32 [1] tensor")
