@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fxkernels import QuantSpec, replace_linears
 from fxkernels.generation import Generator
-from quantizer.bench_decode import PROMPT, engine_decode, hf_decode, interleaved_medians
+from quantizer.bench_decode import PROMPT, engine_decode, hf_decode
+from quantizer.decode_bench import interleaved_medians
 from quantizer.models import load_smollm2
 
 

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import torch
+
+from .decode_bench import interleaved_medians
 
 PROMPT = "The history of Azerbaijan"
 LLAMA_CPP = "llama.cpp, Q4_1 GGUF (llama-cpp-python)"
@@ -126,24 +126,6 @@ def llama_cpp_prefill(llm, ids) -> float:
     t = time.perf_counter()
     llm.eval(ids[0].tolist())
     return ids.shape[1] / (time.perf_counter() - t)
-
-
-def interleaved_medians(contenders: Dict[str, Callable[[], Tuple[float, ...]]],
-                        rounds: int) -> Dict[str, Tuple[float, ...]]:
-    """``name -> medians`` of each contender's figures over rounds that run the contenders in turn
-    (after one warm-up call each, so first-call costs stay out)."""
-    for measure in contenders.values():
-        measure()
-    seen: Dict[str, List[Tuple[float, ...]]] = {name: [] for name in contenders}
-    gc.collect()
-    gc.freeze()  # a full collection over several loaded models takes ~1 s: keep it out of the timings
-    try:
-        for _ in range(rounds):
-            for name, measure in contenders.items():
-                seen[name].append(measure())
-    finally:
-        gc.unfreeze()
-    return {n: tuple(statistics.median(col) for col in zip(*v)) for n, v in seen.items()}
 
 
 def quantized_smollm2(fp):

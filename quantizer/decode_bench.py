@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import time
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -49,24 +49,35 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> Tuple
     return torch.cat(tokens, dim=1)[0], secs
 
 
-def compare_tokens_per_second(models: Dict[str, nn.Module], ids: torch.Tensor, new_tokens: int = 32,
-                              rounds: int = 5) -> Dict[str, float]:
-    """Median decode rate of each model over ``rounds`` rounds that run the models in turn.
+def interleaved_medians(contenders: Dict[str, Callable[[], Tuple[float, ...]]], rounds: int,
+                        warm_up: bool = True) -> Dict[str, Tuple[float, ...]]:
+    """``name -> medians`` of each contender's figures over ``rounds`` rounds that run the
+    contenders in turn (after one untimed call each when ``warm_up``).
 
-    Interleaving puts every model through the same stretches of a shared machine's load, so their
-    ratio holds even when the host's speed drifts between minutes (it did, by up to 1.5x). The
-    garbage collector's existing objects are frozen while timing: with several models loaded a
+    Interleaving puts every contender through the same stretches of a shared machine's load, so
+    their ratio holds even when the host's speed drifts between minutes (it did, by up to 1.5x).
+    The garbage collector's existing objects are frozen while timing: with several models loaded a
     full collection takes ~1 s and would land in whichever round happened to trigger it."""
-    for m in models.values():
-        greedy_decode(m, ids, 4)
-    rates: Dict[str, List[float]] = {name: [] for name in models}
+    if warm_up:
+        for measure in contenders.values():
+            measure()
+    seen: Dict[str, List[Tuple[float, ...]]] = {name: [] for name in contenders}
     gc.collect()
     gc.freeze()
     try:
         for _ in range(rounds):
-            for name, m in models.items():
-                _, secs = greedy_decode(m, ids, new_tokens)
-                rates[name].append((new_tokens - 1) / secs)
+            for name, measure in contenders.items():
+                seen[name].append(measure())
     finally:
         gc.unfreeze()
-    return {name: sorted(r)[len(r) // 2] for name, r in rates.items()}
+    return {n: tuple(sorted(col)[len(col) // 2] for col in zip(*v)) for n, v in seen.items()}
+
+
+def compare_tokens_per_second(models: Dict[str, nn.Module], ids: torch.Tensor, new_tokens: int = 32,
+                              rounds: int = 5) -> Dict[str, float]:
+    """Median decode rate of each model (:func:`greedy_decode`) over interleaved rounds."""
+    for m in models.values():
+        greedy_decode(m, ids, 4)
+    measures = {name: (lambda m=m: ((new_tokens - 1) / greedy_decode(m, ids, new_tokens)[1],))
+                for name, m in models.items()}
+    return {name: r[0] for name, r in interleaved_medians(measures, rounds, warm_up=False).items()}

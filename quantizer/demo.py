@@ -48,8 +48,8 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False) -> int:
     from .api import QuantizeConfig, quantize
     from .cli import generate_text
     from .data import calibration_ids
-    from .bench_decode import hf_decode, interleaved_medians
-    from .decode_bench import dequantized_reference, greedy_decode
+    from .bench_decode import hf_decode
+    from .decode_bench import dequantized_reference, greedy_decode, interleaved_medians
     from .evaluate import perplexity
     from .models import load_smollm2
 
