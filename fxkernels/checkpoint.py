@@ -1,15 +1,22 @@
-"""Save and load quantized models: ``model.safetensors`` + ``quant_config.json`` (no pickle).
+"""Save and load quantized models: safetensors weights + ``quant_config.json`` (no pickle).
 
 A checkpoint directory holds
 * ``quant_config.json``: ``{"quant_method": "flexround", "format_version": 3, "layers":
   {name: {"kind": "linear" | "conv2d" | ..., ...}}, "tied": {name: source}, "model": {...}}``
   (see docs/FORMAT.md; the kinds are those of :mod:`fxkernels.layers`);
-* ``model.safetensors``: every parameter and persistent buffer (quantized layers' buffers included);
+* the weights: every parameter and persistent buffer (quantized layers' buffers included), either in
+  one ``model.safetensors`` or, when a shard size is set and exceeded, in shards
+  ``model-00001-of-0000N.safetensors`` ... plus ``model.safetensors.index.json``
+  (``{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}``: the Hugging Face
+  convention, so transformers and other tools read it as they read any sharded model);
 * for Hugging Face models, ``config.json`` (and tokenizer files when a tokenizer is given).
 
-Loading builds the model with parameters on the meta device, swaps in the modules the JSON lists
-(:func:`fxkernels.layers.install_layers`), and assigns the stored tensors, so no float weight is
-ever materialized.
+Writing goes through one class, :class:`ShardedWriter` (``save_quantized`` uses it too): tensors are
+buffered until a shard is full and then written, so a streaming quantizer holds at most about one
+shard in memory, and everything lands in a temporary sibling directory that replaces the target only
+when complete. Loading builds the model with parameters on the meta device, swaps in the modules the
+JSON lists (:func:`fxkernels.layers.install_layers`), and assigns the stored tensors shard by shard,
+so no float weight is ever materialized and at most one shard is held beyond the model itself.
 """
 
 from __future__ import annotations
@@ -17,10 +24,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from typing import Dict, Optional
+from collections.abc import Mapping
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
 from .format import FORMAT_VERSION
@@ -28,7 +38,10 @@ from .layers import CheckpointError, entry_kind, install_layers, layer_entries, 
 
 CONFIG_NAME = "quant_config.json"
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 QUANT_METHOD = "flexround"
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def quant_layers(model: nn.Module) -> Dict[str, dict]:
@@ -48,6 +61,27 @@ def _dedup_state(model: nn.Module):
             seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
     return tensors, tied
+
+
+def parse_shard_size(value: Union[int, str, None], argument: str = "max_shard_size") -> Optional[int]:
+    """Bytes from an int or a string like ``"2GB"``, ``"500MB"``, ``"1.5GiB"`` (KB/MB/GB/TB are powers
+    of 1000, KiB/MiB/GiB/TiB powers of 1024, as in Hugging Face); ``None`` stays ``None`` (one file)."""
+    if value is None:
+        return None
+    expected = "a positive int (bytes) or a string like '2GB', '500MB' or '1.5GiB'"
+    if isinstance(value, bool):
+        raise ValueError(f"{argument}={value!r}; expected {expected}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{argument}={value!r}; expected {expected}")
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", value, flags=re.IGNORECASE)
+        if m:
+            n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").upper()])
+            if n > 0:
+                return n
+    raise ValueError(f"{argument}={value!r}; expected {expected}")
 
 
 @contextlib.contextmanager
@@ -73,39 +107,234 @@ def atomic_directory(directory: str, prefix: str = ".tmp-"):
         raise
 
 
-def save_quantized(model: nn.Module, directory: str, tokenizer=None, extra: Optional[dict] = None) -> str:
+class ShardSink:
+    """Safetensors shards written into an existing (temporary) directory; no config files.
+
+    ``add(name, tensor)`` buffers; when the next tensor would push the buffer past
+    ``max_shard_bytes`` the buffer is written as one shard (a tensor larger than the limit gets a shard
+    of its own, as in Hugging Face). ``finish()`` names the shards ``model-0000i-of-0000N.safetensors``
+    and writes ``model.safetensors.index.json``; a single shard is written as ``model.safetensors``
+    with no index. Used by :class:`ShardedWriter` and the GPTQ export.
+    """
+
+    def __init__(self, directory: str, max_shard_bytes: Optional[int] = None, metadata: Optional[dict] = None):
+        self.directory = directory
+        self.max_shard_bytes = parse_shard_size(max_shard_bytes, "max_shard_bytes")
+        self.metadata = dict(metadata or {"format": "pt"})
+        self._buffer: Dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: List[Tuple[str, List[str]]] = []  # (temporary file name, tensor names)
+        self._names = set()
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"ShardedWriter.add: name={name!r}; expected a non-empty tensor name")
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"ShardedWriter.add: tensor for {name!r} is a {type(tensor).__name__}; "
+                             "expected a torch.Tensor")
+        if name in self._names:
+            raise ValueError(f"ShardedWriter.add: tensor {name!r} was already added; each name is written once "
+                             "(tied tensors go in the config's 'tied' map, not twice)")
+        t = tensor.detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if self.max_shard_bytes is not None and self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._names.add(name)
+        self._buffer[name] = t
+        self._buffer_bytes += nbytes
+        self.total_size += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._buffer:
+            return
+        fname = f".shard-{len(self._shards) + 1:05d}.safetensors"
+        save_file(self._buffer, os.path.join(self.directory, fname), metadata=self.metadata)
+        self._shards.append((fname, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def finish(self) -> List[str]:
+        """Write what is buffered, give the shards their final names; returns the weight file names."""
+        self._flush()
+        if not self._shards:  # a model without tensors still gets a (valid, empty) weights file
+            from safetensors.torch import save_file
+            save_file({}, os.path.join(self.directory, WEIGHTS_NAME), metadata=self.metadata)
+            return [WEIGHTS_NAME]
+        if len(self._shards) == 1:
+            os.replace(os.path.join(self.directory, self._shards[0][0]), os.path.join(self.directory, WEIGHTS_NAME))
+            return [WEIGHTS_NAME]
+        n = len(self._shards)
+        weight_map, files = {}, []
+        for i, (tmp_name, names) in enumerate(self._shards, start=1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.directory, tmp_name), os.path.join(self.directory, final))
+            files.append(final)
+            weight_map.update((name, final) for name in names)
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        with open(os.path.join(self.directory, WEIGHTS_INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=1, sort_keys=True)
+        return files
+
+
+class ShardedWriter:
+    """Write a flexround checkpoint tensor by tensor, shard by shard, atomically::
+
+        with ShardedWriter(directory, max_shard_bytes="2GB",
+                           metadata_config={"layers": layers, "tied": tied, "model": {"class": "LlamaForCausalLM"}},
+                           hf_config=model.config, tokenizer=tok) as w:
+            for name, tensor in tensors:
+                w.add(name, tensor)
+            w.set_config(layers=more_layers)      # optional: parts known only at the end
+
+    directory: the checkpoint directory; replaced only when the ``with`` block exits cleanly (all
+        files go to a temporary sibling first; on any error nothing is left behind).
+    max_shard_bytes: int bytes or a size string (``"2GB"``, ``"500MB"``); ``None``: one file.
+        A single resulting shard is named ``model.safetensors`` (no index), as before sharding existed.
+    metadata_config: the content of ``quant_config.json`` the caller knows: ``layers`` ({module name:
+        entry}, required by exit, at least one quantized layer), ``tied`` ({tensor name: source tensor
+        name}, tensors not added because they alias another), ``model`` (a dict, e.g. ``{"class": name}``,
+        or a class name string), ``extra`` (free-form, stored under ``"extra"``). ``quant_method`` and
+        ``format_version`` are filled in by the writer.
+    hf_config: a ``transformers.PretrainedConfig`` or the dict of a ``config.json``; written as
+        ``config.json`` with ``quantization_config = {"quant_method": "flexround", "format_version": N}``
+        and its ``architectures`` recorded as ``model.hf_architectures``.
+    tokenizer: saved with ``save_pretrained`` into the directory.
+
+    ``set_config(layers=, tied=, model=, extra=, hf_config=, tokenizer=)`` replaces any of these before
+    exit. ``add`` keeps a reference to each tensor until its shard is written: do not modify it in place.
+    """
+
+    def __init__(self, directory: str, max_shard_bytes: Union[int, str, None] = None,
+                 metadata_config: Optional[dict] = None, hf_config=None, tokenizer=None):
+        if not isinstance(directory, (str, os.PathLike)):
+            raise ValueError(f"ShardedWriter: directory={directory!r}; expected a path")
+        if metadata_config is not None and not isinstance(metadata_config, dict):
+            raise ValueError(f"ShardedWriter: metadata_config is a {type(metadata_config).__name__}; expected a dict "
+                             "with 'layers', 'tied', 'model', 'extra'")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.max_shard_bytes = parse_shard_size(max_shard_bytes, "max_shard_bytes")
+        self._config: dict = {}
+        self._hf_config = None
+        self._tokenizer = None
+        self.set_config(**(metadata_config or {}))
+        self.set_config(hf_config=hf_config, tokenizer=tokenizer)
+        self._atomic = None
+        self._sink: Optional[ShardSink] = None
+        self.files: List[str] = []
+
+    _CONFIG_KEYS = ("layers", "tied", "model", "extra")
+
+    def set_config(self, layers: Optional[dict] = None, tied: Optional[dict] = None, model=None,
+                   extra: Optional[dict] = None, hf_config=None, tokenizer=None, **unknown) -> None:
+        """Set parts of the checkpoint's configuration (``None`` leaves a part unchanged)."""
+        if unknown:
+            raise ValueError(f"ShardedWriter: unknown config keys {sorted(unknown)}; expected "
+                             f"{list(self._CONFIG_KEYS) + ['hf_config', 'tokenizer']}")
+        for key, value in (("layers", layers), ("tied", tied), ("extra", extra)):
+            if value is not None:
+                if not isinstance(value, dict):
+                    raise ValueError(f"ShardedWriter: {key} is a {type(value).__name__}; expected a dict")
+                self._config[key] = dict(value)
+        if model is not None:
+            if isinstance(model, str):
+                model = {"class": model}
+            if not isinstance(model, dict):
+                raise ValueError(f"ShardedWriter: model={model!r}; expected a dict such as {{'class': name}} "
+                                 "or a class name")
+            self._config["model"] = dict(model)
+        if hf_config is not None:
+            if not (isinstance(hf_config, dict) or hasattr(hf_config, "to_dict")):
+                raise ValueError(f"ShardedWriter: hf_config is a {type(hf_config).__name__}; expected a "
+                                 "transformers PretrainedConfig or a config.json dict")
+            self._hf_config = hf_config
+        if tokenizer is not None:
+            self._tokenizer = tokenizer
+
+    def __enter__(self) -> "ShardedWriter":
+        self._atomic = atomic_directory(self.directory)
+        tmp = self._atomic.__enter__()
+        self._sink = ShardSink(tmp, self.max_shard_bytes, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        return self
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor (written when its shard is full or at exit)."""
+        if self._sink is None:
+            raise RuntimeError("ShardedWriter.add: use the writer inside a `with` block")
+        self._sink.add(name, tensor)
+
+    def __exit__(self, exc_type, exc, tb):
+        atomic, self._atomic = self._atomic, None
+        if exc_type is not None:
+            self._sink = None
+            return atomic.__exit__(exc_type, exc, tb)  # deletes the temporary directory, re-raises
+        try:
+            self._finish(self._sink.directory)
+        except BaseException as e:
+            self._sink = None
+            atomic.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._sink = None
+        atomic.__exit__(None, None, None)
+        return False
+
+    def _finish(self, tmp: str) -> None:
+        layers = self._config.get("layers")
+        if not isinstance(layers, dict) or not any(entry_kind(e).weight_shape is not None for e in layers.values()):
+            raise ValueError("ShardedWriter: no quantized layers in the config (metadata_config['layers'] or "
+                             "set_config(layers=...)); a flexround checkpoint needs at least one")
+        config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": layers,
+                  "tied": self._config.get("tied", {}), "model": dict(self._config.get("model", {}))}
+        if self._config.get("extra"):
+            config["extra"] = self._config["extra"]
+        if self._hf_config is not None:
+            hf = self._hf_config
+            if isinstance(hf, dict):
+                hf = dict(hf)
+                hf["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    json.dump(hf, f, indent=2, sort_keys=True)
+                architectures = hf.get("architectures") or [config["model"].get("class")]
+            else:
+                hf = hf.__class__.from_dict(hf.to_dict())
+                hf.quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
+                hf.to_json_file(os.path.join(tmp, "config.json"))
+                architectures = getattr(hf, "architectures", None) or [config["model"].get("class")]
+            config["model"]["hf_architectures"] = [a for a in architectures if a]
+        if self._tokenizer is not None:
+            self._tokenizer.save_pretrained(tmp)
+        self.files = self._sink.finish()
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=1, sort_keys=True)
+
+
+def save_quantized(model: nn.Module, directory: str, tokenizer=None, extra: Optional[dict] = None,
+                   max_shard_size: Union[int, str, None] = None) -> str:
     """Write ``model`` (with QuantLinear, QuantConv2d or other registered layers) to ``directory``
     atomically; returns the path.
 
+    max_shard_size: ``None`` (one ``model.safetensors``), int bytes, or a string like ``"2GB"`` /
+        ``"500MB"``: weights above it are split into Hugging Face style shards with an index.
     Files are written to a temporary sibling directory that replaces ``directory`` only when
     complete, so an interrupted save never leaves a half-written checkpoint behind.
     """
-    from safetensors.torch import save_file
-
+    max_shard_size = parse_shard_size(max_shard_size, "max_shard_size")
     layers = quant_layers(model)
     if not any(entry_kind(e).weight_shape is not None for e in layers.values()):
         raise ValueError("save_quantized: model has no quantized layers (no QuantLinear layers, no QuantConv2d "
                          "layers); quantize it first (fxkernels.replace_linears or quantizer.quantize)")
     tensors, tied = _dedup_state(model)
-    config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": layers,
-              "tied": tied, "model": {"class": type(model).__name__}}
-    if extra:
-        config["extra"] = extra
-    directory = os.path.abspath(directory)
-    with atomic_directory(directory) as tmp:
-        hf_config = getattr(model, "config", None)
-        if hf_config is not None and hasattr(hf_config, "to_json_file"):
-            hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
-            hf_config.quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
-            hf_config.to_json_file(os.path.join(tmp, "config.json"))
-            architectures = getattr(hf_config, "architectures", None) or [type(model).__name__]
-            config["model"]["hf_architectures"] = list(architectures)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD})
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=1, sort_keys=True)
-    return directory
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and not hasattr(hf_config, "to_json_file"):
+        hf_config = None  # a custom module's own `config` attribute, not a Hugging Face config
+    with ShardedWriter(directory, max_shard_bytes=max_shard_size,
+                       metadata_config={"layers": layers, "tied": tied, "model": {"class": type(model).__name__},
+                                        "extra": extra},
+                       hf_config=hf_config, tokenizer=tokenizer) as w:
+        for name, t in tensors.items():
+            w.add(name, t)
+    return w.directory
 
 
 def read_quant_config(directory: str) -> dict:
@@ -176,41 +405,150 @@ def _hf_skeleton(directory: str) -> nn.Module:
         return transformers.AutoModelForCausalLM.from_config(cfg)
 
 
+# -- reading the weights, shard by shard ---------------------------------------------------
+def weight_files(directory: str, who: str = "load_quantized") -> List[Tuple[str, Optional[List[str]]]]:
+    """The weight files of a checkpoint directory, in order: ``[(path, tensor names or None)]``.
+
+    ``model.safetensors`` alone gives ``[(path, None)]`` (every tensor in it); otherwise
+    ``model.safetensors.index.json`` lists the shards and the names each must hold. Every listed
+    shard is checked to exist before anything is read, so a missing shard fails fast.
+    Raises :class:`CheckpointError` naming the file (``who`` prefixes the message).
+    """
+    single = os.path.join(directory, WEIGHTS_NAME)
+    index_path = os.path.join(directory, WEIGHTS_INDEX_NAME)
+    if os.path.exists(single):  # the order transformers uses: the single file first
+        return [(single, None)]
+    if not os.path.exists(index_path):
+        raise CheckpointError(f"{who}: {single} is missing (and there is no {WEIGHTS_INDEX_NAME} of a sharded "
+                              "checkpoint)")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{who}: {index_path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{who}: {index_path} has no 'weight_map' object {{tensor name: shard file}}; "
+                              "the checkpoint is corrupt")
+    per_file: Dict[str, List[str]] = {}
+    for name, fname in weight_map.items():
+        # a shard is a plain file name next to the index: never follow a path out of the directory
+        if os.path.basename(fname) != fname or fname in ("", ".", ".."):
+            raise CheckpointError(f"{who}: {index_path} maps {name!r} to {fname!r}; expected a file name in "
+                                  "the checkpoint directory")
+        per_file.setdefault(fname, []).append(name)
+    out = []
+    for fname in sorted(per_file):
+        path = os.path.join(directory, fname)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{who}: shard {path} is missing (listed in {index_path} for "
+                                  f"{len(per_file[fname])} tensors, e.g. {per_file[fname][0]!r})")
+        out.append((path, per_file[fname]))
+    return out
+
+
+def _check_names(path: str, keys, names: Optional[List[str]], who: str) -> None:
+    if names is None:
+        return
+    keys = set(keys)
+    absent = [n for n in names if n not in keys]
+    if absent:
+        raise CheckpointError(f"{who}: tensors {absent[:8]} are assigned to {path} by {WEIGHTS_INDEX_NAME} but are "
+                              "not in that file; the checkpoint is corrupt")
+
+
+def iter_weight_shards(directory: str, device="cpu", who: str = "load_quantized"
+                       ) -> Iterator[Tuple[str, Dict[str, torch.Tensor]]]:
+    """Yield ``(path, {name: tensor})`` one weight file at a time (one shard in memory at a time)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for path, names in weight_files(directory, who):
+        try:
+            state = load_file(path, device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{who}: {path} is corrupt or truncated ({e})") from e
+        _check_names(path, state.keys(), names, who)
+        yield path, state
+
+
+class CheckpointTensors(Mapping):
+    """Read-only ``{name: tensor}`` over a checkpoint's weight files that reads a tensor only when
+    it is asked for (``safe_open`` memory maps; headers are read and checked up front), so a
+    converter can walk a model larger than memory. ``shape(name)`` needs no tensor data."""
+
+    def __init__(self, directory: str, who: str = "load_quantized"):
+        from safetensors import SafetensorError, safe_open
+
+        self._where: Dict[str, str] = {}
+        self._shapes: Dict[str, Tuple[int, ...]] = {}
+        self._handles = {}
+        self.files: List[str] = []
+        for path, names in weight_files(directory, who):
+            try:
+                handle = safe_open(path, "pt")
+                keys = list(handle.keys())
+                for k in keys:
+                    self._shapes[k] = tuple(handle.get_slice(k).get_shape())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{who}: {path} is corrupt or truncated ({e})") from e
+            _check_names(path, keys, names, who)
+            self._handles[path] = handle
+            self.files.append(path)
+            for k in keys:
+                self._where[k] = path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path = self._where[name]  # KeyError for an unknown name, as a dict
+        return self._handles[path].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self._shapes[name]
+
+
 def load_quantized(directory: str, model: Optional[nn.Module] = None, device="cpu") -> nn.Module:
-    """Load a checkpoint written by :func:`save_quantized` (any format version up to
-    :data:`fxkernels.FORMAT_VERSION`, language models and CNNs alike).
+    """Load a checkpoint written by :func:`save_quantized` or :class:`ShardedWriter` (any format
+    version up to :data:`fxkernels.FORMAT_VERSION`, language models and CNNs alike, one weights file
+    or shards; shards are read and assigned one at a time).
 
     model: a float skeleton of the same architecture (any device, meta included); needed only
     when the directory holds no Hugging Face ``config.json`` (CNNs, custom modules).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     config = read_quant_config(directory)
     if model is None:
         if not os.path.exists(os.path.join(directory, "config.json")):
             raise CheckpointError(f"load_quantized: {directory} has no config.json (not a Hugging Face model); "
                                   "pass model= a float skeleton of the architecture")
         model = _hf_skeleton(directory)
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.exists(weights):
-        raise CheckpointError(f"load_quantized: {weights} is missing")
-    try:
-        state = load_file(weights, device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"load_quantized: {weights} is corrupt or truncated ({e})") from e
+    weight_files(directory, "load_quantized")  # a missing file fails before any module is built
 
     install_layers(model, config["layers"], device="meta", who="load_quantized")
+    tied_to: Dict[str, List[str]] = {}
     for name, source in config.get("tied", {}).items():
-        if source not in state:
-            raise CheckpointError(f"load_quantized: tied tensor {name!r} points at missing {source!r}")
-        state[name] = state[source]
-    expected = model.state_dict()
-    for key, t in state.items():
-        if key in expected and tuple(expected[key].shape) != tuple(t.shape):
-            raise CheckpointError(f"load_quantized: tensor {key!r} has shape {tuple(t.shape)} in the file; "
-                                  f"the model expects {tuple(expected[key].shape)}")
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        tied_to.setdefault(source, []).append(name)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    loaded, unexpected = set(), []
+    for _, state in iter_weight_shards(directory, device, "load_quantized"):
+        for source, names in tied_to.items():
+            if source in state:
+                state.update((n, state[source]) for n in names)
+        for key, t in state.items():
+            if key in expected and expected[key] != tuple(t.shape):
+                raise CheckpointError(f"load_quantized: tensor {key!r} has shape {tuple(t.shape)} in the file; "
+                                      f"the model expects {expected[key]}")
+        unexpected += model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+        loaded.update(state)
+        del state  # the next shard replaces this one: at most one shard held beyond the model
+    for source, names in tied_to.items():
+        if source not in loaded:
+            raise CheckpointError(f"load_quantized: tied tensor {names[0]!r} points at missing {source!r}")
+    missing = [k for k in expected if k not in loaded]
     if missing or unexpected:
         raise CheckpointError(f"load_quantized: checkpoint does not match the model: missing {missing[:8]}, "
                               f"unexpected {unexpected[:8]}")
