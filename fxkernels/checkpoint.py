@@ -113,7 +113,8 @@ class ShardSink:
     ``add(name, tensor)`` buffers; when the next tensor would push the buffer past
     ``max_shard_bytes`` the buffer is written as one shard (a tensor larger than the limit gets a shard
     of its own, as in Hugging Face). ``finish()`` names the shards ``model-0000i-of-0000N.safetensors``
-    and writes ``model.safetensors.index.json``; a single shard is written as ``model.safetensors``
+    and writes ``model.safetensors.index.json`` (``metadata``: ``total_size`` in bytes and ``dtype``,
+    the floating dtype holding most bytes); a single shard is written as ``model.safetensors``
     with no index. Used by :class:`ShardedWriter` and the GPTQ export.
     """
 
@@ -126,6 +127,7 @@ class ShardSink:
         self._shards: List[Tuple[str, List[str]]] = []  # (temporary file name, tensor names)
         self._names = set()
         self.total_size = 0
+        self._float_bytes: Dict[torch.dtype, int] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if not isinstance(name, str) or not name:
@@ -144,6 +146,8 @@ class ShardSink:
         self._buffer[name] = t
         self._buffer_bytes += nbytes
         self.total_size += nbytes
+        if t.is_floating_point():
+            self._float_bytes[t.dtype] = self._float_bytes.get(t.dtype, 0) + nbytes
 
     def _flush(self) -> None:
         from safetensors.torch import save_file
@@ -172,7 +176,12 @@ class ShardSink:
             os.replace(os.path.join(self.directory, tmp_name), os.path.join(self.directory, final))
             files.append(final)
             weight_map.update((name, final) for name in names)
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        metadata = {"total_size": self.total_size}
+        if self._float_bytes:
+            # transformers' from_pretrained(dtype="auto") takes the dtype from here; without it, it
+            # opens the first shard before any quantizer hook could check that the shard exists
+            metadata["dtype"] = str(max(self._float_bytes, key=self._float_bytes.get)).replace("torch.", "")
+        index = {"metadata": metadata, "weight_map": weight_map}
         with open(os.path.join(self.directory, WEIGHTS_INDEX_NAME), "w") as f:
             json.dump(index, f, indent=1, sort_keys=True)
         return files
@@ -457,6 +466,29 @@ def _check_names(path: str, keys, names: Optional[List[str]], who: str) -> None:
                               "not in that file; the checkpoint is corrupt")
 
 
+def _open_checked(path: str, names: Optional[List[str]], who: str):
+    """``safe_open`` handle of one weights file, its header checked (the file covers every tensor,
+    the index's names are in it); no tensor data is read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(path, "pt")
+        keys = list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{who}: {path} is corrupt or truncated ({e})") from e
+    _check_names(path, keys, names, who)
+    return handle
+
+
+def check_weight_files(directory: str, who: str = "load_quantized") -> List[str]:
+    """Paths of the weight files of ``directory`` after checking that each exists and that its
+    header is intact (reads headers only): a missing or truncated shard fails before any loading."""
+    files = weight_files(directory, who)
+    for path, names in files:
+        _open_checked(path, names, who)
+    return [path for path, _ in files]
+
+
 def iter_weight_shards(directory: str, device="cpu", who: str = "load_quantized"
                        ) -> Iterator[Tuple[str, Dict[str, torch.Tensor]]]:
     """Yield ``(path, {name: tensor})`` one weight file at a time (one shard in memory at a time)."""
@@ -478,21 +510,15 @@ class CheckpointTensors(Mapping):
     converter can walk a model larger than memory. ``shape(name)`` needs no tensor data."""
 
     def __init__(self, directory: str, who: str = "load_quantized"):
-        from safetensors import SafetensorError, safe_open
-
         self._where: Dict[str, str] = {}
         self._shapes: Dict[str, Tuple[int, ...]] = {}
         self._handles = {}
         self.files: List[str] = []
         for path, names in weight_files(directory, who):
-            try:
-                handle = safe_open(path, "pt")
-                keys = list(handle.keys())
-                for k in keys:
-                    self._shapes[k] = tuple(handle.get_slice(k).get_shape())
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{who}: {path} is corrupt or truncated ({e})") from e
-            _check_names(path, keys, names, who)
+            handle = _open_checked(path, names, who)
+            keys = list(handle.keys())
+            for k in keys:
+                self._shapes[k] = tuple(handle.get_slice(k).get_shape())
             self._handles[path] = handle
             self.files.append(path)
             for k in keys:
@@ -526,7 +552,7 @@ def load_quantized(directory: str, model: Optional[nn.Module] = None, device="cp
             raise CheckpointError(f"load_quantized: {directory} has no config.json (not a Hugging Face model); "
                                   "pass model= a float skeleton of the architecture")
         model = _hf_skeleton(directory)
-    weight_files(directory, "load_quantized")  # a missing file fails before any module is built
+    check_weight_files(directory, "load_quantized")  # a missing/truncated shard fails before any loading
 
     install_layers(model, config["layers"], device="meta", who="load_quantized")
     tied_to: Dict[str, List[str]] = {}

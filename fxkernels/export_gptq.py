@@ -45,10 +45,15 @@ class GPTQExportError(ValueError):
 
 
 # -- reading the source --------------------------------------------------------------------
-def _read_dir(directory: str):
-    from safetensors.torch import load_file
+def _is_weights_file(fname: str) -> bool:
+    from .checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_quant_config
+    return (fname in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+            or re.fullmatch(r"model-\d+-of-\d+\.safetensors", fname) is not None)
+
+
+def _read_dir(directory: str):
+    from .checkpoint import CONFIG_NAME, CheckpointError, CheckpointTensors, read_quant_config
 
     if not os.path.isdir(directory):
         raise GPTQExportError(f"export_gptq: model_or_ckpt_dir={directory!r} is not a directory; expected a "
@@ -75,9 +80,11 @@ def _read_dir(directory: str):
                               "loaders build the model from config.json, so only HF models can be exported")
     with open(hf_path) as f:
         hf_config = json.load(f)
-    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
+    # one file or shards, read tensor by tensor when converted (a missing or truncated shard raises
+    # CheckpointError naming it): the source is never held whole
+    tensors = CheckpointTensors(directory, who="export_gptq")
     extra_files = [os.path.join(directory, f) for f in sorted(os.listdir(directory))
-                   if f not in ("config.json", CONFIG_NAME, WEIGHTS_NAME) and not f.startswith(".")
+                   if f not in ("config.json", CONFIG_NAME) and not _is_weights_file(f) and not f.startswith(".")
                    and os.path.isfile(os.path.join(directory, f))]
     return qconfig["layers"], tensors, qconfig.get("tied", {}), hf_config, extra_files
 
@@ -165,7 +172,13 @@ def _plan(layers: Dict[str, dict], checkpoint_format: str) -> Tuple[int, int, bo
     return b, group_size, sym
 
 
-def _blocks(layers: Dict[str, dict], tensors: Dict[str, torch.Tensor], hf_config: dict):
+def _shape(tensors, name: str) -> Tuple[int, ...]:
+    """A tensor's shape without reading its data when the source is a lazy checkpoint reader."""
+    shape = getattr(tensors, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(tensors[name].shape)
+
+
+def _blocks(layers: Dict[str, dict], tensors, hf_config: dict):
     """(block prefix, quantized module names inside a block, float linears inside a block)."""
     pat = re.compile(r"^(.*)\.(\d+)\.(.+)$")
     per_block: Dict[int, set] = {}
@@ -195,9 +208,9 @@ def _blocks(layers: Dict[str, dict], tensors: Dict[str, torch.Tensor], hf_config
         raise GPTQExportError(f"export_gptq: blocks {missing[:8]} of {prefix} have no quantized layer; GPTQ loaders "
                               "quantize every block. Quantize all blocks the same way")
     floats = set()
-    for t_name, t in tensors.items():
+    for t_name in tensors:
         m = pat.match(t_name)
-        if m and m.group(1) == prefix and t_name.endswith(".weight") and t.dim() == 2:
+        if m and m.group(1) == prefix and t_name.endswith(".weight") and len(_shape(tensors, t_name)) == 2:
             rel = m.group(3)[: -len(".weight")]
             if rel not in rels:
                 floats.add(rel)
@@ -220,12 +233,12 @@ def _pack_int32(vals: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return word.to(torch.int32).contiguous()
 
 
-def _convert_layer(name: str, entry: dict, tensors: Dict[str, torch.Tensor], bits: int, group_size: int,
+def _convert_layer(name: str, entry: dict, tensors, bits: int, group_size: int,
                    checkpoint_format: str) -> Dict[str, torch.Tensor]:
     spec = QuantSpec.from_dict(entry["spec"])
     n, k = entry["out_features"], entry["in_features"]
     try:
-        qweight, scale, zero = tensors[f"{name}.qweight"], tensors[f"{name}.scale"], tensors[f"{name}.zero"]
+        qweight, scale, zero = (tensors[f"{name}.{b}"] for b in ("qweight", "scale", "zero"))
     except KeyError as e:
         raise GPTQExportError(f"export_gptq: tensor {e.args[0]!r} is missing; the checkpoint is incomplete") from e
     q = unpack(qweight, spec, k)  # [N, K] unsigned
@@ -259,7 +272,7 @@ def _convert_layer(name: str, entry: dict, tensors: Dict[str, torch.Tensor], bit
         f"{name}.g_idx": (torch.arange(k, dtype=torch.int32) // (group_size if group_size != -1 else k)).int(),
     }
     assert out[f"{name}.scales"].shape == (g, n)
-    bias = tensors.get(f"{name}.bias")
+    bias = tensors[f"{name}.bias"] if f"{name}.bias" in tensors else None
     if entry["bias"]:
         if bias is None:
             raise GPTQExportError(f"export_gptq: tensor '{name}.bias' is missing; the checkpoint is incomplete")
@@ -288,7 +301,8 @@ def gptq_quantization_config(bits: int, group_size: int, sym: bool, checkpoint_f
 
 
 def export_gptq(model_or_ckpt_dir: Union[str, os.PathLike, nn.Module], out_dir: Union[str, os.PathLike],
-                checkpoint_format: str = "gptq", tokenizer=None) -> str:
+                checkpoint_format: str = "gptq", tokenizer=None,
+                max_shard_size: Union[int, str, None] = None) -> str:
     """Write a GPTQ-layout Hugging Face directory from a flexround checkpoint or model.
 
     model_or_ckpt_dir: a directory written by ``fxkernels.save_quantized`` (with config.json), or a
@@ -298,11 +312,14 @@ def export_gptq(model_or_ckpt_dir: Union[str, os.PathLike, nn.Module], out_dir: 
     checkpoint_format: ``"gptq"`` (v1: qzeros hold ``zero - 1``; the default, read by every loader) or
         ``"gptq_v2"`` (qzeros hold ``zero``; gptqmodel, recent vLLM).
     tokenizer: saved alongside when exporting a model object.
+    max_shard_size: ``None`` (one ``model.safetensors``), int bytes or a string like ``"2GB"``: the
+        output is then written in Hugging Face shards with ``model.safetensors.index.json``, and at
+        most about one shard is held in memory (a sharded source is read tensor by tensor).
     Returns the output path. Float tensors (embeddings, norms, lm_head) are copied unchanged.
     """
-    from safetensors.torch import save_file
+    from .checkpoint import ShardSink, atomic_directory, parse_shard_size
 
-    from .checkpoint import atomic_directory
+    max_shard_size = parse_shard_size(max_shard_size, "max_shard_size")
 
     if isinstance(model_or_ckpt_dir, nn.Module):
         layers, tensors, tied, hf_config, extra_files = _read_model(model_or_ckpt_dir)
@@ -314,20 +331,10 @@ def export_gptq(model_or_ckpt_dir: Union[str, os.PathLike, nn.Module], out_dir: 
     bits, group_size, sym = _plan(layers, checkpoint_format)
     prefix, modules, float_modules = _blocks(layers, tensors, hf_config)
 
-    out: Dict[str, torch.Tensor] = {}
-    owned = set()
-    for name, entry in layers.items():
-        out.update(_convert_layer(name, entry, tensors, bits, group_size, checkpoint_format))
-        owned.update(f"{name}.{s}" for s in _QUANT_SUFFIXES)
-    for t_name, t in tensors.items():
-        if t_name not in owned:
-            out[t_name] = t.contiguous()
-    tie = hf_config.get("tie_word_embeddings", True)
+    owned = {f"{name}.{s}" for name in layers for s in _QUANT_SUFFIXES}
     for t_name, source in tied.items():
         if t_name in owned:
             raise GPTQExportError(f"export_gptq: quantized tensor {t_name!r} is tied to {source!r}; untie it first")
-        if not tie and source in out:
-            out[t_name] = out[source].clone()  # the loader expects a separate tensor when not tied
 
     qcfg = gptq_quantization_config(bits, group_size, sym, checkpoint_format, prefix, modules, float_modules)
     hf_config = dict(hf_config)
@@ -343,5 +350,17 @@ def export_gptq(model_or_ckpt_dir: Union[str, os.PathLike, nn.Module], out_dir: 
             json.dump(hf_config, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "quantize_config.json"), "w") as f:
             json.dump(qcfg, f, indent=2, sort_keys=True)
-        save_file(out, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "quant_method": "gptq"})
+        # converted layer by layer into shards: at most one output shard (plus one layer) in memory
+        sink = ShardSink(tmp, max_shard_size, metadata={"format": "pt", "quant_method": "gptq"})
+        for name, entry in layers.items():
+            for t_name, t in _convert_layer(name, entry, tensors, bits, group_size, checkpoint_format).items():
+                sink.add(t_name, t)
+        for t_name in tensors:
+            if t_name not in owned:
+                sink.add(t_name, tensors[t_name])
+        if not hf_config.get("tie_word_embeddings", True):
+            for t_name, source in tied.items():
+                if source in tensors and source not in owned:
+                    sink.add(t_name, tensors[source].clone())  # the loader expects a separate tensor when not tied
+        sink.finish()
     return out_dir

@@ -13,6 +13,11 @@ Registration is lazy so that ``import fxkernels`` stays fast and works without t
 :func:`install` registers at once when ``transformers.quantizers.auto`` is already imported, and
 otherwise places an import hook that registers right after transformers imports that module.
 
+Sharded checkpoints (``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``,
+written by ``save_quantized(..., max_shard_size=...)``) load as transformers loads any sharded model;
+every shard's header is checked first, so a missing or truncated shard raises
+:class:`~fxkernels.layers.CheckpointError` naming the file.
+
 The layer list comes from ``quantization_config.layers`` when embedded in ``config.json``
 (``save_pretrained`` of a loaded model writes it there) or else from ``quant_config.json`` next to
 the weights.
@@ -39,7 +44,7 @@ def _build_classes():
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from .checkpoint import CONFIG_NAME, read_quant_config
+    from .checkpoint import CONFIG_NAME, check_weight_files, read_quant_config
     from .format import FORMAT_VERSION
     from .layers import CheckpointError, install_layers, kind_of, upgrade_entries
 
@@ -129,7 +134,12 @@ def _build_classes():
             # Each module is built on its float predecessor's device (meta while transformers
             # initializes empty weights), with fp32 bias and activation-scale buffers whatever dtype
             # transformers set as torch's default, so the stored tensors load without rounding.
-            install_layers(model, self._layers(checkpoint_files), who="from_pretrained")
+            layers = self._layers(checkpoint_files)
+            if checkpoint_files:
+                # transformers would fail on a missing or truncated shard only mid-load, with an error
+                # that does not say it is a checkpoint problem: check every file's header first
+                check_weight_files(os.path.dirname(os.path.abspath(checkpoint_files[0])), who="from_pretrained")
+            install_layers(model, layers, who="from_pretrained")
             # the layer list is now in the current shape; save_pretrained writes it as such
             self.quantization_config.format_version = FORMAT_VERSION
             return model

@@ -1,7 +1,8 @@
 """``flexround inspect DIR``: what a checkpoint holds, layer by layer, and how much it saves.
 
-Reads only the JSON configs and the safetensors header (no tensor data), so it is instant on any
-size. Understands flexround checkpoints (quant_config.json) and GPTQ-layout directories
+Reads only the JSON configs and the safetensors headers (no tensor data), so it is instant on any
+size; sharded checkpoints (``model.safetensors.index.json``) are read shard header by shard header.
+Understands flexround checkpoints (quant_config.json) and GPTQ-layout directories
 (config.json with ``quantization_config.quant_method == "gptq"``, e.g. from ``flexround export``).
 """
 
@@ -34,6 +35,27 @@ def read_safetensors_header(path: str) -> Dict[str, Tuple[str, Tuple[int, ...], 
         start, end = info["data_offsets"]
         out[name] = (info["dtype"], tuple(info["shape"]), end - start)
     return out
+
+
+def read_weight_headers(directory: str) -> Tuple[Dict[str, Tuple[str, Tuple[int, ...], int]], List[str]]:
+    """Headers of every weights file of ``directory`` merged (``model.safetensors``, or the shards its
+    ``model.safetensors.index.json`` lists), and the file paths. Reads no tensor data."""
+    from fxkernels.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, weight_files
+
+    if not os.path.exists(os.path.join(directory, WEIGHTS_INDEX_NAME)):
+        path = os.path.join(directory, WEIGHTS_NAME)
+        return read_safetensors_header(path), [path]
+    header: Dict[str, Tuple[str, Tuple[int, ...], int]] = {}
+    files = []
+    for path, names in weight_files(directory, who="inspect"):  # CheckpointError names a missing shard
+        part = read_safetensors_header(path)
+        absent = [n for n in names or () if n not in part]
+        if absent:
+            raise ValueError(f"inspect: tensors {absent[:8]} are assigned to {path} by {WEIGHTS_INDEX_NAME} but are "
+                             "not in that file; the checkpoint is corrupt")
+        header.update(part)
+        files.append(path)
+    return header, files
 
 
 def _numel(shape) -> int:
@@ -92,7 +114,7 @@ def inspect_checkpoint(directory: str) -> dict:
     """Layers, formats, byte sizes and compression ratios of a checkpoint directory."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"inspect: directory={directory!r} does not exist; expected a checkpoint directory")
-    header = read_safetensors_header(os.path.join(directory, "model.safetensors"))
+    header, files = read_weight_headers(directory)
     hf_qc = None
     if os.path.exists(os.path.join(directory, "config.json")):
         with open(os.path.join(directory, "config.json")) as f:
@@ -119,7 +141,7 @@ def inspect_checkpoint(directory: str) -> dict:
                   quantized_fp16_bytes=sum(r["fp16_bytes"] for r in rows),
                   quantized_fp32_bytes=sum(r["fp32_bytes"] for r in rows),
                   float_tensors=len(floats), float_bytes=float_bytes,
-                  file_bytes=os.path.getsize(os.path.join(directory, "model.safetensors")))
+                  file_bytes=sum(os.path.getsize(f) for f in files), weight_files=len(files))
     totals["model_bytes"] = q_bytes + float_bytes
     totals["model_fp16_bytes"] = totals["quantized_fp16_bytes"] + 2 * float_numel
     totals["model_fp32_bytes"] = totals["quantized_fp32_bytes"] + 4 * float_numel
@@ -148,6 +170,8 @@ def format_report(info: dict, max_rows: Optional[int] = None) -> str:
     if len(shown) < len(table):
         lines.append(f"... {len(table) - len(shown)} more layers (--all to list them)")
     t = info["totals"]
+    n_files = t.get("weight_files", 1)
+    files = "model.safetensors is" if n_files == 1 else f"the {n_files} weight shards are"
     q, q16, q32 = t["quantized_bytes"], t["quantized_fp16_bytes"], t["quantized_fp32_bytes"]
     lines += ["",
               f"quantized layers: {t['quantized_layers']}, {_mb(q)} "
@@ -156,7 +180,7 @@ def format_report(info: dict, max_rows: Optional[int] = None) -> str:
               "(embeddings, norms, skipped layers; as stored)",
               f"whole model:      {_mb(t['model_bytes'])} vs fp16 {_mb(t['model_fp16_bytes'])} "
               f"({_ratio(t['model_fp16_bytes'], t['model_bytes'])}) and fp32 {_mb(t['model_fp32_bytes'])} "
-              f"({_ratio(t['model_fp32_bytes'], t['model_bytes'])}); model.safetensors is {_mb(t['file_bytes'])}"]
+              f"({_ratio(t['model_fp32_bytes'], t['model_bytes'])}); {files} {_mb(t['file_bytes'])}"]
     return "\n".join(lines)
 
 
@@ -174,7 +198,7 @@ def cmd_export(a) -> int:
 
     if a.format != "gptq":
         raise ValueError(f"export: --format {a.format!r}; expected 'gptq'")
-    out = export_gptq(a.model, a.out, checkpoint_format=a.checkpoint_format)
+    out = export_gptq(a.model, a.out, checkpoint_format=a.checkpoint_format, max_shard_size=a.max_shard_size)
     print(f"wrote GPTQ ({a.checkpoint_format}) checkpoint -> {out}")
     return 0
 
@@ -197,4 +221,6 @@ def add_parsers(sub) -> None:
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
                    help="gptq (v1, qzeros hold zero-1; default) or gptq_v2 (qzeros hold zero)")
+    e.add_argument("--max-shard-size", default=None,
+                   help="write Hugging Face shards of at most this size (e.g. 2GB, 500MB; default: one file)")
     e.set_defaults(func=cmd_export)
