@@ -45,24 +45,40 @@ def prepare_calibration(calibration: Union[torch.Tensor, Sequence[torch.Tensor]]
     return ids.long().contiguous()
 
 
+def resolve_config(config: Optional[QuantizeConfig], overrides: dict) -> QuantizeConfig:
+    """``config`` with ``overrides`` (field=value keywords) applied, validated."""
+    if config is None:
+        return QuantizeConfig(**overrides)
+    if not isinstance(config, QuantizeConfig):
+        raise ValueError(f"config: got {type(config).__name__}; expected quantizer.QuantizeConfig")
+    if overrides:
+        import dataclasses
+
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(QuantizeConfig)})
+        if unknown:
+            raise ValueError(f"quantize: unknown keyword arguments {unknown}; expected QuantizeConfig fields")
+        config = dataclasses.replace(config, **overrides)
+    return config
+
+
 def quantize(model: nn.Module, calibration: Union[torch.Tensor, Sequence[torch.Tensor]],
              config: Optional[QuantizeConfig] = None, log: Optional[Callable[[str], None]] = None,
              **overrides) -> nn.Module:
-    """Quantize ``model`` in place by ``config`` (fields may also be given as keywords) and return it.
+    """Quantize ``model`` in place by ``config`` (fields may also be given as keywords, e.g.
+    ``device="cuda"``) and return it.
+
+    The model stays on the CPU; ``config.device`` is where each block learns (a block moves there
+    and comes back exported). For a model whose fp32 weights do not fit in memory, see
+    :func:`quantizer.quantize_pretrained`.
 
     Every ``nn.Linear`` inside the model's blocks (except ``config.skip``) becomes a
     :class:`fxkernels.QuantLinear`, ready for :func:`fxkernels.save_quantized`. Linears outside
     the blocks stay float with a warning listing them. Raises ``ValueError`` for bad calibration,
-    an unsupported architecture or a mismatching ``resume_dir``, and
+    an unsupported architecture, a device that does not exist or a mismatching ``resume_dir``,
+    :class:`~quantizer.engine.MemoryBudgetError` when a block needs more than ``memory_budget``, and
     :class:`QuantizationError` when learning diverges (finished blocks stay quantized).
     """
-    if config is None:
-        config = QuantizeConfig(**overrides)
-    elif overrides:
-        import dataclasses
-        config = dataclasses.replace(config, **overrides)
-    if not isinstance(config, QuantizeConfig):
-        raise ValueError(f"config: got {type(config).__name__}; expected quantizer.QuantizeConfig")
+    config = resolve_config(config, overrides)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: got {type(model).__name__}; expected a torch.nn.Module")
     ids = prepare_calibration(calibration, config.nsamples, config.seqlen)
@@ -71,5 +87,6 @@ def quantize(model: nn.Module, calibration: Union[torch.Tensor, Sequence[torch.T
         raise ValueError(f"calibration: token id {int(ids.max())} >= the model's vocab_size={vocab}")
     device = next(model.parameters()).device
     if device.type != "cpu":
-        raise ValueError(f"model is on {device}; the quantizer runs on the CPU (move the model with .cpu())")
+        raise ValueError(f"model: its weights are on {device}; expected the model on the CPU (move it with .cpu() "
+                         f"and pass device={str(device)!r}: each block then learns there)")
     return reconstruct(model, ids, config, log=log or _log_default)

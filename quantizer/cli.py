@@ -52,6 +52,58 @@ def _threads(n: Optional[int]):
     torch.set_num_threads(n or min(2, os.cpu_count() or 1))
 
 
+def _quantize_config(a, spec):
+    from .api import QuantizeConfig
+
+    kwargs = dict(method=a.method, weight=dataclasses.replace(spec, act_bits=None, act_mode="dynamic"),
+                  act_bits=spec.act_bits, seed=a.seed, skip=tuple(a.skip), resume_dir=a.resume_dir,
+                  device=a.device, memory_budget=a.memory_budget)
+    for k in ("iters", "lr", "batch_size", "nsamples", "seqlen", "loss", "qdrop", "smooth"):
+        if getattr(a, k) is not None:
+            kwargs[k] = getattr(a, k)
+    if a.rotate is not None:
+        kwargs["rotate"] = tuple(p for p in a.rotate.split(",") if p) if a.rotate != "none" else ()
+    return QuantizeConfig(**kwargs)
+
+
+def _calibration(a, tok, config):
+    from .data import calibration_ids, calibration_text, read_text
+
+    text = read_text(a.calibration) if a.calibration else calibration_text()
+    return calibration_ids(tok, config.nsamples, config.seqlen, seed=a.seed, text=text)
+
+
+def _quantize_streamed(a, spec) -> int:
+    """--stream: block by block from the model's files (quantizer.streaming); every method goes
+    through the engine, RTN included (its grid then starts from QuantizeConfig.init)."""
+    from transformers import AutoTokenizer
+
+    from .streaming import quantize_pretrained, source_directory
+
+    if spec.act_bits and spec.act_mode != "static":
+        print("error: --stream calibrates static per-tensor activations; use --act-mode static", file=sys.stderr)
+        return 2
+    config = _quantize_config(a, spec)
+    directory = source_directory(a.model)
+    tok = AutoTokenizer.from_pretrained(directory)
+    result = quantize_pretrained(directory, a.out, _calibration(a, tok, config), config, tokenizer=tok,
+                                 max_shard_size=a.max_shard_size or "2GB",
+                                 extra={"method": a.method, "source": a.model})
+    print(f"quantized with {a.method} ({spec}) in {result.seconds:.1f} s, streamed block by block, peak RSS "
+          f"{result.rss_peak_bytes / 2**30:.2f} GiB -> {result.directory}")
+    return 0
+
+
+def _size(value: str) -> int:
+    """A byte count: an integer or a size such as ``6GB`` / ``500MB``."""
+    from fxkernels.checkpoint import parse_shard_size
+
+    try:
+        return parse_shard_size(value, "--memory-budget")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_quantize(a) -> int:
 
     from fxkernels import replace_linears, save_quantized
@@ -60,6 +112,8 @@ def cmd_quantize(a) -> int:
 
     _threads(a.threads)
     spec = _spec_from_args(a)
+    if a.stream:
+        return _quantize_streamed(a, spec)
     model, tok = load_model(a.model)
     t = time.time()
     if a.method == "rtn":
@@ -69,26 +123,16 @@ def cmd_quantize(a) -> int:
             return 2
         replace_linears(model, spec, skip=tuple(a.skip), mse=a.mse)
     else:
-        from .api import QuantizeConfig, quantize
-        from .data import calibration_ids, calibration_text, read_text
+        from .api import quantize
 
         if spec.act_bits and spec.act_mode != "static":
             print("error: learned methods calibrate static per-tensor activations; use --act-mode static "
                   "(or --method rtn for dynamic per-token activations)", file=sys.stderr)
             return 2
-        kwargs = dict(method=a.method, weight=dataclasses.replace(spec, act_bits=None, act_mode="dynamic"),
-                      act_bits=spec.act_bits, seed=a.seed, skip=tuple(a.skip), resume_dir=a.resume_dir)
-        for k in ("iters", "lr", "batch_size", "nsamples", "seqlen", "loss", "qdrop", "smooth"):
-            if getattr(a, k) is not None:
-                kwargs[k] = getattr(a, k)
-        if a.rotate is not None:
-            kwargs["rotate"] = tuple(p for p in a.rotate.split(",") if p) if a.rotate != "none" else ()
-        config = QuantizeConfig(**kwargs)
-        text = read_text(a.calibration) if a.calibration else calibration_text()
-        calib = calibration_ids(tok, config.nsamples, config.seqlen, seed=a.seed, text=text)
-        model = quantize(model, calib, config)
+        config = _quantize_config(a, spec)
+        model = quantize(model, _calibration(a, tok, config), config)
     secs = time.time() - t
-    save_quantized(model, a.out, tokenizer=tok,
+    save_quantized(model, a.out, tokenizer=tok, max_shard_size=a.max_shard_size,
                    extra={"method": a.method, "source": a.model, "seconds": round(secs, 1)})
     print(f"quantized with {a.method} ({spec}) in {secs:.1f} s -> {a.out}")
     return 0
@@ -297,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume-dir", default=None, help="directory to keep finished blocks in (resumable)")
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--device", default="cpu",
+                   help="where each block learns: cpu (default) or cuda[:N]; the model's weights stay on the CPU")
+    q.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                   help="bytes one block's learning may use on the device (e.g. 6GB); a block that needs more "
+                        "stops the run before it learns. On CUDA it also decides whether the calibration "
+                        "streams stay on the GPU (default: the free GPU memory)")
+    q.add_argument("--stream", action="store_true",
+                   help="read the model block by block from its safetensors files and write the checkpoint "
+                        "shard by shard: for models whose fp32 weights do not fit in memory")
+    q.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                   help="split the written weights into shards of at most SIZE (e.g. 2GB; default: one file, "
+                        "2GB with --stream)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity on held-out text",

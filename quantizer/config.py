@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
+import torch
+
 from fxkernels.format import QuantSpec
 
+from .placement import check_device
 from .rounding import method_class, method_names
 
 CONFIG_VERSION = 1
@@ -74,6 +77,15 @@ class QuantizeConfig:
     resume_dir: directory where finished blocks are saved; a rerun continues after them.
     options: keyword options of the rounding module (see quantizer.rounding), plus "reg_weight"
         for methods with a regularizer.
+    device: where blocks learn: "cpu" (default; the results are those of every earlier version)
+        or "cuda[:index]" (each block moves to the GPU for its learning, forward under bf16
+        autocast, rounding parameters fp32; the model's weights stay on the CPU). Not part of the
+        resume identity: a run may continue on another device.
+    memory_budget: bytes the compute device may hold for one block's learning (its float
+        weights, the learning state, the activations of a step and, when they fit, the streams;
+        quantizer.placement.unit_need). A block that needs more raises MemoryBudgetError before
+        it learns. None: no check on the CPU; on CUDA the free device memory decides whether
+        the streams stay on the GPU or in pinned CPU memory.
     """
 
     method: str = "flexround"
@@ -99,6 +111,8 @@ class QuantizeConfig:
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     version: int = CONFIG_VERSION
     first_last: Optional[QuantSpec] = None
+    device: str = "cpu"
+    memory_budget: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.weight, dict):
@@ -107,6 +121,10 @@ class QuantizeConfig:
             self.first_last = QuantSpec.from_dict(self.first_last)
         if isinstance(self.skip, (list, str)):
             self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        if isinstance(self.memory_budget, str):  # "6GB", "500MB", as for max_shard_size
+            from fxkernels.checkpoint import parse_shard_size
+
+            self.memory_budget = parse_shard_size(self.memory_budget, "QuantizeConfig: memory_budget")
         if isinstance(self.rotate, (list, str)):
             self.rotate = (self.rotate,) if isinstance(self.rotate, str) else tuple(self.rotate)
         self.validate()
@@ -155,6 +173,14 @@ class QuantizeConfig:
             bad("qdrop", "a probability in [0, 1]")
         if not isinstance(self.options, dict):
             bad("options", "a dict of keyword options for the rounding module")
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        if not isinstance(self.device, str):
+            bad("device", "'cpu', 'cuda' or 'cuda:<index>'")
+        check_device(self.device)
+        if self.memory_budget is not None and (not isinstance(self.memory_budget, int)
+                                               or isinstance(self.memory_budget, bool) or self.memory_budget <= 0):
+            bad("memory_budget", "None or a positive number of bytes")
         if self.version != CONFIG_VERSION:
             bad("version", f"{CONFIG_VERSION} (this quantizer's config version)")
 
@@ -219,7 +245,8 @@ class QuantizeConfig:
     def fingerprint_dict(self) -> dict:
         """The fields that change the result (what a resume directory must agree on)."""
         d = self.to_dict()
-        for k in ("resume_dir", "progress"):
+        # Where and within what memory a run learns does not change what a block may resume from.
+        for k in ("resume_dir", "progress", "device", "memory_budget"):
             d.pop(k)
         if d["first_last"] is None:  # resume directories written before the field existed stay valid
             d.pop("first_last")

@@ -15,7 +15,12 @@ A model is cut into units (a decoder block, a MobileNetV2 stage; see the family 
    :class:`~quantizer.layers.FrozenLayer`, bit-identical to the export's dequantization) and
    ``x_fp`` becomes ``targets``.
 
-Streams (``x_fp``, ``x_q``, targets) stay on the CPU and pass through a unit in mini-batches.
+Streams (``x_fp``, ``x_q``, targets) pass through a unit in mini-batches. Where they live and
+where a unit learns is the run's :class:`~quantizer.placement.Placement`: on the CPU (the
+default) everything stays where it is; with ``device="cuda"`` each unit moves to the GPU for its
+learning (block forward under bf16 autocast, rounding parameters fp32) and comes back exported,
+and the streams stay on the GPU when they fit the memory budget, else in pinned CPU memory.
+Every unit reports its time and memory (:func:`reconstruct_units`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from fxkernels.nn import set_submodule
 
 from .config import QuantizeConfig
 from .layers import FrozenLayer, QuantLayer
+from .placement import Placement, UnitNeed, release_free_heap, rss_bytes, rss_peak_bytes, unit_need
 from .rounding import method_class
 
 if TYPE_CHECKING:
@@ -44,15 +50,30 @@ class QuantizationError(RuntimeError):
     """Learning could not finish a unit (non-finite loss); finished units are kept."""
 
 
+class MemoryBudgetError(QuantizationError):
+    """A unit needs more memory than the run's ``memory_budget``; finished units are kept."""
+
+
 def unit_output(out):
     """A unit's output tensor (HF blocks return tuples whose first item is the hidden state)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
-def run_stream(forward: Forward, x: torch.Tensor, batch: int) -> torch.Tensor:
-    """``forward`` over every row of ``x`` in mini-batches of ``batch``, concatenated."""
-    return torch.cat([forward(x[s:s + batch]) for s in range(0, x.shape[0], batch)])
+def run_stream(forward: Forward, x: torch.Tensor, batch: int, place: Optional[Placement] = None) -> torch.Tensor:
+    """``forward`` over every row of ``x`` in mini-batches of ``batch``, concatenated (where
+    ``place`` keeps streams; without it, or on the CPU, as ``torch.cat`` of the outputs)."""
+    if place is None or place.is_cpu:
+        return torch.cat([forward(x[s:s + batch]) for s in range(0, x.shape[0], batch)])
+    # Filled batch by batch: the outputs are never held twice (list + concatenation) on the GPU.
+    out = None
+    for s in range(0, x.shape[0], batch):
+        y = forward(x[s:s + batch])
+        if out is None:
+            out = place.empty_stream((x.shape[0],) + tuple(y.shape[1:]), y.dtype)
+        out[s:s + y.shape[0]].copy_(y, non_blocking=True)
+    place.synchronize()
+    return out
 
 
 def reconstruction_loss(y: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -71,7 +92,7 @@ def eval_loss(forward: Forward, x: torch.Tensor, t: torch.Tensor, batch: int, ki
     total = 0.0
     for s in range(0, x.shape[0], batch):
         y = forward(x[s:s + batch])
-        total += float(reconstruction_loss(y, t[s:s + batch], kind)) * y.numel()
+        total += float(reconstruction_loss(y, t[s:s + batch].to(y.device), kind)) * y.numel()
     return total / t.numel()
 
 
@@ -110,7 +131,13 @@ def start_activation_grids(forward: Forward, wrappers: Dict[str, QuantLayer], x:
 
 
 def _state(wrappers):
-    return copy.deepcopy({k: w.state_dict() for k, w in wrappers.items()})
+    """A copy of the wrappers' learned state. Buffers (the float weight, the initial grid, the
+    activation grid's start) do not change while learning, so they are shared rather than
+    copied: that saves one weight-sized copy per layer while a unit learns."""
+    def snapshot(w):
+        return {k: (copy.deepcopy(t.detach()) if isinstance(t, nn.Parameter) else t)
+                for k, t in w.state_dict(keep_vars=True).items()}
+    return {k: snapshot(w) for k, w in wrappers.items()}
 
 
 def _load_state(wrappers, state):
@@ -185,9 +212,11 @@ def learn_unit(index: int, forward: Forward, wrappers: Dict[str, QuantLayer], da
         idx = order[step * bs:(step + 1) * bs]
         xin = data.xq[idx]
         if cfg.qdrop > 0:
+            # The mask comes from the CPU generator on every device: same seed, same masks.
             keep_fp = torch.rand(xin.shape, generator=gen) < cfg.qdrop
-            xin = torch.where(keep_fp, data.xfp[idx], xin)
-        rec = reconstruction_loss(forward(xin), data.targets[idx], cfg.loss)
+            xin = torch.where(keep_fp.to(xin.device), data.xfp[idx], xin)
+        y = forward(xin)
+        rec = reconstruction_loss(y, data.targets[idx].to(y.device), cfg.loss)
         loss = rec
         if reg_weight:
             regs = [r for r in (w.wq.regularizer(step / cfg.iters) for w in wrappers.values()) if r is not None]
@@ -241,6 +270,16 @@ class Family:
     stream_batch: int = 8
     #: rows of the activation-grid start (None: the check inputs)
     act_init_rows: Optional[int] = None
+    #: where the run learns (set by :func:`reconstruct_units` before the first unit)
+    placement: Optional[Placement] = None
+
+    def place(self, placement: Placement) -> None:
+        """Move what every unit shares (e.g. a decoder's attention mask and position embeddings)
+        to ``placement``'s device; called once, before the first unit."""
+
+    def unit_done(self, unit: Unit, index: int, exported: Dict[str, nn.Module]) -> None:
+        """Called when unit ``index`` is finished, exported and deployed (its layers on the CPU),
+        e.g. to write it out and release it (:mod:`quantizer.streaming`)."""
 
     def units(self) -> Iterable[Unit]:
         raise NotImplementedError
@@ -262,7 +301,7 @@ class Family:
         set_submodule(unit.root, name, exported)
 
 
-def _learn_and_export(family: Family, unit: Unit, index: int, data: UnitData, cfg: QuantizeConfig,
+def _learn_and_export(family: Family, unit: Unit, forward: Forward, index: int, data: UnitData, cfg: QuantizeConfig,
                       log: Callable[[str], None]) -> Tuple[Dict[str, nn.Module], float, float]:
     """Wrap the unit's layers, learn them, let the family adjust them; ``(exported layers, check
     loss before, after)``. On any error the unit gets its float layers back."""
@@ -271,9 +310,9 @@ def _learn_and_export(family: Family, unit: Unit, index: int, data: UnitData, cf
         wrappers[name] = family.wrap(unit, name, layer)
         set_submodule(unit.root, name, wrappers[name])
     try:
-        before, after = learn_unit(index, unit.forward, wrappers, data, cfg, unit.label, log)
+        before, after = learn_unit(index, forward, wrappers, data, cfg, unit.label, log)
         if family.after_learning(unit, wrappers, data.xfp, data.xq):
-            after = eval_loss(unit.forward, *data.check, data.batch, cfg.loss)
+            after = eval_loss(forward, *data.check, data.batch, cfg.loss)
     except BaseException:
         # Leave the model usable: this unit goes back to its float layers.
         for name, layer in unit.layers:
@@ -291,8 +330,30 @@ def _load_finished(resume: "ResumeDir", index: int, unit: Unit) -> Dict[str, nn.
     return exported
 
 
+def _check_budget(unit: Unit, need: UnitNeed, place: Placement, budget: Optional[int]) -> None:
+    """Decide where the streams live (CUDA: on the device when they fit next to the unit) and
+    refuse a unit that cannot fit ``budget`` bytes (the compute device's memory for this run;
+    None: no limit on the CPU, the free memory on CUDA)."""
+    if not place.is_cpu:
+        limit = budget if budget is not None else place.device_free()
+        place.streams_to(need.on_device(True) <= limit)
+        if need.on_device(False) > limit:
+            raise MemoryBudgetError(
+                f"{unit.label}: needs about {need.on_device(False) / 2**30:.2f} GiB on {place.device} "
+                f"({need.describe()}, streams in pinned CPU memory); "
+                f"{'memory_budget' if budget is not None else 'free device memory'}={limit} bytes. Expected at least "
+                f"{need.on_device(False)} bytes: use a larger memory_budget or device, or fewer seqlen tokens")
+        return
+    if budget is not None and need.on_device(True) > budget:
+        raise MemoryBudgetError(
+            f"{unit.label}: needs about {need.on_device(True) / 2**30:.2f} GiB ({need.describe()}); "
+            f"memory_budget={budget} bytes. Expected a budget of at least {need.on_device(True)} bytes: raise "
+            "memory_budget, or lower nsamples/seqlen (the streams)")
+
+
 def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log: Callable[[str], None],
-                      resume: Optional["ResumeDir"] = None, holdout: Optional[torch.Tensor] = None) -> List[dict]:
+                      resume: Optional["ResumeDir"] = None, holdout: Optional[torch.Tensor] = None,
+                      place: Optional[Placement] = None) -> List[dict]:
     """Quantize every unit of ``family`` in order, starting from the first unit's inputs ``x``.
 
     resume: units it already holds are loaded instead of learned; every newly finished unit is
@@ -300,17 +361,37 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
     holdout: inputs never learned on, carried through the float and the quantized units like
     ``x``; when given they decide whether each unit keeps its learned rounding (else the first
     ``cfg.eval_samples`` rows of ``x`` do).
+    place: where units learn and streams live (default: the CPU, everything in place).
 
-    Returns ``{"unit", "label", "loss_before", "loss_after", "seconds"}`` per unit learned or loaded
-    (NaN losses for loaded ones)."""
-    xfp, xq = x, x.clone()
-    hfp, hq = (holdout, holdout.clone()) if holdout is not None else (None, None)
+    Returns one dict per unit learned or loaded (a stable interface, read by the scale bench):
+    ``unit`` (index), ``label``, ``loss_before``, ``loss_after`` (NaN for loaded units),
+    ``seconds`` (wall time of the unit, targets and propagation included), ``rss_bytes`` (process
+    resident size when the unit is done), ``rss_peak_bytes`` (the process's resident high-water
+    mark so far, VmHWM), ``rss_peak_delta_bytes`` (how much this unit raised that mark),
+    ``need_bytes`` (the estimated need, :func:`quantizer.placement.unit_need`), ``device`` and
+    ``device_peak_bytes`` (``torch.cuda.max_memory_allocated`` during the unit; None on the CPU)."""
+    place = place or Placement(torch.device("cpu"))
+    family.placement = place
+    family.place(place)
+    xfp, xq = place.store(x), place.clone_stream(x)
+    hfp, hq = (place.store(holdout), place.clone_stream(holdout)) if holdout is not None else (None, None)
+    learns = method_class(cfg.method).learns and cfg.iters > 0
     pb = family.stream_batch
     stats = []
     for i, unit in enumerate(family.units()):
-        tu = time.time()
-        targets = run_stream(unit.run_float, xfp, pb)
-        htargets = run_stream(unit.run_float, hfp, pb) if hfp is not None else None
+        tu, hwm = time.time(), rss_peak_bytes()
+        place.reset_peak()
+        need = None
+        if unit.layers:
+            need = unit_need(unit.root, unit.layers, xq, cfg.batch_size, learns)
+            _check_budget(unit, need, place, cfg.memory_budget)
+            xfp, xq = place.store(xfp), place.store(xq)
+            hfp, hq = (place.store(hfp), place.store(hq)) if hq is not None else (None, None)
+        if not place.is_cpu:
+            unit.root.to(place.device)
+        forward, run_float = place.forward(unit.forward), place.forward(unit.run_float)
+        targets = run_stream(run_float, xfp, pb, place)
+        htargets = run_stream(run_float, hfp, pb, place) if hfp is not None else None
         if unit.layers:
             torch.manual_seed(cfg.seed * 1_000_003 + i)
             # Also for a unit loaded from ``resume``: what this changes outside the quantized
@@ -318,30 +399,47 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
             family.before_wrapping(unit, xq)
             if resume is not None and i < resume.finished:
                 exported, before, after = _load_finished(resume, i, unit), float("nan"), float("nan")
+                exported = {name: layer.to(place.device) for name, layer in exported.items()}
             else:
                 ne = min(cfg.eval_samples, xq.shape[0])
                 check = (hq, htargets) if hq is not None else (xq[:ne], targets[:ne])
                 act_init = xq[:family.act_init_rows] if family.act_init_rows else xq[:ne]
                 data = UnitData(xq, xfp, targets, check, act_init, cfg.batch_size)
-                exported, before, after = _learn_and_export(family, unit, i, data, cfg, log)
+                exported, before, after = _learn_and_export(family, unit, forward, i, data, cfg, log)
             # Advance the quantized streams through the unit exactly as exported.
             for name, layer in exported.items():
                 set_submodule(unit.root, name, FrozenLayer(layer))
-        xq = run_stream(unit.forward, xq, pb)
-        hq = run_stream(unit.forward, hq, pb) if hq is not None else None
+        xq = run_stream(forward, xq, pb, place)
+        hq = run_stream(forward, hq, pb, place) if hq is not None else None
         xfp, hfp = targets, htargets
+        if not place.is_cpu:
+            # The exported layers ship from the CPU; the unit's float parts go back there too.
+            exported = {name: layer.to("cpu") for name, layer in exported.items()} if unit.layers else {}
+        if unit.layers:
+            for name, layer in exported.items():
+                family.deploy(unit, name, layer)
+        if not place.is_cpu:
+            unit.root.to("cpu")
         if not unit.layers:
             continue
-        for name, layer in exported.items():
-            family.deploy(unit, name, layer)
         if resume is not None and i >= resume.finished:
             resume.save_block(i, exported)
+        family.unit_done(unit, i, exported)
+        release_free_heap()
         seconds = time.time() - tu
+        peak = rss_peak_bytes()
+        st = {"unit": i, "label": unit.label, "loss_before": before, "loss_after": after, "seconds": seconds,
+              "rss_bytes": rss_bytes(), "rss_peak_bytes": peak, "rss_peak_delta_bytes": peak - hwm,
+              "need_bytes": need.on_device(True), "device": str(place.device),
+              "device_peak_bytes": place.device_peak()}
+        memory = f"RSS {st['rss_bytes'] / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB"
+        if st["device_peak_bytes"] is not None:
+            memory += f", {place.device} peak {st['device_peak_bytes'] / 2**30:.2f} GiB"
         if before == before:
-            log(f"{unit.label}: loss {before:.4e} -> {after:.4e} ({seconds:.1f} s)")
+            log(f"{unit.label}: loss {before:.4e} -> {after:.4e} ({seconds:.1f} s, {memory})")
         else:
-            log(f"{unit.label}: loaded from resume_dir ({seconds:.1f} s)")
-        stats.append({"unit": i, "label": unit.label, "loss_before": before, "loss_after": after, "seconds": seconds})
+            log(f"{unit.label}: loaded from resume_dir ({seconds:.1f} s, {memory})")
+        stats.append(st)
         if not torch.isfinite(xq).all():
             raise QuantizationError(f"{unit.label}: the quantized model's activations became non-finite "
                                     "after this unit")

@@ -23,6 +23,7 @@ from .blocks import BlockLayout, block_linears, find_blocks, matches, unknown_la
 from .config import QuantizeConfig
 from .engine import Family, QuantizationError, Unit, reconstruct_units, run_stream, unit_output
 from .layers import LinearQuant, quant_layer
+from .placement import Placement, check_device
 from .resume import ResumeDir, model_fingerprint, tensor_fingerprint
 
 __all__ = ["reconstruct", "capture_inputs", "run_block", "BlockFamily", "QuantizationError"]
@@ -95,6 +96,7 @@ def _smooth(block: nn.Module, names, x: torch.Tensor, kw: dict, batch: int, alph
             absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
         return f
 
+    x = x.to(next(block.parameters()).device)  # the block's device (the rows may be in pinned CPU memory)
     handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in names]
     try:
         run_block(block, x, kw, batch)
@@ -112,6 +114,10 @@ class BlockFamily(Family):
         self.stream_batch = max(cfg.batch_size, 8)
         self.left_float: List[str] = [n for n in layout.outside if not matches(n, cfg.skip)]
         self.rotations: Dict[str, int] = {}
+
+    def place(self, placement: Placement) -> None:
+        # Masks and position embeddings go to the compute device once, shared by every block.
+        self.kw = placement.move_tree(self.kw)
 
     def units(self):
         n = len(self.layout.blocks)
@@ -179,7 +185,7 @@ def reconstruct(model: nn.Module, ids: torch.Tensor, cfg: QuantizeConfig,
     log(f"captured {tuple(x.shape)} block inputs in {time.time() - t0:.1f} s; {nblocks} blocks at {layout.path}, "
         f"method={cfg.method}, {cfg.layer_spec}, iters={cfg.iters}")
     family = BlockFamily(layout, kw, cfg, log)
-    reconstruct_units(family, x, cfg, log, resume=resume)
+    reconstruct_units(family, x, cfg, log, resume=resume, place=Placement(check_device(cfg.device)))
     if family.left_float:
         warnings.warn(f"left in float (not inside known blocks or not nn.Linear): {', '.join(family.left_float)}",
                       stacklevel=2)
