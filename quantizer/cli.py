@@ -78,7 +78,7 @@ def _quantize_streamed(a, spec) -> int:
     through the engine, RTN included (its grid then starts from QuantizeConfig.init)."""
     from transformers import AutoTokenizer
 
-    from .streaming import quantize_pretrained, source_directory
+    from .streaming import DEFAULT_SHARD_SIZE, quantize_pretrained, source_directory
 
     if spec.act_bits and spec.act_mode != "static":
         print("error: --stream calibrates static per-tensor activations; use --act-mode static", file=sys.stderr)
@@ -87,7 +87,7 @@ def _quantize_streamed(a, spec) -> int:
     directory = source_directory(a.model)
     tok = AutoTokenizer.from_pretrained(directory)
     result = quantize_pretrained(directory, a.out, _calibration(a, tok, config), config, tokenizer=tok,
-                                 max_shard_size=a.max_shard_size or "2GB",
+                                 max_shard_size=a.max_shard_size or DEFAULT_SHARD_SIZE,
                                  extra={"method": a.method, "source": a.model})
     print(f"quantized with {a.method} ({spec}) in {result.seconds:.1f} s, streamed block by block, peak RSS "
           f"{result.rss_peak_bytes / 2**30:.2f} GiB -> {result.directory}")
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "shard by shard: for models whose fp32 weights do not fit in memory")
     q.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="split the written weights into shards of at most SIZE (e.g. 2GB; default: one file, "
-                        "2GB with --stream)")
+                        "500MB with --stream)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity on held-out text",

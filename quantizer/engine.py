@@ -25,7 +25,6 @@ Every unit reports its time and memory (:func:`reconstruct_units`).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Tuple
@@ -130,13 +129,27 @@ def start_activation_grids(forward: Forward, wrappers: Dict[str, QuantLayer], x:
         w.aq.enabled, w.record = True, None
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t``; a tensor whose elements are bit for bit one value (FlexRound's log-scales
+    before learning are all +0.0) is kept as that element broadcast to the shape: the same values
+    when loaded back, and no weight-sized copy held while the unit learns."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() > 1 and t.is_floating_point() and t.element_size() in _BITS:
+        bits = flat.view(_BITS[t.element_size()])
+        if bool((bits == bits[0]).all()):
+            return flat[:1].clone().expand(t.shape)
+    return t.detach().clone()
+
+
 def _state(wrappers):
     """A copy of the wrappers' learned state. Buffers (the float weight, the initial grid, the
     activation grid's start) do not change while learning, so they are shared rather than
     copied: that saves one weight-sized copy per layer while a unit learns."""
     def snapshot(w):
-        return {k: (copy.deepcopy(t.detach()) if isinstance(t, nn.Parameter) else t)
-                for k, t in w.state_dict(keep_vars=True).items()}
+        return {k: (_copy(t) if isinstance(t, nn.Parameter) else t) for k, t in w.state_dict(keep_vars=True).items()}
     return {k: snapshot(w) for k, w in wrappers.items()}
 
 
@@ -351,6 +364,13 @@ def _check_budget(unit: Unit, need: UnitNeed, place: Placement, budget: Optional
             "memory_budget, or lower nsamples/seqlen (the streams)")
 
 
+def _unit_data(family: Family, cfg: QuantizeConfig, xq, xfp, targets, hq, htargets) -> UnitData:
+    ne = min(cfg.eval_samples, xq.shape[0])
+    check = (hq, htargets) if hq is not None else (xq[:ne], targets[:ne])
+    act_init = xq[:family.act_init_rows] if family.act_init_rows else xq[:ne]
+    return UnitData(xq, xfp, targets, check, act_init, cfg.batch_size)
+
+
 def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log: Callable[[str], None],
                       resume: Optional["ResumeDir"] = None, holdout: Optional[torch.Tensor] = None,
                       place: Optional[Placement] = None) -> List[dict]:
@@ -375,6 +395,9 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
     family.place(place)
     xfp, xq = place.store(x), place.clone_stream(x)
     hfp, hq = (place.store(holdout), place.clone_stream(holdout)) if holdout is not None else (None, None)
+    # Only the streams keep the inputs alive from here on (a caller that passes its last reference
+    # saves one stream of memory: see quantizer.streaming).
+    del x, holdout
     learns = method_class(cfg.method).learns and cfg.iters > 0
     pb = family.stream_batch
     stats = []
@@ -401,17 +424,16 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
                 exported, before, after = _load_finished(resume, i, unit), float("nan"), float("nan")
                 exported = {name: layer.to(place.device) for name, layer in exported.items()}
             else:
-                ne = min(cfg.eval_samples, xq.shape[0])
-                check = (hq, htargets) if hq is not None else (xq[:ne], targets[:ne])
-                act_init = xq[:family.act_init_rows] if family.act_init_rows else xq[:ne]
-                data = UnitData(xq, xfp, targets, check, act_init, cfg.batch_size)
+                data = _unit_data(family, cfg, xq, xfp, targets, hq, htargets)
                 exported, before, after = _learn_and_export(family, unit, forward, i, data, cfg, log)
+                del data  # it holds views of the streams, which must die when they are replaced
             # Advance the quantized streams through the unit exactly as exported.
             for name, layer in exported.items():
                 set_submodule(unit.root, name, FrozenLayer(layer))
+        # The float inputs are no longer needed: free them before the quantized stream is copied.
+        xfp, hfp = targets, htargets
         xq = run_stream(forward, xq, pb, place)
         hq = run_stream(forward, hq, pb, place) if hq is not None else None
-        xfp, hfp = targets, htargets
         if not place.is_cpu:
             # The exported layers ship from the CPU; the unit's float parts go back there too.
             exported = {name: layer.to("cpu") for name, layer in exported.items()} if unit.layers else {}

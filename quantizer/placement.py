@@ -162,9 +162,11 @@ class Placement:
 
     ``compute(t)``: ``t`` on the compute device; ``store(t)``: ``t`` where streams live;
     ``forward(f)``: ``f`` taking stream rows and returning fp32 outputs, under bf16 autocast on
-    CUDA (the rounding parameters stay fp32: autocast casts only the matmul operands)."""
+    CUDA (the rounding parameters stay fp32: autocast casts only the matmul operands).
+    On CUDA the streams start in pinned CPU memory; the engine moves them to the device when the
+    first unit's need and the streams fit the budget (:meth:`streams_to`)."""
 
-    def __init__(self, device: torch.device, streams_on_device: bool = True):
+    def __init__(self, device: torch.device, streams_on_device: bool = False):
         self.device = device
         self.is_cpu = device.type == "cpu"
         self.streams = device if (self.is_cpu or streams_on_device) else torch.device("cpu")

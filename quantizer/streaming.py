@@ -44,6 +44,9 @@ from .resume import ResumeDir, tensor_fingerprint
 __all__ = ["quantize_pretrained", "SafetensorsSource", "StreamResult"]
 
 WHO = "quantize_pretrained"
+# The writer holds one shard in memory until it is full: small enough not to add much to a run's
+# peak (a 1B model's packed blocks and fp32 embeddings are ~1 GB in all), large enough for few files.
+DEFAULT_SHARD_SIZE = "500MB"
 
 
 class SafetensorsSource:
@@ -207,6 +210,14 @@ class StreamingBlockFamily(BlockFamily):
             self.params.materialize(self.params.under(f"{self.layout.path}.{i}."))
             yield unit
 
+    def wrap(self, unit, name: str, layer: nn.Module):
+        wrapper = super().wrap(unit, name, layer)
+        # The rounding holds its own fp32 copy of the weight: the float one goes back to meta (the
+        # files still have it), one block-sized copy less while the block learns. A failing block
+        # is not restored in float here: the run stops and nothing is written.
+        self.params.release([self.params.slot[(id(layer), "weight")]])
+        return wrapper
+
     def unit_done(self, unit, index: int, exported) -> None:
         prefix = f"{self.layout.path}.{index}."
         for name, t in unit.root.state_dict().items():
@@ -266,7 +277,7 @@ def streamed_fingerprint(model: nn.Module, params: MetaParameters) -> str:
 
 def quantize_pretrained(source: str, out_dir: str, calibration: Union[torch.Tensor, Sequence[torch.Tensor]],
                         config: Optional[QuantizeConfig] = None, *, tokenizer=None,
-                        max_shard_size: Union[int, str, None] = "2GB", extra: Optional[dict] = None,
+                        max_shard_size: Union[int, str, None] = DEFAULT_SHARD_SIZE, extra: Optional[dict] = None,
                         log: Optional[Callable[[str], None]] = None, **overrides) -> StreamResult:
     """Quantize the model in ``source`` block by block from its files and write the checkpoint
     to ``out_dir`` shard by shard, never holding the whole fp32 model (see the module docstring).
@@ -277,7 +288,8 @@ def quantize_pretrained(source: str, out_dir: str, calibration: Union[torch.Tens
     config / overrides: the run (:class:`QuantizeConfig`; ``device="cuda"`` learns each block on
         the GPU, ``memory_budget`` bounds one block's need, ``resume_dir`` keeps finished blocks).
     tokenizer: saved with the checkpoint when given.
-    max_shard_size: int bytes or "2GB"-style string; None writes one ``model.safetensors``.
+    max_shard_size: int bytes or "2GB"-style string (default 500MB: the writer holds one shard in
+        memory until it is written); None writes one ``model.safetensors`` (held until the end).
     extra: free-form metadata stored in ``quant_config.json`` under ``"extra"``.
 
     Returns a :class:`StreamResult` (stable interface: the scale bench reads it). Raises
@@ -329,8 +341,10 @@ def quantize_pretrained(source: str, out_dir: str, calibration: Union[torch.Tens
     with ShardedWriter(out_dir, max_shard_bytes=max_shard_size, metadata_config=meta, hf_config=hf_config,
                        tokenizer=tokenizer) as writer:
         family = StreamingBlockFamily(layout, kw, cfg, log, params, writer)
-        stats = reconstruct_units(family, x, cfg, log, resume=resume, place=place)
+        # handed over without a reference here, so the first stream dies when block 1 replaces it
+        captured = [x]
         del x
+        stats = reconstruct_units(family, captured.pop(), cfg, log, resume=resume, place=place)
         _copy_outside(model, params, block_paths, tied, writer)
         writer.set_config(layers=family.layers)
     if family.left_float:

@@ -152,3 +152,29 @@ def test_resume_continues_a_streamed_run(tmp_path):
     a = load_quantized(full.directory).state_dict()
     b = load_quantized(str(tmp_path / "out")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_stream_writes_what_the_in_memory_cli_writes(tmp_path):
+    """`flexround quantize --stream` (block by block) and without (whole model) write the same tensors."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from quantizer.cli import main
+
+    src = save_tiny(str(tmp_path / "src"), tied=False, layers=2)
+    vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(2, 96, (400,), generator=g)))
+    common = ["quantize", "--model", src, "--method", "flexround", "--iters", "3", "--nsamples", "4", "--seqlen", "16",
+              "--batch-size", "2", "--calibration", str(text), "--device", "cpu", "--threads", "1"]
+    assert main(common + ["--out", str(tmp_path / "whole")]) == 0
+    assert main(common + ["--out", str(tmp_path / "stream"), "--stream", "--max-shard-size", "30KB",
+                          "--memory-budget", "1GB"]) == 0
+    assert os.path.exists(tmp_path / "stream" / "model.safetensors.index.json")
+    a = load_quantized(str(tmp_path / "whole")).state_dict()
+    b = load_quantized(str(tmp_path / "stream")).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(common + ["--out", str(tmp_path / "x"), "--device", "cuda:9"]) == 2
