@@ -20,7 +20,7 @@ KNOWN_BLOCK_PATHS: Tuple[Tuple[str, str], ...] = (
     ("layers", "decoder"),                  # the same families' bare *Model
     ("model.decoder.layers", "decoder"),    # OPT (CausalLM)
     ("decoder.layers", "decoder"),          # OPT bare model
-    ("transformer.h", "decoder"),           # GPT-2, GPT-J, Falcon, BLOOM
+    ("transformer.h", "decoder"),           # GPT-Neo, GPT-J, Falcon, BLOOM (GPT-2's Conv1D blocks: rejected)
     ("h", "decoder"),
     ("bert.encoder.layer", "encoder"),      # BERT with heads
     ("encoder.layer", "encoder"),           # BERT/MiniLM bare model
@@ -73,10 +73,15 @@ def find_blocks(model: nn.Module) -> BlockLayout:
         if g is not None:
             found = (g[0], "generic", g[1])
     if found is None:
+        conv1d = [p for p, _ in KNOWN_BLOCK_PATHS if isinstance(_get(model, p), nn.ModuleList) and len(_get(model, p))
+                  and any(type(m).__name__ == "Conv1D" for m in _get(model, p)[0].modules())]
+        why = (f"; the blocks at {conv1d[0]} hold transformers Conv1D layers (GPT-2 style, weight stored [in, out]), "
+               "which this quantizer does not handle" if conv1d else "")
         raise ValueError(
             f"unsupported architecture {type(model).__name__}: no list of blocks holding nn.Linear layers "
-            f"(tried {[p for p, _ in KNOWN_BLOCK_PATHS]} and any nn.ModuleList of identical blocks); "
-            "supported: LLaMA/SmolLM/Mistral/Qwen2-style decoders, OPT, BERT-style encoders")
+            f"(tried {[p for p, _ in KNOWN_BLOCK_PATHS]} and any nn.ModuleList of identical blocks){why}; "
+            "supported: LLaMA/SmolLM/Mistral/Qwen2/Phi-3/Gemma 2-3-style decoders, OPT, GPT-Neo, "
+            "BERT-style encoders")
     path, kind, blocks = found
     inside = {f"{path}.{name}" for name, m in blocks.named_modules() if isinstance(m, nn.Linear)}
     outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in inside]

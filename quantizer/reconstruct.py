@@ -2,11 +2,12 @@
 
 The units are the model's repeated blocks (:func:`quantizer.blocks.find_blocks`); every
 ``nn.Linear`` inside a block (except ``config.skip``) is quantized by :mod:`quantizer.engine`.
-Block 0's inputs and the keyword arguments the blocks need (attention mask, position
-ids/embeddings of HF decoders) are captured by a pre-hook on block 0 that stops the forward pass
-there, one window at a time so that every captured tensor has batch size 1 and broadcasts over
-any mini-batch. With int8 activations a block's linears may first be smoothed (SmoothQuant) and
-their inputs Hadamard-rotated. ``resume_dir`` keeps finished blocks (:mod:`quantizer.resume`).
+Block 0's inputs and the keyword arguments each block needs (attention mask, position
+ids/embeddings of HF decoders; per layer type where sliding-window and global layers alternate) are
+captured by pre-hooks on the blocks, one window at a time so that every captured tensor has batch
+size 1 and broadcasts over any mini-batch. With int8 activations a block's linears may first be
+smoothed (SmoothQuant) and their inputs Hadamard-rotated. ``resume_dir`` keeps finished blocks
+(:mod:`quantizer.resume`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .layers import LinearQuant, quant_layer
 from .placement import Placement, check_device
 from .resume import ResumeDir, model_fingerprint, tensor_fingerprint
 
-__all__ = ["reconstruct", "capture_inputs", "run_block", "BlockFamily", "QuantizationError"]
+__all__ = ["reconstruct", "capture_inputs", "block_kwargs", "BlockKwargs", "run_block", "BlockFamily",
+           "QuantizationError"]
 
 
 # -- capturing block 0's inputs -----------------------------------------------------------
@@ -38,7 +40,7 @@ _DROP_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache_positi
 
 
 def _clean_kwargs(kwargs: dict) -> dict:
-    kw = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
+    kw = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
     if "use_cache" in kw:
         kw["use_cache"] = False
     if "output_attentions" in kw:
@@ -46,19 +48,62 @@ def _clean_kwargs(kwargs: dict) -> dict:
     return kw
 
 
+def _same_arg(a, b) -> bool:
+    """Whether two captured arguments are interchangeable: the same object, or equal tensors."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_arg(u, v) for u, v in zip(a, b))
+    if isinstance(a, (bool, int, float, str, type(None))) and isinstance(b, (bool, int, float, str, type(None))):
+        return type(a) is type(b) and a == b
+    return False
+
+
+class BlockKwargs(list):
+    """The keyword arguments of every block (``self[i]`` is block ``i``'s dict), as the model's own
+    forward passes them. Models with several layer types (Gemma 2/3, Qwen2 with sliding windows:
+    sliding-window or global mask, local or global rotary embeddings) give each block those of its
+    type; blocks whose arguments are the same objects or equal tensors share one dict, so memory
+    holds one set per layer type, not one per block."""
+
+    def distinct(self) -> int:
+        return len({id(k) for k in self})
+
+
+def block_kwargs(kw, i: int) -> dict:
+    """Block ``i``'s keyword arguments from :func:`capture_inputs`' ``kw`` (also accepts a single
+    dict, which then holds for every block)."""
+    return kw[i] if isinstance(kw, list) else kw
+
+
 @torch.no_grad()
-def capture_inputs(model: nn.Module, layout: BlockLayout, ids: torch.Tensor) -> Tuple[torch.Tensor, dict]:
-    """``(x [n, L, H] fp32 on CPU, kwargs)`` that block 0 receives for each calibration window."""
+def capture_inputs(model: nn.Module, layout: BlockLayout, ids: torch.Tensor) -> Tuple[torch.Tensor, BlockKwargs]:
+    """``(x [n, L, H] fp32 on CPU, kwargs)``: block 0's input for each calibration window and
+    every block's keyword arguments (:class:`BlockKwargs`). The first window runs through every
+    block to record each one's arguments (the same for every window of one length: masks, position
+    embeddings); the others stop at block 0."""
     store: Dict[str, object] = {}
+    nblocks = len(layout.blocks)
+    kws: List[object] = [None] * nblocks
 
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.pop("hidden_states")
-        store["x"] = x.detach().float().cpu()
-        if "kw" not in store:
-            store["kw"] = _clean_kwargs(kwargs)
-        raise _Stop
+    def hook(i):
+        def f(module, args, kwargs):
+            if i == 0:
+                x = args[0] if args else kwargs["hidden_states"]
+                store["x"] = x.detach().float().cpu()
+            if "kw" not in store:   # the first window: record, and run on up to the last block
+                kws[i] = _clean_kwargs(kwargs)
+                if all(k is not None for k in kws):
+                    store["kw"] = True
+                    raise _Stop
+                return None
+            raise _Stop
+        return f
 
-    handle = layout.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(layout.blocks)]
     xs = []
     try:
         for row in ids:
@@ -73,9 +118,16 @@ def capture_inputs(model: nn.Module, layout: BlockLayout, ids: torch.Tensor) -> 
                 raise ValueError(f"{type(model).__name__}: block 0 at {layout.path}.0 was never called by the "
                                  "model's forward; cannot capture its inputs")
             xs.append(store.pop("x")[0])
+            store["kw"] = True   # blocks the forward never called keep block 0's arguments
     finally:
-        handle.remove()
-    return torch.stack(xs), store["kw"]
+        for h in handles:
+            h.remove()
+    out = BlockKwargs()
+    for kw in kws:
+        kw = kws[0] if kw is None else kw
+        twin = next((k for k in out if k.keys() == kw.keys() and all(_same_arg(k[n], kw[n]) for n in kw)), None)
+        out.append(kw if twin is None else twin)
+    return torch.stack(xs), out
 
 
 def run_block(block: nn.Module, x: torch.Tensor, kw: dict, batch: int) -> torch.Tensor:
@@ -119,12 +171,16 @@ class BlockFamily(Family):
         # Masks and position embeddings go to the compute device once, shared by every block.
         self.kw = placement.move_tree(self.kw)
 
+    def block_kwargs(self, i: int) -> dict:
+        """The keyword arguments block ``i`` gets (its own layer type's mask and position embeddings)."""
+        return block_kwargs(self.kw, i)
+
     def units(self):
         n = len(self.layout.blocks)
         for i, block in enumerate(self.layout.blocks):
             prefix = f"{self.layout.path}.{i}."
             self.left_float += [prefix + u for u in unknown_layers(block)]
-            forward = (lambda b: lambda xb: unit_output(b(xb, **self.kw)))(block)
+            forward = (lambda b, kw: lambda xb: unit_output(b(xb, **kw)))(block, self.block_kwargs(i))
             yield Unit(label=f"block {i + 1}/{n}", root=block, layers=block_linears(block, prefix, self.cfg.skip),
                        forward=forward, run_float=forward)
 
@@ -132,7 +188,8 @@ class BlockFamily(Family):
         cfg = self.cfg
         if cfg.smooth is not None and cfg.act_bits:
             rows = xq[:min(cfg.eval_samples, xq.shape[0])]
-            smoothed = _smooth(unit.root, unit.layers, rows, self.kw, self.stream_batch, cfg.smooth)
+            kw = self.block_kwargs(self.layout.blocks.index(unit.root))
+            smoothed = _smooth(unit.root, unit.layers, rows, kw, self.stream_batch, cfg.smooth)
             self.log(f"{unit.label}: smoothed the inputs of {len(smoothed)} linears (alpha={cfg.smooth})")
         self.rotations = cfg.rotation_blocks(unit.layers)
         if self.rotations:
