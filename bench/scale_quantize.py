@@ -257,7 +257,7 @@ def _quantize_in_memory(spec: dict, log) -> dict:
 
     def collect(msg: str) -> None:
         m = _BLOCK_SECONDS.match(msg)
-        if m:
+        if m and m.group("label").startswith("block "):
             per_block.append({"label": m.group("label"), "seconds": float(m.group("s"))})
         log(msg)
 
@@ -337,23 +337,53 @@ def child_main(spec_path: str) -> int:
     return 0
 
 
-def run_child(spec: dict, workdir: str) -> dict:
-    """Run one task in a fresh interpreter; returns its result plus its own peak RSS (wait4)."""
+def run_child(spec: dict, workdir: str, timeout: Optional[float] = None) -> dict:
+    """Run one task in a fresh interpreter; returns its result plus its own peak RSS (wait4).
+
+    timeout: seconds after which the child is stopped; the result is then ``partial`` and holds
+    the blocks its log reported as finished (their seconds), with the peak RSS reached so far."""
+    import threading
+
     name = f"{spec['size']}-{spec['method']}-{spec['task']}"
     spec = dict(spec, result=os.path.join(workdir, name + ".result.json"))
     spec_path = os.path.join(workdir, name + ".spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
+    if os.path.exists(spec["result"]):
+        os.remove(spec["result"])
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec_path], cwd=REPO)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec_path], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    blocks: List[dict] = []
+
+    def pump():  # echo the child's log and keep its finished blocks, in case it is stopped
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            m = _BLOCK_SECONDS.match(line.strip().split("] ", 1)[-1])
+            if m and m.group("label").startswith("block "):
+                blocks.append({"label": m.group("label"), "seconds": float(m.group("s"))})
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timer = threading.Timer(timeout, proc.kill) if timeout else None
+    if timer:
+        timer.start()
     # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the maximum over all children)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if timer:
+        timer.cancel()
+    reader.join(timeout=10)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if os.path.exists(spec["result"]):
+        with open(spec["result"]) as f:
+            result = json.load(f)
+        result["partial"] = False
+    elif timeout and wall >= timeout:
+        print(f"{name}: stopped after {timeout:.0f} s (--run-timeout) with {len(blocks)} blocks finished", flush=True)
+        result = {"engine": spec["engine"], "blocks": blocks, "quantize_seconds": None, "partial": True}
+    else:
         raise RuntimeError(f"{name}: the child exited with {proc.returncode} (output above)")
-    with open(spec["result"]) as f:
-        result = json.load(f)
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
     result["wall_seconds"] = wall
     return result
@@ -371,7 +401,7 @@ def _median(xs: List[float]) -> Optional[float]:
 def summarize(size: str, method: str, steps: int, run: dict, verify: Optional[dict], ckpt_bytes: int) -> dict:
     shape = SIZES[size]
     secs = [b["seconds"] for b in run.get("blocks", []) if "seconds" in b]
-    if len(secs) != shape.layers:  # no per-block figures: spread the total evenly
+    if len(secs) != shape.layers and not run.get("partial"):  # no per-block figures: spread the total evenly
         secs = [run["quantize_seconds"] / shape.layers] * shape.layers
     return {"size": size, "method": method, "steps": steps if method != "rtn" else 0, "engine": run["engine"],
             "params": shape.params(), "blocks": shape.layers, "block_params": shape.block_params(),
@@ -379,6 +409,7 @@ def summarize(size: str, method: str, steps: int, run: dict, verify: Optional[di
             "quantize_seconds": run["quantize_seconds"], "wall_seconds": run["wall_seconds"],
             "peak_rss_bytes": run["peak_rss_bytes"], "ckpt_bytes": ckpt_bytes,
             "block_rss_peaks": [b.get("rss_peak_bytes") for b in run.get("blocks", [])],
+            "blocks_done": len(secs) if run.get("partial") else shape.layers, "partial": bool(run.get("partial")),
             "verify": verify}
 
 
@@ -394,9 +425,12 @@ def markdown_table(rows: List[dict]) -> str:
         v = r.get("verify")
         ver = "-" if not v else (f"{v['load_seconds']:.1f} s + {v['generate_seconds']:.1f} s, "
                                  f"{_gb(v['peak_rss_bytes'])} GB")
+        spb = "-" if r["seconds_per_block"] is None else f"{r['seconds_per_block']:.2f}"
+        total = (f"stopped after {r['blocks_done']}/{r['blocks']} blocks" if r.get("partial")
+                 else f"{r['quantize_seconds']:.0f}")
         lines.append(f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['blocks']} | {r['block_params'] / 1e6:.1f}M "
-                     f"| {r['method']} | {r['steps']} | {r['engine']} | {r['seconds_per_block']:.2f} "
-                     f"| {r['quantize_seconds']:.0f} | {_gb(r['peak_rss_bytes'])} | {_gb(r['fp32_bytes'])} "
+                     f"| {r['method']} | {r['steps']} | {r['engine']} | {spb} "
+                     f"| {total} | {_gb(r['peak_rss_bytes'])} | {_gb(r['fp32_bytes'])} "
                      f"| {_gb(r['ckpt_bytes'])} | {ver} |")
     return "\n".join(lines)
 
@@ -419,6 +453,9 @@ def plot(rows: List[dict], path: str) -> Optional[str]:
         plt = _pyplot()
     except ImportError as e:
         print(f"no plot: {e}")
+        return None
+    rows = [r for r in rows if r["seconds_per_block"] is not None]
+    if not rows:
         return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for method in sorted({r["method"] for r in rows}):
@@ -465,11 +502,15 @@ def parse_args(argv=None):
                    help="auto: the streaming quantizer when present, else load the whole model")
     p.add_argument("--max-shard-size", default="500MB", help="shard size of the written checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-timeout", type=float, default=None,
+                   help="stop a quantization run after this many seconds and report the blocks it finished")
     p.add_argument("--no-verify", action="store_true", help="skip reloading each checkpoint and generating")
     p.add_argument("--keep", action="store_true", help="keep the quantized checkpoints (default: delete)")
     p.add_argument("--models-dir", default=os.path.expanduser("~/.cache/flexround/scale-models"),
                    help="where the random-weight models are written and reused")
     p.add_argument("--out", default="bench-out/scale", help="directory for scale.json, scale.png, scale.md")
+    p.add_argument("--from-json", help="comma-separated scale.json files: merge their rows into one report in --out "
+                   "(nothing is run)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -490,6 +531,13 @@ def main(argv=None) -> int:
     if a.child:
         return child_main(a.child)
     os.makedirs(a.out, exist_ok=True)
+    if a.from_json:  # merge earlier sweeps (e.g. run in parallel) into one report
+        rows = []
+        for path in a.from_json.split(","):
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+        rows.sort(key=lambda r: (r["params"], r["method"]))
+        return report(rows, a)
     work = os.path.join(a.out, "runs")
     os.makedirs(work, exist_ok=True)
     engine = a.engine
@@ -508,20 +556,31 @@ def main(argv=None) -> int:
                     "engine": engine, "max_shard_size": a.max_shard_size, "vocab": SIZES[size].vocab,
                     "task": "quantize"}
             print(f"{size} {method}: quantizing {model_dir}", flush=True)
-            run = run_child(spec, work)
-            ckpt_bytes = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt)
-                             if f.endswith(".safetensors"))
+            run = run_child(spec, work, timeout=a.run_timeout)
+            ckpt_bytes = None if run["partial"] else sum(
+                os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
             verify = None
-            if not a.no_verify:
+            if not a.no_verify and not run["partial"]:
                 verify = run_child(dict(spec, task="verify"), work)
+            if run["partial"]:  # a stopped writer leaves its temporary directory behind
+                for f in os.listdir(a.out):
+                    if f.startswith(".tmp-"):
+                        shutil.rmtree(os.path.join(a.out, f), ignore_errors=True)
             if not a.keep:
                 shutil.rmtree(ckpt, ignore_errors=True)
             row = summarize(size, method, a.steps, run, verify, ckpt_bytes)
             rows.append(row)
-            print(f"{size} {method}: {row['seconds_per_block']:.2f} s/block, peak RSS "
+            print(f"{size} {method}: {row['seconds_per_block']} s/block (median of {row['blocks_done']}), peak RSS "
                   f"{_gb(row['peak_rss_bytes'])} GB", flush=True)
             _write_json(json_path, rows, a)  # after every run: a long sweep keeps what it measured
+    return report(rows, a)
+
+
+def report(rows: List[dict], a) -> int:
+    """Table, predictions, JSON and plot of ``rows`` into ``a.out``."""
     from quantizer.config import QuantizeConfig
+
+    json_path = os.path.join(a.out, "scale.json")
 
     d = QuantizeConfig()
     preds = [predict_flexround_gpu_seconds(LLAMA_7B, d.iters, d.nsamples, d.seqlen, d.batch_size),
@@ -546,6 +605,7 @@ def main(argv=None) -> int:
 def _cpu_extrapolation(rows: List[dict]) -> str:
     """Measured seconds per block per million block weights, extrapolated to 7B (a CPU estimate)."""
     out = []
+    rows = [r for r in rows if r["seconds_per_block"] is not None]
     for method in sorted({r["method"] for r in rows}):
         r = max((r for r in rows if r["method"] == method), key=lambda r: r["params"])
         per_weight = r["seconds_per_block"] / r["block_params"]
