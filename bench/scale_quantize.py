@@ -570,7 +570,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(ckpt, ignore_errors=True)
             row = summarize(size, method, a.steps, run, verify, ckpt_bytes)
             rows.append(row)
-            print(f"{size} {method}: {row['seconds_per_block']} s/block (median of {row['blocks_done']}), peak RSS "
+            spb = "-" if row["seconds_per_block"] is None else f"{row['seconds_per_block']:.2f}"
+            print(f"{size} {method}: {spb} s/block (median of {row['blocks_done']}), peak RSS "
                   f"{_gb(row['peak_rss_bytes'])} GB", flush=True)
             _write_json(json_path, rows, a)  # after every run: a long sweep keeps what it measured
     return report(rows, a)
