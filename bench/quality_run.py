@@ -46,6 +46,28 @@ def _share_block0_kwargs() -> None:
     R.capture_inputs = capture
 
 
+def _blocks_see_block0_kwargs(model) -> None:
+    """The float model as the engine before per-block capture saw it: every block's forward gets
+    block 0's keyword arguments (mask, position ids/embeddings) of the same call."""
+    from quantizer.blocks import find_blocks
+
+    blocks = find_blocks(model).blocks
+    seen = {}
+
+    def first(module, args, kwargs):
+        seen.clear()
+        seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    def other(module, args, kwargs):
+        kw = dict(kwargs)
+        kw.update({k: v for k, v in seen.items() if k in kw})
+        return args, kw
+
+    blocks[0].register_forward_pre_hook(first, with_kwargs=True)
+    for b in blocks[1:]:
+        b.register_forward_pre_hook(other, with_kwargs=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="HF directory, .gguf file, or 'smollm2'")
@@ -60,7 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shared-kwargs", action="store_true",
-                   help="every block gets block 0's keyword arguments (the engine before per-block capture)")
+                   help="every block gets block 0's keyword arguments (the engine before per-block capture); "
+                        "with --method fp32: the float model evaluated that way (the old engine's targets)")
     p.add_argument("--label", default="")
     p.add_argument("--json-out", default=None)
     a = p.parse_args(argv)
@@ -91,6 +114,8 @@ def main(argv=None) -> int:
         calib = calibration_ids(tok, config.nsamples, config.seqlen, seed=a.seed)
         model = quantize(model, calib, config)
     secs = time.time() - t
+    if a.shared_kwargs and a.method == "fp32":
+        _blocks_see_block0_kwargs(model)
     ppl = perplexity(model, tok, windows=a.windows, progress=False)
     row = {"model": a.model, "method": a.method, "label": a.label, "bits": a.bits, "granularity": a.granularity,
            "group_size": a.group_size, "shared_kwargs": a.shared_kwargs,
