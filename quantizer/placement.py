@@ -29,7 +29,8 @@ LEARNING_STATE_FACTOR = 9
 # Export and propagation without learning (RTN, iters=0): the rounding's weight copy and the
 # dequantized weight of the frozen layer.
 STATIC_STATE_FACTOR = 2
-# Streams alive at once in the unit loop: xfp, xq, targets, and the next xq while it is built.
+# Streams alive at once in the unit loop: xfp, xq and targets (while the next xq is built, the
+# old xfp is already gone), plus the captured inputs that quantize()'s caller frame still holds.
 STREAMS_ALIVE = 4
 
 
@@ -94,6 +95,28 @@ def release_free_heap() -> None:
     from fxkernels.generation.engine import release_free_heap as trim
 
     trim()
+
+
+# glibc's mallopt parameter number and the threshold the streaming path sets (see map_large_allocations).
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 4 << 20
+
+
+def map_large_allocations() -> bool:
+    """Serve every allocation of 4 MiB or more by its own mmap from now on (glibc ``mallopt``;
+    process-wide; False where there is no glibc).
+
+    glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MiB),
+    after which a block's weight-sized temporaries come from the heap, where freed pieces stay
+    resident. Measured on one block of a 1B LLaMA (51 M weights, FlexRound, 32x256 tokens): peak
+    RSS 2.86 GiB with the default, 2.50 GiB with a fixed 4 MiB threshold (1 MiB: 2.48); the cost is
+    one page-fault pass per large temporary."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def module_bytes(module: nn.Module) -> int:

@@ -15,8 +15,9 @@ The output is what :func:`fxkernels.save_quantized` writes for the same quantize
 (``quant_config.json`` with the same layers and ``tied`` map, ``config.json``, sharded
 safetensors with an index when ``max_shard_size`` is exceeded), so ``load_quantized`` and
 ``from_pretrained`` read it. Peak memory: one block's float weights and learning state, the
-streams (``3-4 x nsamples x seqlen x hidden x 4`` bytes), and the largest tensor outside the
-blocks while it is copied.
+streams (``3 x nsamples x seqlen x hidden x 4`` bytes), the writer's current shard
+(``max_shard_size``), and the largest tensor outside the blocks while it is copied. Allocations of
+4 MiB or more are mmapped for the rest of the process (:func:`~quantizer.placement.map_large_allocations`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from fxkernels.layers import CheckpointError, layer_entries
 from .blocks import find_blocks
 from .config import QuantizeConfig
 from .engine import reconstruct_units
-from .placement import Placement, check_device, release_free_heap, rss_peak_bytes
+from .placement import Placement, check_device, map_large_allocations, release_free_heap, rss_peak_bytes
 from .reconstruct import BlockFamily, _log_default, capture_inputs, check_language_model_config
 from .resume import ResumeDir, tensor_fingerprint
 
@@ -88,7 +89,9 @@ class SafetensorsSource:
             try:
                 with safe_open(path, "pt") as f:
                     for n in group:
-                        out[n] = f.get_tensor(n)
+                        # get_tensor's tensors keep the file's whole mapping alive: a copy the process
+                        # owns, or one norm weight held by the writer keeps a shard's pages resident.
+                        out[n] = f.get_tensor(n).clone()
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{WHO}: {path} is corrupt or truncated ({e})") from e
         return out
@@ -306,6 +309,7 @@ def quantize_pretrained(source: str, out_dir: str, calibration: Union[torch.Tens
     cfg = resolve_config(config, overrides)
     check_language_model_config(cfg)
     place = Placement(check_device(cfg.device))
+    map_large_allocations()  # freed weight-sized temporaries go back to the OS at once
     directory = source_directory(source, log=log)
     src = SafetensorsSource(directory)
     model = _skeleton(directory)
