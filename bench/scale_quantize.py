@@ -351,6 +351,7 @@ def run_child(spec: dict, workdir: str, timeout: Optional[float] = None) -> dict
         json.dump(spec, f)
     if os.path.exists(spec["result"]):
         os.remove(spec["result"])
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec_path], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -386,6 +387,8 @@ def run_child(spec: dict, workdir: str, timeout: Optional[float] = None) -> dict
         raise RuntimeError(f"{name}: the child exited with {proc.returncode} (output above)")
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
     result["wall_seconds"] = wall
+    # other work on the host stretches the times (never the memory): keep the 1-minute load average
+    result["loadavg"] = [load_before, os.getloadavg()[0]]
     return result
 
 
@@ -407,6 +410,7 @@ def summarize(size: str, method: str, steps: int, run: dict, verify: Optional[di
             "params": shape.params(), "blocks": shape.layers, "block_params": shape.block_params(),
             "fp32_bytes": 4 * shape.params(), "seconds_per_block": _median(secs), "block_seconds": secs,
             "quantize_seconds": run["quantize_seconds"], "wall_seconds": run["wall_seconds"],
+            "loadavg": run.get("loadavg"),
             "peak_rss_bytes": run["peak_rss_bytes"], "ckpt_bytes": ckpt_bytes,
             "block_rss_peaks": [b.get("rss_peak_bytes") for b in run.get("blocks", [])],
             "blocks_done": len(secs) if run.get("partial") else shape.layers, "partial": bool(run.get("partial")),
