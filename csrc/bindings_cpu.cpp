@@ -7,10 +7,10 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fxkernels CPU kernels";
   m.def("cpu_features", &fxk::cpu_features_dict,
-        "dict of the SIMD features this CPU supports (avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512vnni, avxvnni)");
+        "dict of the SIMD features this CPU supports (avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512vnni, avxvnni, amx_int8)");
   m.def("set_isa", &fxk::set_isa, py::arg("isa"),
-        "'auto' (the best the CPU has), 'avx512vnni', 'avx2' (no VNNI) or 'scalar' (portable fallback)");
-  m.def("active_isa", &fxk::active_isa, "the instruction set the kernels use now: 'avx512vnni', 'avx2' or 'scalar'");
+        "'auto' (the best the CPU has), 'avx512amx', 'avx512vnni' (no AMX), 'avx2' (no VNNI) or 'scalar' (portable fallback)");
+  m.def("active_isa", &fxk::active_isa, "the instruction set the kernels use now: 'avx512amx', 'avx512vnni', 'avx2' or 'scalar'");
   m.def("quantize_act", &fxk::quantize_act, py::arg("x"), py::arg("scale"), py::arg("zero"),
         "x fp32/fp16/bf16 [M,K] -> (xq int8 [M,K], scale fp32 [M], zero int32 [M]); static per-tensor if "
         "scale/zero ([1]) are given, dynamic per-token otherwise");

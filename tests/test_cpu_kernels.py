@@ -17,7 +17,8 @@ from fxkernels.format import QuantSpec, pack
 
 cpu = pytest.importorskip("fxkernels.backends.cpu", reason="fxkernels._C CPU extension not built")
 
-# "auto" is AVX-512 VNNI where the CPU has it, so "avx2" keeps the plain AVX2 kernels tested too
+# "auto" is AVX-512 VNNI (with AMX tiles for INT4 at 8+ rows) where the CPU has it, so "avx2" keeps
+# the plain AVX2 kernels tested too
 ISAS = ["auto", "avx2", "scalar"]
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -429,6 +430,52 @@ def test_vnni_path_is_bit_identical_to_avx2(bits, m, n, k, g):
         assert cpu.active_isa() == "avx512vnni"
         out = layer(x)
     assert torch.equal(out, ref)
+
+
+def _amx_usable():
+    from fxkernels import _C
+
+    return bool(_C.cpu_features().get("amx_int8"))
+
+
+# rows: under, at and over the AMX threshold (8), a partial 16-row tile, one pass of five tiles (80)
+# and a second pass; N: tile pairs and an odd last 8-row tile; groups of 64, 128 and 192 columns,
+# and K that is not a multiple of 64 per group (that layer stays on VNNI).
+AMX_CASES = [(8, 32, 128, 1), (32, 1536, 576, 1), (32, 576, 1536, 12), (9, 40, 256, 2), (100, 72, 512, 1),
+             (81, 24, 640, 5), (17, 33, 192, 1), (33, 1000, 4096, 32), (12, 24, 200, 1), (4, 48, 576, 1)]
+
+
+@pytest.mark.parametrize("m,n,k,g", AMX_CASES)
+def test_amx_path_is_bit_identical_to_vnni(m, n, k, g):
+    """INT4 on AMX tiles (tdpbsud) against the vpdpbusd kernel: the same exact int32 sums and the
+    same epilogue, so the same floats, for W4A8 and for the weight-only layers' int8 limbs."""
+    if not _amx_usable():
+        pytest.skip("this CPU (or OS) offers no AMX-INT8 tiles")
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen) * 3
+    grouping = dict(granularity="group", group_size=k // g) if g > 1 else dict(granularity="channel")
+    for act in (dict(act_bits=8, act_mode="dynamic"), {}):
+        layer = fxkernels.QuantLinear.from_linear(lin, QuantSpec(bits=4, **grouping, **act))
+        with cpu.isa("avx512vnni"):
+            ref = layer(x)
+        with cpu.isa("avx512amx"):
+            assert cpu.active_isa() == "avx512amx"
+            out = layer(x)
+        assert torch.equal(out, ref), (act, (out - ref).abs().max())
+
+
+def test_amx_isa_refused_where_absent():
+    if _amx_usable():
+        with cpu.isa("avx512amx"):
+            assert cpu.active_isa() == "avx512amx"
+        with cpu.isa("avx512vnni"):
+            assert cpu.active_isa() == "avx512vnni"
+    else:
+        with pytest.raises(RuntimeError, match="avx512amx"):
+            cpu.set_isa("avx512amx")
 
 
 # -- weight-only on integer units: fp32 activations split into int8 limbs --------------------------

@@ -30,6 +30,7 @@ pybind11::dict cpu_features_dict() {
   d["avx512vl"] = f.avx512vl;
   d["avx512vnni"] = f.avx512vnni;
   d["avxvnni"] = f.avxvnni;
+  d["amx_int8"] = amx_usable();
   return d;
 }
 

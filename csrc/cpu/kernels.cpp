@@ -21,9 +21,10 @@
 namespace fxk {
 
 // ---- ISA selection -----------------------------------------------------------------------
-// "auto" picks the best the CPU has; "avx2" forces the AVX2 kernels without VNNI (tests run both
-// paths on a VNNI machine); "scalar" the portable loops.
-enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kVnni = 3 };
+// "auto" picks the best the CPU has; "avx512vnni" forces the VNNI kernels without AMX tiles and
+// "avx2" the AVX2 kernels without VNNI (tests run every path the machine has and compare them);
+// "scalar" the portable loops.
+enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kVnni = 3, kAmx = 4 };
 static std::atomic<int> g_isa{kAuto};
 
 static bool have_avx2() {
@@ -44,11 +45,15 @@ void set_isa(const std::string& isa) {
   } else if (isa == "avx2") {
     TORCH_CHECK(have_avx2(), "set_isa: isa='avx2' but this CPU lacks AVX2/FMA/F16C");
     g_isa = kAvx2;
+  } else if (isa == "avx512amx") {
+    TORCH_CHECK(have_vnni() && amx_usable(), "set_isa: isa='avx512amx' but this CPU (or its OS) offers no AMX-INT8 "
+                "tiles with AVX512F/VL/VNNI");
+    g_isa = kAmx;
   } else if (isa == "avx512vnni") {
     TORCH_CHECK(have_vnni(), "set_isa: isa='avx512vnni' but this CPU lacks AVX512F/VL/VNNI (or AVX2/FMA/F16C)");
     g_isa = kVnni;
   } else {
-    TORCH_CHECK(false, "set_isa: isa='", isa, "'; expected 'auto', 'avx512vnni', 'avx2' or 'scalar'");
+    TORCH_CHECK(false, "set_isa: isa='", isa, "'; expected 'auto', 'avx512amx', 'avx512vnni', 'avx2' or 'scalar'");
   }
 }
 
@@ -56,20 +61,25 @@ static int effective_isa() {
   const int want = g_isa.load(std::memory_order_relaxed);
   if (want == kScalar || !have_avx2()) return kScalar;
   if (want == kAvx2) return kAvx2;
-  return have_vnni() ? kVnni : kAvx2;
+  if (!have_vnni()) return kAvx2;
+  if (want == kVnni) return kVnni;
+  return amx_usable() ? kAmx : kVnni;
 }
 
 std::string active_isa() {
   switch (effective_isa()) {
+    case kAmx: return "avx512amx";
     case kVnni: return "avx512vnni";
     case kAvx2: return "avx2";
     default: return "scalar";
   }
 }
 
-// Every vector path starts from the AVX2 kernels; VNNI replaces the integer-activation ones.
+// Every vector path starts from the AVX2 kernels; VNNI replaces the integer-activation ones, and
+// AMX tiles replace VNNI's INT4 loop where enough activation rows share the weights.
 static bool use_avx2() { return effective_isa() != kScalar; }
-static bool use_vnni() { return effective_isa() == kVnni; }
+static bool use_vnni() { return effective_isa() >= kVnni; }
+static bool use_amx() { return effective_isa() == kAmx; }
 
 // Work per thread chunk: at least ~256K multiply-adds, so that small layers (and M=1 decode of
 // a 135M model's 576-wide linears) do not pay a fork/join for microseconds of work.
@@ -401,37 +411,56 @@ static int64_t act_row_stride(int64_t Kp, int64_t elem) {
   return lines * 64 / elem;
 }
 
-// Activations in the layout the AVX2 kernel reads (rows `xs` elements apart), plus per-group corrections.
+// Per-thread scratch that only grows: std::vector::resize/assign would zero-fill whatever a
+// larger layer needs after a smaller one, and a decode step alternates layer widths ~200 times
+// (that filling was ~5 % of a batch-8 step). Callers write every element they read.
+template <class T>
+static T* scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// Activations in the layout the AVX2 kernel reads (rows `xs` elements apart), plus per-group
+// corrections. Every column below Kp is written (the padding past K with a value the zero
+// weights there cancel); the row stride's tail past Kp is never read.
 static void prep_acts(const int8_t* xq, const int32_t* za, int64_t M, int64_t K, int64_t Kp, int64_t xs, int64_t G,
                       int64_t Kg, int64_t bits, std::vector<int8_t>& x8, std::vector<int16_t>& x16,
                       std::vector<int32_t>& xc, std::vector<uint8_t>* xu8 = nullptr) {
   const int64_t gsp = Kp / G;  // padded columns per group (== Kg unless G == 1 and K was padded)
-  xc.assign(M * G, 0);
-  if (bits <= 4) x8.assign(M * xs, 0); else if (xu8) xu8->assign(M * xs, 128); else x16.assign(M * xs, 0);
+  int32_t* pc = scratch(xc, M * G);
+  int8_t* p8 = bits <= 4 ? scratch(x8, M * xs) : nullptr;
+  uint8_t* pu = bits > 4 && xu8 ? scratch(*xu8, M * xs) : nullptr;
+  int16_t* p16 = bits > 4 && !xu8 ? scratch(x16, M * xs) : nullptr;
   static const int perm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* xr = xq + m * K;
     for (int64_t g = 0; g < G; ++g) {
       int32_t sx = 0;
       for (int64_t k = g * gsp; k < g * gsp + Kg && k < K; ++k) sx += xr[k];
-      xc[m * G + g] = sx - (int32_t)Kg * za[m];
+      pc[m * G + g] = sx - (int32_t)Kg * za[m];
     }
-    if (bits <= 4) {
-      int8_t* o = x8.data() + m * xs;
+    if (p8) {
+      int8_t* o = p8 + m * xs;
       for (int64_t b = 0; b < Kp; b += 8)
         for (int i = 0; i < 8; ++i) {
           const int64_t k = b + perm[i];
           o[b + i] = k < K ? xr[k] : 0;
         }
-    } else if (xu8) {  // VNNI's unsigned operand; padded columns meet zero weights, any value works
-      uint8_t* u = xu8->data() + m * xs;
+    } else if (pu) {  // VNNI's unsigned operand; padded columns meet zero weights, any value works
+      uint8_t* u = pu + m * xs;
       for (int64_t k = 0; k < K; ++k) u[k] = (uint8_t)(xr[k] + 128);
+      for (int64_t k = K; k < Kp; ++k) u[k] = 128;
     } else {
-      int16_t* o = x16.data() + m * xs;
+      int16_t* o = p16 + m * xs;
       for (int64_t k = 0; k < K; ++k) o[k] = xr[k];
+      for (int64_t k = K; k < Kp; ++k) o[k] = 0;
     }
   }
 }
+
+// From this many activation rows the AMX tile kernel beats vpdpbusd (tiles hold 16 rows; fewer
+// rows pay a whole tile product for a part of it).
+static constexpr int64_t kAmxMinRows = 8;
 
 // The vector integer-activation GEMM on xq [M][K] (AVX2, or VNNI where active): y = [M][N] fp32.
 static void qact_vector(const int8_t* xq, const float* sa, const int32_t* za, int64_t M, int64_t K, int64_t N,
@@ -448,7 +477,12 @@ static void qact_vector(const int8_t* xq, const float* sa, const int32_t* za, in
            packed[3].data_ptr<float>(), bits <= 4 ? x8.data() : nullptr, bits <= 4 || vnni8 ? nullptr : x16.data(),
            xc.data(), sa, za, pb, y, M, N, Kp, G, K / G, (int)bits, vnni8 ? xu8.data() : nullptr, xs};
   const int64_t NT = (N + 7) / 8;
-  if (use_vnni() && (bits <= 4 || vnni8))
+  if (use_amx() && (bits <= 4 || vnni8) && M >= kAmxMinRows && (Kp / G) % 64 == 0) {
+    // tile pairs in parallel; an odd last tile (N % 16 in 1..8) on the VNNI kernel
+    at::parallel_for(0, NT / 2, std::max<int64_t>(1, tile_grain(M, Kp) / 2),
+                     [&](int64_t p0, int64_t p1) { qa_pairs_amx(a, 2 * p0, 2 * p1); });
+    if (NT % 2) qa_tiles_avx512vnni(a, NT - 1, NT);
+  } else if (use_vnni() && (bits <= 4 || vnni8))
     at::parallel_for(0, NT, tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { qa_tiles_avx512vnni(a, t0, t1); });
   else
     at::parallel_for(0, NT, tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { qa_tiles_avx2(a, t0, t1); });
@@ -500,17 +534,13 @@ static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   static thread_local std::vector<float> fac, yl;
   static thread_local std::vector<int32_t> zeros;
   static thread_local std::vector<uint8_t> ok;
-  digits.resize(mc * L * K);
-  fac.resize(mc * L);
-  zeros.assign(mc * L, 0);
-  yl.resize(mc * L * N);
-  ok.resize(M);
   // thread_local buffers are named through plain pointers: inside a parallel_for body the names
   // would refer to each worker thread's own (empty) instances
+  if (zeros.size() < size_t(mc * L)) zeros.resize(mc * L, 0);  // never written: stays zero
   const float* px = x.data_ptr<float>();
-  int8_t* pd = digits.data();
-  float *pf = fac.data(), *pyl = yl.data(), *py = y.data_ptr<float>();
-  uint8_t* pok = ok.data();
+  int8_t* pd = scratch(digits, mc * L * K);
+  float *pf = scratch(fac, mc * L), *pyl = scratch(yl, mc * L * N), *py = y.data_ptr<float>();
+  uint8_t* pok = scratch(ok, M);
   for (int64_t c0 = 0; c0 < M; c0 += mc) {
     const int64_t rows = std::min(mc, M - c0);
     at::parallel_for(0, rows, (64 * 1024 + K) / K, [&](int64_t r0, int64_t r1) {

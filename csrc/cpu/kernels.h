@@ -78,6 +78,11 @@ void minmax_rows_avx2(const float* x, int64_t K, float* mn, float* mx, int64_t r
 // that are not finite or too small (see kernels_avx2.cpp).
 void limb_split_avx2(const float* x, int64_t K, int L, int8_t* d, float* fac, uint8_t* ok, int64_t r0, int64_t r1);
 
+// Tile pairs (t, t + 1), (t + 2, t + 3), ... in [t0, t1) on AMX tiles, all M rows; needs
+// Kp / G % 64 == 0 (whole 64-column tiles per group), and for bits > 4 the unsigned activations
+// xu8. Bit-identical to qa_tiles_avx512vnni.
+void qa_pairs_amx(const QaArgs& a, int64_t t0, int64_t t1);
+
 // XOR fold of the bytes as 64-bit words (a DRAM read-bandwidth probe for the benchmarks).
 uint64_t read_probe_avx2(const uint8_t* p, int64_t n);
 

@@ -36,12 +36,15 @@ MAX_GROUP_COLUMNS = 32768  # int32 accumulation of (xq - za)(c - zc) is exact up
 LIMBS = 4
 _OK = (True, "ok")
 _isa_pref = "auto"
-ISAS = ("auto", "avx512vnni", "avx2", "scalar")
+ISAS = ("auto", "avx512amx", "avx512vnni", "avx2", "scalar")
+# the instruction sets whose integer kernels run the weight-only layers as int8 limbs
+LIMB_ISAS = ("avx512amx", "avx512vnni")
 
 
 def set_isa(name: str) -> None:
     """``"auto"`` (the best the CPU has: AVX2 kernels, with AVX-512 VNNI dot products for INT4 x
-    int8 when present), ``"avx512vnni"``, ``"avx2"`` (no VNNI) or ``"scalar"`` (portable loops)."""
+    int8 when present, and AMX-INT8 tiles for INT4 with many activation rows when present),
+    ``"avx512amx"``, ``"avx512vnni"`` (no AMX), ``"avx2"`` (no VNNI) or ``"scalar"`` (portable loops)."""
     global _isa_pref
     if name not in ISAS:
         raise ValueError(f"set_isa: name={name!r}; expected one of {ISAS}")
@@ -50,7 +53,7 @@ def set_isa(name: str) -> None:
 
 
 def active_isa() -> str:
-    """The instruction set the kernels use now: ``"avx512vnni"``, ``"avx2"`` or ``"scalar"``."""
+    """The instruction set the kernels use now: ``"avx512amx"``, ``"avx512vnni"``, ``"avx2"`` or ``"scalar"``."""
     return _C.active_isa()
 
 
@@ -88,7 +91,7 @@ def _dq_packed(qweight, scale, zero, bits, in_features):
     grid = (id(scale), scale.data_ptr(), version_of(scale), id(zero), zero.data_ptr(), version_of(zero))
     # With VNNI, fp32 activations split into int8 limbs beat widening every code to fp32 for an
     # FMA at every M measured (1.4-1.8x, see kernels.cpp limb_linear), and are more exact.
-    if _C.active_isa() == "avx512vnni" and in_features // scale.shape[1] <= MAX_GROUP_COLUMNS:
+    if _C.active_isa() in LIMB_ISAS and in_features // scale.shape[1] <= MAX_GROUP_COLUMNS:
         packed = cached_repack(qweight, ("cpu_dq_limbs", bits, in_features) + grid,
                                lambda: _limb_layout(qweight, scale, zero, bits, in_features))
         if packed:
