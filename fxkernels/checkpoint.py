@@ -140,6 +140,8 @@ class ShardSink:
                              "(tied tensors go in the config's 'tied' map, not twice)")
         t = tensor.detach().contiguous().cpu()
         nbytes = t.numel() * t.element_size()
+        if t.untyped_storage().nbytes() > nbytes:
+            t = t.clone()  # a view would keep its whole base storage alive while it waits in the buffer
         if self.max_shard_bytes is not None and self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self._flush()
         self._names.add(name)
