@@ -29,3 +29,23 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 12
                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=256, tie_word_embeddings=True)
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_calibration():
+    """Token ids ``[8, 24]`` inside :func:`tiny_llama`'s vocabulary (96 of its ids), fixed seed."""
+    return torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_quantize_config(**overrides):
+    """A few FlexRound steps over :func:`tiny_calibration`, W4 per-channel: seconds per model."""
+    from fxkernels import QuantSpec
+    from quantizer.config import QuantizeConfig
+
+    d = dict(method="flexround", weight=QuantSpec(bits=4, granularity="channel"), iters=6, nsamples=8, seqlen=24,
+             batch_size=2, progress=False, qdrop=0.5)
+    d.update(overrides)
+    return QuantizeConfig(**d)
+
+
+def quiet_log(msg):
+    """A ``log=`` callback that drops the engine's progress lines."""

@@ -4,11 +4,15 @@ the API boundary, per-block time/memory stats, and (with a GPU) learning on CUDA
 import pytest
 import torch
 
-from fxkernels import QuantLinear, QuantSpec
+from fxkernels import QuantLinear
 from quantizer import MemoryBudgetError
 from quantizer.api import quantize
 from quantizer.config import QuantizeConfig
 from quantizer.placement import Placement, check_device
+
+from .conftest import quiet_log as quiet
+from .conftest import tiny_calibration as calib
+from .conftest import tiny_quantize_config as cfg
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,24 +25,10 @@ def tiny_llama(layers=2):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def calib():
-    return torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
-
-
-def cfg(**kw):
-    d = dict(method="flexround", weight=QuantSpec(bits=4, granularity="channel"), iters=6, nsamples=8, seqlen=24,
-             batch_size=2, progress=False, qdrop=0.5)
-    d.update(kw)
-    return QuantizeConfig(**d)
-
-
 def codes(model):
     return {f"{n}.{b}": t for n, m in model.named_modules() if isinstance(m, QuantLinear)
             for b, t in m.state_dict().items()}
 
-
-def quiet(msg):
-    pass
 
 
 @pytest.mark.parametrize("method", ["rtn", "flexround"])

@@ -8,12 +8,15 @@ import os
 import pytest
 import torch
 
-from fxkernels import QuantSpec
 from fxkernels.checkpoint import load_quantized, save_quantized
 from fxkernels.layers import CheckpointError
-from quantizer import MemoryBudgetError, QuantizeConfig, quantize, quantize_pretrained
+from quantizer import MemoryBudgetError, quantize, quantize_pretrained
 from quantizer.resume import model_fingerprint
 from quantizer.streaming import MetaParameters, SafetensorsSource, _skeleton, streamed_fingerprint
+
+from .conftest import quiet_log as quiet
+from .conftest import tiny_calibration as calib
+from .conftest import tiny_quantize_config as cfg
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,20 +33,6 @@ def save_tiny(directory, tied, layers=3):
     transformers.LlamaForCausalLM(cfg).save_pretrained(directory, max_shard_size="40KB")
     return directory
 
-
-def calib():
-    return torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
-
-
-def cfg(**kw):
-    d = dict(method="flexround", weight=QuantSpec(bits=4, granularity="channel"), iters=6, nsamples=8, seqlen=24,
-             batch_size=2, progress=False, qdrop=0.5)
-    d.update(kw)
-    return QuantizeConfig(**d)
-
-
-def quiet(msg):
-    pass
 
 
 def whole(src):
