@@ -504,7 +504,8 @@ def parse_args(argv=None):
                    help="torch threads per run (default $OMP_NUM_THREADS or 2)")
     p.add_argument("--engine", choices=("auto", "streaming", "in-memory"), default="auto",
                    help="auto: the streaming quantizer when present, else load the whole model")
-    p.add_argument("--max-shard-size", default="500MB", help="shard size of the written checkpoints")
+    p.add_argument("--max-shard-size", default="100MB", help="shard size of the written checkpoints (the writer "
+                   "holds one shard in memory: it adds to the peak)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-timeout", type=float, default=None,
                    help="stop a quantization run after this many seconds and report the blocks it finished")

@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "shard by shard: for models whose fp32 weights do not fit in memory")
     q.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="split the written weights into shards of at most SIZE (e.g. 2GB; default: one file, "
-                        "500MB with --stream)")
+                        "100MB with --stream)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity on held-out text",

@@ -45,9 +45,10 @@ from .resume import ResumeDir, tensor_fingerprint
 __all__ = ["quantize_pretrained", "SafetensorsSource", "StreamResult"]
 
 WHO = "quantize_pretrained"
-# The writer holds one shard in memory until it is full: small enough not to add much to a run's
-# peak (a 1B model's packed blocks and fp32 embeddings are ~1 GB in all), large enough for few files.
-DEFAULT_SHARD_SIZE = "500MB"
+# The writer holds one shard in memory until it is full, so the shard size adds to the run's peak:
+# a 1B model's packed blocks are ~26 MB each and 500 MB shards would hold all 16 until the end
+# (+0.4 GB, past a 2 GB budget). 100 MB keeps that under four blocks; a 7B model gets ~40 files.
+DEFAULT_SHARD_SIZE = "100MB"
 
 
 class SafetensorsSource:
@@ -291,7 +292,7 @@ def quantize_pretrained(source: str, out_dir: str, calibration: Union[torch.Tens
     config / overrides: the run (:class:`QuantizeConfig`; ``device="cuda"`` learns each block on
         the GPU, ``memory_budget`` bounds one block's need, ``resume_dir`` keeps finished blocks).
     tokenizer: saved with the checkpoint when given.
-    max_shard_size: int bytes or "2GB"-style string (default 500MB: the writer holds one shard in
+    max_shard_size: int bytes or "2GB"-style string (default 100MB: the writer holds one shard in
         memory until it is written); None writes one ``model.safetensors`` (held until the end).
     extra: free-form metadata stored in ``quant_config.json`` under ``"extra"``.
 
