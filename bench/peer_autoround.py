@@ -52,7 +52,9 @@ def worker(a) -> int:
 
     model = AutoModelForCausalLM.from_pretrained(a.fp32_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(a.fp32_dir)
-    ids = torch.load(a.calib)
+    from safetensors.torch import load_file, save_file
+
+    ids = load_file(a.calib)["ids"]
     dataset = [row[None].clone() for row in ids]
     t = time.time()
     ar = AutoRound(model, tok, scheme="W4A16", bits=a.bits, group_size=a.group_size, sym=False, iters=a.iters,
@@ -73,7 +75,7 @@ def worker(a) -> int:
     if not weights:
         raise SystemExit("auto-round left no quantized nn.Linear (no .scale attribute found)")
     os.makedirs(a.out_dir, exist_ok=True)
-    torch.save(weights, os.path.join(a.out_dir, "qdq_weights.pt"))
+    save_file(weights, os.path.join(a.out_dir, "qdq_weights.safetensors"))
     if most > 2 ** a.bits:
         raise SystemExit(f"auto-round's weights have {most} distinct values in a row; expected <= {2 ** a.bits}")
     print("WORKER " + json.dumps({"quantize_s": round(secs, 1), "peak_rss_mb": round(_peak_rss_mb())}), flush=True)
@@ -147,8 +149,11 @@ def main(argv=None) -> int:
     gran = "channel" if a.group_size in (-1, 0) else f"g{a.group_size}"
     run = os.path.join(a.work_dir, f"{os.path.basename(src)}-w{a.bits}{gran}-it{a.iters}")
     os.makedirs(run, exist_ok=True)
-    calib = os.path.join(run, "calib_ids.pt")
-    torch.save(ids, calib)
+    # safetensors both ways between the two processes: nothing here is unpickled
+    from safetensors.torch import load_file, save_file
+
+    calib = os.path.join(run, "calib_ids.safetensors")
+    save_file({"ids": ids.contiguous()}, calib)
 
     rows = []
     cmd = [os.path.join(a.venv, "bin", "python"), os.path.abspath(__file__), "--worker", "--fp32-dir", src,
@@ -164,7 +169,7 @@ def main(argv=None) -> int:
         return proc.returncode
     meta = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("WORKER "))[7:])
     peer = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    qdq = torch.load(os.path.join(run, "fake", "qdq_weights.pt"))
+    qdq = load_file(os.path.join(run, "fake", "qdq_weights.safetensors"))
     missing = set(qdq) - set(peer.state_dict())
     if missing:
         raise SystemExit(f"auto-round's weights name layers the model lacks: {sorted(missing)[:5]}")
