@@ -348,6 +348,15 @@ def save_quantized(model: nn.Module, directory: str, tokenizer=None, extra: Opti
     return w.directory
 
 
+def _read_json(path: str, who: str):
+    """A checkpoint's JSON file; invalid JSON is a :class:`CheckpointError` naming the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{who}: {path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+
+
 def read_quant_config(directory: str) -> dict:
     """``quant_config.json`` of ``directory``, checked, with ``layers`` in the current shape (every
     entry names its kind; the CNN tables of format versions 1-2 are folded in, see
@@ -358,11 +367,7 @@ def read_quant_config(directory: str) -> dict:
     if not os.path.exists(path):
         raise CheckpointError(f"load_quantized: {path} is missing; expected a directory written by "
                               "fxkernels.save_quantized or `flexround quantize`")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"load_quantized: {path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    config = _read_json(path, "load_quantized")
     if config.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"load_quantized: quant_method={config.get('quant_method')!r} in {path}; "
                               f"expected {QUANT_METHOD!r} (checkpoints of other tools need their own loader)")
@@ -432,11 +437,7 @@ def weight_files(directory: str, who: str = "load_quantized") -> List[Tuple[str,
     if not os.path.exists(index_path):
         raise CheckpointError(f"{who}: {single} is missing (and there is no {WEIGHTS_INDEX_NAME} of a sharded "
                               "checkpoint)")
-    try:
-        with open(index_path) as f:
-            index = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{who}: {index_path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    index = _read_json(index_path, who)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{who}: {index_path} has no 'weight_map' object {{tensor name: shard file}}; "
