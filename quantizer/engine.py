@@ -103,9 +103,7 @@ def set_hard(wrappers: Dict[str, QuantLayer], hard: bool) -> None:
 
 def optimizer_step(opts, scheds, wrappers: Dict[str, QuantLayer], loss: torch.Tensor) -> None:
     """One learning step: gradients of ``loss``, every optimizer and schedule, then the roundings'
-    projections (SignRound keeps its offsets inside their box)."""
-    for o in opts:
-        o.zero_grad()
+    projections (SignRound keeps its offsets inside their box). Gradients start and end as None."""
     loss.backward()
     for o in opts:
         o.step()
