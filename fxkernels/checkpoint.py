@@ -11,10 +11,10 @@ A checkpoint directory holds
   convention, so transformers and other tools read it as they read any sharded model);
 * for Hugging Face models, ``config.json`` (and tokenizer files when a tokenizer is given).
 
-Writing goes through one class, :class:`ShardedWriter` (``save_quantized`` uses it too): tensors are
-buffered until a shard is full and then written, so a streaming quantizer holds at most about one
-shard in memory, and everything lands in a temporary sibling directory that replaces the target only
-when complete. Loading builds the model with parameters on the meta device, swaps in the modules the
+Writing goes through one class, :class:`ShardedWriter` (``save_quantized`` uses it too): each tensor's
+bytes go to disk as it is added (the shard's header is written when the shard is closed), so a
+streaming quantizer holds no shard in memory, and everything lands in a temporary sibling directory
+that replaces the target only when complete. Loading builds the model with parameters on the meta device, swaps in the modules the
 JSON lists (:func:`fxkernels.layers.install_layers`), and assigns the stored tensors shard by shard,
 so no float weight is ever materialized and at most one shard is held beyond the model itself.
 """
@@ -107,30 +107,49 @@ def atomic_directory(directory: str, prefix: str = ".tmp-"):
         raise
 
 
+# safetensors' names of the torch dtypes a checkpoint may hold
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                     ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        _SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
+_COPY_CHUNK = 16 << 20
+
+
 class ShardSink:
     """Safetensors shards written into an existing (temporary) directory; no config files.
 
-    ``add(name, tensor)`` buffers; when the next tensor would push the buffer past
-    ``max_shard_bytes`` the buffer is written as one shard (a tensor larger than the limit gets a shard
-    of its own, as in Hugging Face). ``finish()`` names the shards ``model-0000i-of-0000N.safetensors``
-    and writes ``model.safetensors.index.json`` (``metadata``: ``total_size`` in bytes and ``dtype``,
-    the floating dtype holding most bytes); a single shard is written as ``model.safetensors``
-    with no index. Used by :class:`ShardedWriter` and the GPTQ export.
+    ``add(name, tensor)`` writes the tensor's bytes at once to the current shard's data file (a
+    hidden ``.shard-0000i.data``), so the sink holds no tensor and memory does not grow with the
+    shard size. When the next tensor would push the shard past ``max_shard_bytes`` the shard is
+    closed: its safetensors header (known only now) and then its data are written to
+    ``.shard-0000i.safetensors`` and the data file is removed (a tensor larger than the limit gets a
+    shard of its own, as in Hugging Face). ``finish()`` closes the last shard, names the shards
+    ``model-0000i-of-0000N.safetensors`` and writes ``model.safetensors.index.json``
+    (``metadata``: ``total_size`` in bytes and ``dtype``, the floating dtype holding most bytes); a
+    single shard is written as ``model.safetensors`` with no index. Everything lands in the
+    caller's temporary directory, which replaces the target only when complete. Used by
+    :class:`ShardedWriter`, the GPTQ export and the scale bench's random-model writer.
     """
 
     def __init__(self, directory: str, max_shard_bytes: Optional[int] = None, metadata: Optional[dict] = None):
         self.directory = directory
         self.max_shard_bytes = parse_shard_size(max_shard_bytes, "max_shard_bytes")
         self.metadata = dict(metadata or {"format": "pt"})
-        self._buffer: Dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise ValueError(f"ShardSink: metadata={self.metadata!r}; expected a dict of strings")
+        self._data = None  # the open data file of the current shard
+        self._entries: Dict[str, dict] = {}  # the current shard's header entries, in file order
+        self._shard_bytes = 0
         self._shards: List[Tuple[str, List[str]]] = []  # (temporary file name, tensor names)
         self._names = set()
         self.total_size = 0
         self._float_bytes: Dict[torch.dtype, int] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name or name == "__metadata__":
             raise ValueError(f"ShardedWriter.add: name={name!r}; expected a non-empty tensor name")
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"ShardedWriter.add: tensor for {name!r} is a {type(tensor).__name__}; "
@@ -138,32 +157,50 @@ class ShardSink:
         if name in self._names:
             raise ValueError(f"ShardedWriter.add: tensor {name!r} was already added; each name is written once "
                              "(tied tensors go in the config's 'tied' map, not twice)")
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"ShardedWriter.add: tensor {name!r} has dtype {tensor.dtype}; safetensors stores "
+                             f"{sorted(str(d).replace('torch.', '') for d in _SAFETENSORS_DTYPES)}")
         t = tensor.detach().contiguous().cpu()
         nbytes = t.numel() * t.element_size()
-        if t.untyped_storage().nbytes() > nbytes:
-            t = t.clone()  # a view would keep its whole base storage alive while it waits in the buffer
-        if self.max_shard_bytes is not None and self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
+        if self.max_shard_bytes is not None and self._entries and self._shard_bytes + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self._data is None:
+            self._data = open(self._data_path(len(self._shards) + 1), "wb")
+        if nbytes:
+            self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._entries[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [self._shard_bytes, self._shard_bytes + nbytes]}
         self._names.add(name)
-        self._buffer[name] = t
-        self._buffer_bytes += nbytes
+        self._shard_bytes += nbytes
         self.total_size += nbytes
         if t.is_floating_point():
             self._float_bytes[t.dtype] = self._float_bytes.get(t.dtype, 0) + nbytes
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def _data_path(self, index: int) -> str:
+        return os.path.join(self.directory, f".shard-{index:05d}.data")
 
-        if not self._buffer:
+    def _close_shard(self) -> None:
+        """Header, then the data file's bytes, into the shard's safetensors file; the data file goes."""
+        if self._data is None:
             return
-        fname = f".shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._buffer, os.path.join(self.directory, fname), metadata=self.metadata)
-        self._shards.append((fname, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+        self._data.close()
+        self._data = None
+        index = len(self._shards) + 1
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        fname = f".shard-{index:05d}.safetensors"
+        data_path = self._data_path(index)
+        with open(os.path.join(self.directory, fname), "wb") as out, open(data_path, "rb") as src:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(src, out, _COPY_CHUNK)
+        os.remove(data_path)
+        self._shards.append((fname, list(self._entries)))
+        self._entries, self._shard_bytes = {}, 0
 
     def finish(self) -> List[str]:
-        """Write what is buffered, give the shards their final names; returns the weight file names."""
-        self._flush()
+        """Close the last shard, give the shards their final names; returns the weight file names."""
+        self._close_shard()
         if not self._shards:  # a model without tensors still gets a (valid, empty) weights file
             from safetensors.torch import save_file
             save_file({}, os.path.join(self.directory, WEIGHTS_NAME), metadata=self.metadata)
@@ -214,7 +251,7 @@ class ShardedWriter:
     tokenizer: saved with ``save_pretrained`` into the directory.
 
     ``set_config(layers=, tied=, model=, extra=, hf_config=, tokenizer=)`` replaces any of these before
-    exit. ``add`` keeps a reference to each tensor until its shard is written: do not modify it in place.
+    exit. ``add`` writes the tensor's bytes at once and keeps no reference to it.
     """
 
     def __init__(self, directory: str, max_shard_bytes: Union[int, str, None] = None,
@@ -270,7 +307,7 @@ class ShardedWriter:
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (written when its shard is full or at exit)."""
+        """Write one tensor into the current shard (see :class:`ShardSink`)."""
         if self._sink is None:
             raise RuntimeError("ShardedWriter.add: use the writer inside a `with` block")
         self._sink.add(name, tensor)

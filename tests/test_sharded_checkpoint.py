@@ -11,7 +11,7 @@ import torch
 
 from fxkernels import QuantLinear, QuantSpec, load_quantized, replace_linears, save_quantized
 from fxkernels.checkpoint import (CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, CheckpointError, CheckpointTensors,
-                                  ShardedWriter, _dedup_state, parse_shard_size, quant_layers)
+                                  ShardedWriter, ShardSink, _dedup_state, parse_shard_size, quant_layers)
 
 from .conftest import tiny_llama
 
@@ -109,12 +109,10 @@ def test_sharded_writer_streams_and_matches_save_quantized(model, tmp_path):
     with ShardedWriter(target, max_shard_bytes="25KB",
                        metadata_config={"tied": tied, "model": {"class": type(model).__name__}},
                        hf_config=model.config.to_dict()) as w:
-        written = []
         for name, t in tensors.items():
             w.add(name, t)
-            written.append(name)
-            # memory holds at most about one shard: the buffer never outgrows the limit by more than a tensor
-            assert w._sink._buffer_bytes <= 25_000 or len(w._sink._buffer) == 1
+            # a shard never outgrows the limit by more than one tensor, and it is on disk, not in memory
+            assert w._sink._shard_bytes <= 25_000 or len(w._sink._entries) == 1
         assert not os.path.exists(target)  # nothing visible until the with block exits
         w.set_config(layers=quant_layers(model))  # the layer table may be known only at the end
     assert len(w.files) >= 2
@@ -268,3 +266,61 @@ def test_inspect_reads_shard_headers(sharded, model):
     assert t["weight_files"] == len(_shards(sharded)) >= 2
     assert t["file_bytes"] == sum(os.path.getsize(os.path.join(sharded, f)) for f in _shards(sharded))
     assert f"the {t['weight_files']} weight shards are" in format_report(info)
+
+
+SINK_TENSORS = {
+    "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
+    "f64": torch.randn(3).double(), "bool": torch.tensor([True, False, True]), "u8": torch.arange(9, dtype=torch.uint8),
+    "i8": torch.arange(-3, 4, dtype=torch.int8), "i16": torch.arange(-2, 3, dtype=torch.int16),
+    "i32": torch.arange(4, dtype=torch.int32), "i64": torch.arange(5), "scalar": torch.tensor(3.5),
+    "empty": torch.empty(0, 4), "view": torch.randn(4, 6)[:, 1:3], "big": torch.randn(40, 10),
+}
+
+
+@pytest.mark.parametrize("limit", [None, 40, 10_000])
+def test_sink_files_are_safetensors_with_every_dtype_and_shape(tmp_path, limit):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    sink = ShardSink(str(tmp_path), limit, metadata={"format": "pt", "quant_method": "flexround"})
+    for name, t in SINK_TENSORS.items():
+        sink.add(name, t)
+    files = sink.finish()
+    assert sorted(os.listdir(tmp_path)) == sorted(files + ([WEIGHTS_INDEX_NAME] if len(files) > 1 else []))
+    assert (len(files) == 1) == (limit != 40)  # 40 bytes: nearly one shard per tensor, "big" on its own
+    out = {}
+    for f in files:
+        out.update(load_file(str(tmp_path / f)))
+        with safe_open(str(tmp_path / f), "pt") as h:
+            assert h.metadata() == {"format": "pt", "quant_method": "flexround"}
+    assert sorted(out) == sorted(SINK_TENSORS)
+    for name, t in SINK_TENSORS.items():
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape and torch.equal(out[name], t), name
+    if len(files) > 1:
+        index = json.load(open(tmp_path / WEIGHTS_INDEX_NAME))
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in SINK_TENSORS.values())
+
+
+def test_sink_writes_at_once_and_keeps_no_tensor(tmp_path):
+    sink = ShardSink(str(tmp_path), "1KB")
+    t = torch.arange(6, dtype=torch.float32)
+    sink.add("a", t)
+    t.fill_(-1)  # changing the tensor after add does not change what was written
+    sink.add("b", torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == [".shard-00001.data"]  # data on disk, no finished shard yet
+    sink.finish()
+    from safetensors.torch import load_file
+
+    out = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert torch.equal(out["a"], torch.arange(6, dtype=torch.float32)) and torch.equal(out["b"], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == [WEIGHTS_NAME]  # the data files are gone
+
+
+def test_sink_rejects_what_safetensors_cannot_store(tmp_path):
+    sink = ShardSink(str(tmp_path))
+    with pytest.raises(ValueError, match="complex64"):
+        sink.add("c", torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="__metadata__"):
+        sink.add("__metadata__", torch.zeros(2))
+    with pytest.raises(ValueError, match="dict of strings"):
+        ShardSink(str(tmp_path), metadata={"format": 1})
