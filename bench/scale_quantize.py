@@ -281,10 +281,13 @@ def _quantize_streaming(entry, spec: dict, log) -> dict:
     cfg = QuantizeConfig(method=spec["method"], iters=spec["steps"], nsamples=spec["nsamples"],
                          seqlen=spec["seqlen"], eval_samples=min(2, spec["nsamples"]), progress=False)
     t1 = time.perf_counter()
-    result = entry(spec["model"], spec["ckpt"], ids, cfg, max_shard_size=spec["max_shard_size"], log=log)
+    kwargs = {"max_blocks": spec["max_blocks"]} if spec.get("max_blocks") else {}
+    result = entry(spec["model"], spec["ckpt"], ids, cfg, max_shard_size=spec["max_shard_size"], log=log, **kwargs)
     blocks = [{k: v for k, v in s.items() if isinstance(v, (int, float, str)) or v is None} for s in result.stats]
     return {"engine": "streaming", "quantize_seconds": time.perf_counter() - t1, "engine_seconds": result.seconds,
-            "engine_rss_peak_bytes": result.rss_peak_bytes, "blocks": blocks}
+            "engine_rss_peak_bytes": result.rss_peak_bytes, "blocks": blocks,
+            # max_blocks: only the first blocks were learned and nothing was written
+            "first_blocks_only": len(blocks) < SIZES[spec["size"]].layers}
 
 
 def _calibration(spec: dict, vocab: int):
@@ -379,13 +382,14 @@ def run_child(spec: dict, workdir: str, timeout: Optional[float] = None) -> dict
     if os.path.exists(spec["result"]):
         with open(spec["result"]) as f:
             result = json.load(f)
-        result["partial"] = False
+        result["partial"] = bool(result.get("first_blocks_only"))
     elif timeout and wall >= timeout:
         print(f"{name}: stopped after {timeout:.0f} s (--run-timeout) with {len(blocks)} blocks finished", flush=True)
         result = {"engine": spec["engine"], "blocks": blocks, "quantize_seconds": None, "partial": True}
     else:
         raise RuntimeError(f"{name}: the child exited with {proc.returncode} (output above)")
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # the child's CPU time, all threads
     result["wall_seconds"] = wall
     # other work on the host stretches the times (never the memory): keep the 1-minute load average
     result["loadavg"] = [load_before, os.getloadavg()[0]]
@@ -406,9 +410,14 @@ def summarize(size: str, method: str, steps: int, run: dict, verify: Optional[di
     secs = [b["seconds"] for b in run.get("blocks", []) if "seconds" in b]
     if len(secs) != shape.layers and not run.get("partial"):  # no per-block figures: spread the total evenly
         secs = [run["quantize_seconds"] / shape.layers] * shape.layers
+    # process CPU time per block (all threads; the streaming engine measures it): steadier than wall
+    # time when other work shares the cores
+    cpu = [b["cpu_seconds"] for b in run.get("blocks", []) if b.get("cpu_seconds") is not None]
     return {"size": size, "method": method, "steps": steps if method != "rtn" else 0, "engine": run["engine"],
             "params": shape.params(), "blocks": shape.layers, "block_params": shape.block_params(),
             "fp32_bytes": 4 * shape.params(), "seconds_per_block": _median(secs), "block_seconds": secs,
+            "cpu_seconds_per_block": _median(cpu), "block_cpu_seconds": cpu, "cpu_seconds": run.get("cpu_seconds"),
+            "first_blocks_only": bool(run.get("first_blocks_only")),
             "quantize_seconds": run["quantize_seconds"], "wall_seconds": run["wall_seconds"],
             "loadavg": run.get("loadavg"),
             "peak_rss_bytes": run["peak_rss_bytes"], "ckpt_bytes": ckpt_bytes,
@@ -422,19 +431,27 @@ def _gb(n) -> str:
 
 
 def markdown_table(rows: List[dict]) -> str:
-    head = ("| model | params | blocks | params/block | method | steps | engine | s/block (median) | quantize s "
-            "| peak RSS GB | fp32 weights GB | checkpoint GB | reload + 8 tokens |")
+    head = ("| model | params | blocks | params/block | method | steps | engine | wall s/block (median) "
+            "| CPU s/block (median) | quantize s | peak RSS GB (GiB) | fp32 weights GB | checkpoint GB "
+            "| reload + 8 tokens |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         v = r.get("verify")
         ver = "-" if not v else (f"{v['load_seconds']:.1f} s + {v['generate_seconds']:.1f} s, "
                                  f"{_gb(v['peak_rss_bytes'])} GB")
         spb = "-" if r["seconds_per_block"] is None else f"{r['seconds_per_block']:.2f}"
-        total = (f"stopped after {r['blocks_done']}/{r['blocks']} blocks" if r.get("partial")
-                 else f"{r['quantize_seconds']:.0f}")
+        cpb = "-" if r.get("cpu_seconds_per_block") is None else f"{r['cpu_seconds_per_block']:.2f}"
+        if r.get("first_blocks_only"):
+            total = f"PARTIAL: first {r['blocks_done']}/{r['blocks']} blocks only, nothing written"
+        elif r.get("partial"):
+            total = f"PARTIAL: stopped after {r['blocks_done']}/{r['blocks']} blocks"
+        else:
+            total = f"{r['quantize_seconds']:.0f}"
+        rss = r["peak_rss_bytes"]
+        peak = "-" if rss is None else f"{rss / 1e9:.2f} ({rss / 2**30:.2f})"
         lines.append(f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['blocks']} | {r['block_params'] / 1e6:.1f}M "
-                     f"| {r['method']} | {r['steps']} | {r['engine']} | {spb} "
-                     f"| {total} | {_gb(r['peak_rss_bytes'])} | {_gb(r['fp32_bytes'])} "
+                     f"| {r['method']} | {r['steps']} | {r['engine']} | {spb} | {cpb} "
+                     f"| {total} | {peak} | {_gb(r['fp32_bytes'])} "
                      f"| {_gb(r['ckpt_bytes'])} | {ver} |")
     return "\n".join(lines)
 
@@ -466,11 +483,18 @@ def plot(rows: List[dict], path: str) -> Optional[str]:
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params"])
         label = f"{method} ({rs[0]['steps']} steps)" if rs[0]["steps"] else method
         xs = [r["params"] / 1e9 for r in rs]
-        a1.plot(xs, [r["seconds_per_block"] for r in rs], "o-", label=label)
+        line = a1.plot(xs, [r["seconds_per_block"] for r in rs], "o:", label=f"{label}, wall")[0]
+        cpu = [(x, r["cpu_seconds_per_block"]) for x, r in zip(xs, rs) if r.get("cpu_seconds_per_block")]
+        if cpu:
+            a1.plot([x for x, _ in cpu], [c for _, c in cpu], "s-", color=line.get_color(), label=f"{label}, CPU")
         a2.plot(xs, [r["peak_rss_bytes"] / 1e9 for r in rs], "o-", label=label)
+        for x, r in zip(xs, rs):
+            if r.get("partial"):  # per-block figures of a run that did only its first blocks
+                a2.annotate(f"first {r['blocks_done']}/{r['blocks']} blocks", (x, r["peak_rss_bytes"] / 1e9),
+                            textcoords="offset points", xytext=(-40, 8), fontsize=7)
     sizes = sorted({(r["params"], r["fp32_bytes"]) for r in rows})
     a2.plot([p / 1e9 for p, _ in sizes], [b / 1e9 for _, b in sizes], "k--", lw=1, label="fp32 weights")
-    for ax, ylabel in ((a1, "seconds per block"), (a2, "peak RSS (GB)")):
+    for ax, ylabel in ((a1, "seconds per block (CPU: all threads)"), (a2, "peak RSS (GB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters (billions)")
@@ -504,9 +528,12 @@ def parse_args(argv=None):
                    help="torch threads per run (default $OMP_NUM_THREADS or 2)")
     p.add_argument("--engine", choices=("auto", "streaming", "in-memory"), default="auto",
                    help="auto: the streaming quantizer when present, else load the whole model")
-    p.add_argument("--max-shard-size", default="100MB", help="shard size of the written checkpoints (the writer "
-                   "holds one shard in memory: it adds to the peak)")
+    p.add_argument("--max-shard-size", default="100MB", help="shard size of the written checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-blocks", type=int, default=None,
+                   help="learn only the first K blocks of each model and write nothing (streaming engine): "
+                   "per-block time and peak RSS of a model whose whole run takes too long; the table marks "
+                   "such rows PARTIAL")
     p.add_argument("--run-timeout", type=float, default=None,
                    help="stop a quantization run after this many seconds and report the blocks it finished")
     p.add_argument("--no-verify", action="store_true", help="skip reloading each checkpoint and generating")
@@ -528,6 +555,10 @@ def parse_args(argv=None):
     for name in ("steps", "nsamples", "seqlen", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name} {getattr(a, name)}: expected a positive integer")
+    if a.max_blocks is not None and a.max_blocks < 1:
+        p.error(f"--max-blocks {a.max_blocks}: expected a positive integer")
+    if a.max_blocks is not None and a.engine == "in-memory":
+        p.error("--max-blocks needs the streaming engine")
     return a
 
 
@@ -559,7 +590,7 @@ def main(argv=None) -> int:
             spec = {"size": size, "method": method, "steps": a.steps if method != "rtn" else 0, "model": model_dir,
                     "ckpt": ckpt, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed, "threads": a.threads,
                     "engine": engine, "max_shard_size": a.max_shard_size, "vocab": SIZES[size].vocab,
-                    "task": "quantize"}
+                    "task": "quantize", "max_blocks": a.max_blocks}
             print(f"{size} {method}: quantizing {model_dir}", flush=True)
             run = run_child(spec, work, timeout=a.run_timeout)
             ckpt_bytes = None if run["partial"] else sum(

@@ -48,6 +48,11 @@ class QuantLayer(nn.Module):
         self.spec, self.aq = spec, aq
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.record: Optional[List[torch.Tensor]] = None  # inputs collected for the activation grid's start
+        # True: while learning, the fake-quantized weight and the op are recomputed in the backward
+        # pass (activation checkpointing) instead of keeping what they save (the weight-sized
+        # W_hat, the rounding's masks) for every layer of the unit: less memory, one more forward
+        # of the layer per step, the same values and gradients bit for bit.
+        self.recompute = False
 
     def weight(self) -> torch.Tensor:
         """The fake-quantized weight in the layer's own shape (differentiable)."""
@@ -68,6 +73,13 @@ class QuantLayer(nn.Module):
             self.record.append(x.detach())
         if self.aq is not None:
             x = self.aq(x)
+        if self.recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._op_of_weight, x, use_reentrant=False)
+        return self.op(x, self.weight())
+
+    def _op_of_weight(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, self.weight())
 
     @torch.no_grad()

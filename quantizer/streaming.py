@@ -15,8 +15,9 @@ The output is what :func:`fxkernels.save_quantized` writes for the same quantize
 (``quant_config.json`` with the same layers and ``tied`` map, ``config.json``, sharded
 safetensors with an index when ``max_shard_size`` is exceeded), so ``load_quantized`` and
 ``from_pretrained`` read it. Peak memory: one block's float weights and learning state, the
-streams (``3 x nsamples x seqlen x hidden x 4`` bytes), the writer's current shard
-(``max_shard_size``), and the largest tensor outside the blocks while it is copied. Allocations of
+streams (``3 x nsamples x seqlen x hidden x 4`` bytes) and the largest tensor outside the blocks
+while it is copied; the writer puts each tensor on disk as it comes (no shard is held in memory,
+whatever ``max_shard_size``). Allocations of
 4 MiB or more are mmapped for the rest of the process (:func:`~quantizer.placement.map_large_allocations`).
 """
 
@@ -45,9 +46,8 @@ from .resume import ResumeDir, tensor_fingerprint
 __all__ = ["quantize_pretrained", "SafetensorsSource", "StreamResult"]
 
 WHO = "quantize_pretrained"
-# The writer holds one shard in memory until it is full, so the shard size adds to the run's peak:
-# a 1B model's packed blocks are ~26 MB each and 500 MB shards would hold all 16 until the end
-# (+0.4 GB, past a 2 GB budget). 100 MB keeps that under four blocks; a 7B model gets ~40 files.
+# Shard size of the written checkpoint (the writer holds no shard in memory, so it does not add to
+# the peak): a 1B model's packed blocks are ~26 MB each; a 7B model gets ~40 files.
 DEFAULT_SHARD_SIZE = "100MB"
 
 
@@ -204,18 +204,28 @@ class StreamingBlockFamily(BlockFamily):
     """:class:`~quantizer.reconstruct.BlockFamily` whose blocks are read from the files when their
     turn comes and written to ``writer``, then released, when they are done."""
 
-    def __init__(self, layout, kw, cfg: QuantizeConfig, log, params: MetaParameters, writer: ShardedWriter):
+    def __init__(self, layout, kw, cfg: QuantizeConfig, log, params: MetaParameters, writer: ShardedWriter,
+                 max_blocks: Optional[int] = None):
         super().__init__(layout, kw, cfg, log)
-        self.params, self.writer = params, writer
+        self.params, self.writer, self.max_blocks = params, writer, max_blocks
         self.layers: Dict[str, dict] = {}
+        self.cpu_seconds: List[float] = []  # process CPU time (all threads) of each finished block
+        self._cpu_start = 0.0
 
     def units(self):
         for i, unit in enumerate(super().units()):
+            if self.max_blocks is not None and i >= self.max_blocks:
+                return
+            self._cpu_start = time.process_time()
             self.params.materialize(self.params.under(f"{self.layout.path}.{i}."))
             yield unit
 
     def wrap(self, unit, name: str, layer: nn.Module):
         wrapper = super().wrap(unit, name, layer)
+        # What each layer's forward saves for the backward (its fake-quantized weight and the
+        # rounding's masks: ~0.25 GB per block of a 1B model) is recomputed instead: the peak of a
+        # large model's run is in a block's backward pass.
+        wrapper.recompute = True
         # The rounding holds its own fp32 copy of the weight: the float one goes back to meta (the
         # files still have it), one block-sized copy less while the block learns. A failing block
         # is not restored in float here: the run stops and nothing is written.
@@ -231,18 +241,26 @@ class StreamingBlockFamily(BlockFamily):
         # to meta; the exported layers' buffers now belong to the writer's shard.
         self.params.release(self.params.under(prefix))
         unit.root.to("meta")
+        self.cpu_seconds.append(time.process_time() - self._cpu_start)
 
 
 @dataclasses.dataclass
 class StreamResult:
-    """What :func:`quantize_pretrained` did: ``directory`` written, per-block ``stats`` (the
-    engine's dicts: seconds, rss_bytes, rss_peak_bytes, rss_peak_delta_bytes, need_bytes, device,
-    device_peak_bytes, losses), total ``seconds`` and the process's ``rss_peak_bytes`` (VmHWM)."""
+    """What :func:`quantize_pretrained` did: ``directory`` written (None when ``max_blocks`` stopped
+    it early), per-block ``stats`` (the engine's dicts: seconds, rss_bytes, rss_peak_bytes,
+    rss_peak_delta_bytes, need_bytes, device, device_peak_bytes, losses; plus ``cpu_seconds``, the
+    process CPU time of the block over all threads), total ``seconds``, the process's
+    ``rss_peak_bytes`` (VmHWM) and ``blocks`` (how many the model has; ``len(stats)`` were done)."""
 
-    directory: str
+    directory: Optional[str]
     stats: List[dict]
     seconds: float
     rss_peak_bytes: int
+    blocks: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.directory is not None and len(self.stats) == self.blocks
 
 
 def source_directory(source: str, log: Callable[[str], None] = print) -> str:
@@ -282,7 +300,8 @@ def streamed_fingerprint(model: nn.Module, params: MetaParameters) -> str:
 def quantize_pretrained(source: str, out_dir: str, calibration: Union[torch.Tensor, Sequence[torch.Tensor]],
                         config: Optional[QuantizeConfig] = None, *, tokenizer=None,
                         max_shard_size: Union[int, str, None] = DEFAULT_SHARD_SIZE, extra: Optional[dict] = None,
-                        log: Optional[Callable[[str], None]] = None, **overrides) -> StreamResult:
+                        log: Optional[Callable[[str], None]] = None, max_blocks: Optional[int] = None,
+                        **overrides) -> StreamResult:
     """Quantize the model in ``source`` block by block from its files and write the checkpoint
     to ``out_dir`` shard by shard, never holding the whole fp32 model (see the module docstring).
 
@@ -292,9 +311,12 @@ def quantize_pretrained(source: str, out_dir: str, calibration: Union[torch.Tens
     config / overrides: the run (:class:`QuantizeConfig`; ``device="cuda"`` learns each block on
         the GPU, ``memory_budget`` bounds one block's need, ``resume_dir`` keeps finished blocks).
     tokenizer: saved with the checkpoint when given.
-    max_shard_size: int bytes or "2GB"-style string (default 100MB: the writer holds one shard in
-        memory until it is written); None writes one ``model.safetensors`` (held until the end).
+    max_shard_size: int bytes or "2GB"-style string (default 100MB; tensors go to disk as they come
+        whatever the size); None writes one ``model.safetensors``.
     extra: free-form metadata stored in ``quant_config.json`` under ``"extra"``.
+    max_blocks: learn only the first ``max_blocks`` blocks and stop, writing nothing (a measurement
+        of per-block time and memory on models whose whole run takes too long); the result's
+        ``directory`` is None and ``complete`` False unless the model has no more blocks.
 
     Returns a :class:`StreamResult` (stable interface: the scale bench reads it). Raises
     ``ValueError`` for a bad source, calibration or config,
@@ -309,6 +331,8 @@ def quantize_pretrained(source: str, out_dir: str, calibration: Union[torch.Tens
     log = log or _log_default
     cfg = resolve_config(config, overrides)
     check_language_model_config(cfg)
+    if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1):
+        raise ValueError(f"max_blocks={max_blocks!r}; expected None or a positive int")
     place = Placement(check_device(cfg.device))
     map_large_allocations()  # freed weight-sized temporaries go back to the OS at once
     directory = source_directory(source, log=log)
@@ -343,22 +367,39 @@ def quantize_pretrained(source: str, out_dir: str, calibration: Union[torch.Tens
     tied = _tied(params)
     hf_config = model.config.__class__.from_dict(model.config.to_dict())
     meta = {"layers": {}, "tied": tied, "model": {"class": type(model).__name__}, "extra": extra}
-    with ShardedWriter(out_dir, max_shard_bytes=max_shard_size, metadata_config=meta, hf_config=hf_config,
-                       tokenizer=tokenizer) as writer:
-        family = StreamingBlockFamily(layout, kw, cfg, log, params, writer)
-        # handed over without a reference here, so the first stream dies when block 1 replaces it
-        captured = [x]
-        del x
-        stats = reconstruct_units(family, captured.pop(), cfg, log, resume=resume, place=place)
-        _copy_outside(model, params, block_paths, tied, writer)
-        writer.set_config(layers=family.layers)
+    stopped = max_blocks is not None and max_blocks < nblocks
+    try:
+        with ShardedWriter(out_dir, max_shard_bytes=max_shard_size, metadata_config=meta, hf_config=hf_config,
+                           tokenizer=tokenizer) as writer:
+            family = StreamingBlockFamily(layout, kw, cfg, log, params, writer, max_blocks=max_blocks)
+            # handed over without a reference here, so the first stream dies when block 1 replaces it
+            captured = [x]
+            del x
+            stats = reconstruct_units(family, captured.pop(), cfg, log, resume=resume, place=place)
+            for st, cpu in zip(stats, family.cpu_seconds):
+                st["cpu_seconds"] = cpu
+            if stopped:
+                raise _Stopped  # the writer deletes its temporary directory: no partial checkpoint
+            _copy_outside(model, params, block_paths, tied, writer)
+            writer.set_config(layers=family.layers)
+    except _Stopped:
+        seconds = time.time() - t0
+        log(f"stopped after {len(stats)}/{nblocks} blocks (max_blocks={max_blocks}) in {seconds:.1f} s; nothing "
+            f"written; peak RSS {rss_peak_bytes() / 2**30:.2f} GiB")
+        return StreamResult(directory=None, stats=stats, seconds=seconds, rss_peak_bytes=rss_peak_bytes(),
+                            blocks=nblocks)
     if family.left_float:
         warnings.warn(f"left in float (not inside known blocks or not nn.Linear): {', '.join(family.left_float)}",
                       stacklevel=2)
     seconds = time.time() - t0
     log(f"quantized {nblocks} blocks in {seconds:.1f} s (streamed); peak RSS {rss_peak_bytes() / 2**30:.2f} GiB "
         f"-> {writer.directory}")
-    return StreamResult(directory=writer.directory, stats=stats, seconds=seconds, rss_peak_bytes=rss_peak_bytes())
+    return StreamResult(directory=writer.directory, stats=stats, seconds=seconds, rss_peak_bytes=rss_peak_bytes(),
+                        blocks=nblocks)
+
+
+class _Stopped(Exception):
+    """Raised inside the writer when ``max_blocks`` ends a run early, so that nothing is written."""
 
 
 def _tied(params: MetaParameters) -> Dict[str, str]:

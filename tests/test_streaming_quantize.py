@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STAT_KEYS = {"unit", "label", "loss_before", "loss_after", "seconds", "rss_bytes", "rss_peak_bytes",
-             "rss_peak_delta_bytes", "need_bytes", "device", "device_peak_bytes"}
+             "rss_peak_delta_bytes", "need_bytes", "device", "device_peak_bytes", "cpu_seconds"}
 
 
 def save_tiny(directory, tied, layers=3):
@@ -44,8 +44,9 @@ def test_streamed_checkpoint_equals_the_whole_model_path(tmp_path, tied):
     src = save_tiny(str(tmp_path / "src"), tied)
     assert os.path.exists(os.path.join(src, "model.safetensors.index.json"))
     result = quantize_pretrained(src, str(tmp_path / "stream"), calib(), cfg(), max_shard_size="30KB", log=quiet)
-    assert [s["unit"] for s in result.stats] == [0, 1, 2]
-    assert all(STAT_KEYS <= set(s) and s["seconds"] > 0 and s["rss_bytes"] > 0 for s in result.stats)
+    assert [s["unit"] for s in result.stats] == [0, 1, 2] and result.complete and result.blocks == 3
+    assert all(STAT_KEYS <= set(s) and s["seconds"] > 0 and s["rss_bytes"] > 0 and s["cpu_seconds"] > 0
+               for s in result.stats)
     assert os.path.exists(tmp_path / "stream" / "model.safetensors.index.json")  # written shard by shard
 
     ref = whole(src)
@@ -167,3 +168,48 @@ def test_cli_stream_writes_what_the_in_memory_cli_writes(tmp_path):
     b = load_quantized(str(tmp_path / "stream")).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(common + ["--out", str(tmp_path / "x"), "--device", "cuda:9"]) == 2
+
+
+def test_max_blocks_learns_the_first_blocks_and_writes_nothing(tmp_path):
+    src = save_tiny(str(tmp_path / "src"), False)
+    out = tmp_path / "out"
+    full = quantize_pretrained(src, str(tmp_path / "full"), calib(), cfg(), log=quiet)
+    part = quantize_pretrained(src, str(out), calib(), cfg(), max_blocks=2, log=quiet)
+    assert part.directory is None and not part.complete and part.blocks == 3
+    assert [s["unit"] for s in part.stats] == [0, 1]
+    # the blocks it did are the full run's first blocks (same losses: same codes)
+    assert [s["loss_after"] for s in part.stats] == [s["loss_after"] for s in full.stats[:2]]
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["full", "src"]  # no partial checkpoint
+    assert quantize_pretrained(src, str(out), calib(), cfg(), max_blocks=3, log=quiet).complete
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_blocks"):
+            quantize_pretrained(src, str(tmp_path / "bad"), calib(), cfg(), max_blocks=bad, log=quiet)
+
+
+@pytest.mark.parametrize("method", ["flexround", "adaround", "signround"])
+def test_recomputing_layers_give_the_same_gradients_and_save_less(method):
+    from fxkernels import QuantSpec
+    from quantizer.layers import LinearQuant
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48)
+    grads, saved = [], []
+    for recompute in (False, True):
+        torch.manual_seed(1)
+        layer = LinearQuant(base, method, QuantSpec(4, "channel"))
+        layer.recompute = recompute
+        x = torch.randn(3, 5, 64, requires_grad=True)
+        nbytes = []
+
+        def pack(t):
+            nbytes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y.square().sum().backward()
+        grads.append([y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None] + [x.grad])
+        saved.append(sum(nbytes))
+    assert len(grads[0]) == len(grads[1]) >= 3
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert saved[1] < saved[0] - 48 * 64 * 4  # at least the fake-quantized weight is not kept

@@ -57,10 +57,10 @@ class _FlexRoundFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w3, s1, log_S2, log_row, log_col, zero, qmax):
-        v = _divided(w3, s1, log_S2, log_row, log_col)
-        r = torch.round(v) + zero
+        # in place on ``v``'s storage, op for op what round(v) + zero, clamp(r, 0, qmax) - zero give
+        r = _divided(w3, s1, log_S2, log_row, log_col).round_().add_(zero)
         inside = (r >= 0) & (r <= qmax)
-        qz = torch.clamp(r, 0, qmax) - zero
+        qz = r.clamp_(0, qmax).sub_(zero)
         # Saved for backward: the inputs (no new memory), the unclamped mask (1 byte per weight)
         # and the integer codes minus zero in the narrowest exact integer type; ``v`` is recomputed
         # there (bit for bit the same). Saving ``v`` and ``qz`` in fp32 held two more weight-sized
@@ -72,26 +72,49 @@ class _FlexRoundFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         w3, s1, log_S2, log_row, log_col, inside, qz = ctx.saved_tensors
-        v = _divided(w3, s1, log_S2, log_row, log_col)
-        glog = torch.where(inside, g, 0.0).mul_(v).mul_(-s1)
-        del v
 
         def reduce_to(t, like):
             dims = [d for d in range(t.dim()) if like.shape[d] == 1 and t.shape[d] != 1]
             return t.sum(dim=dims, keepdim=True) if dims else t
 
+        glog = torch.where(inside, g, 0.0)
+        n, k = w3.shape[0], w3[0].numel()
+        step = max(1, _BACKWARD_BLOCK_ELEMENTS // k)
+        if s1.shape[0] == n and k % 64 == 0 and n > step:
+            # By blocks of rows, so that the recomputed ``v`` and ``g * qz`` are never weight-sized
+            # (the backward pass of a large block's widest layer is where its learning peaks).
+            # Row lengths that are a multiple of 64 keep the vectorized loops free of scalar tails,
+            # and each row's sums are its own: the same values bit for bit as the whole-weight ops.
+            g_q = []
+            for r in range(0, n, step):
+                c = slice(r, r + step)
+                glog[c].mul_(_divided(w3[c], s1[c], log_S2[c], log_row[c], log_col)).mul_(-s1[c])
+                g_q.append(reduce_to(g[c] * qz[c], s1[c]))
+            g_q = torch.cat(g_q)
+        else:
+            v = _divided(w3, s1, log_S2, log_row, log_col)
+            glog.mul_(v).mul_(-s1)
+            del v
+            g_q = reduce_to(g * qz, s1)
         g_row = reduce_to(glog, torch.empty(glog.shape[0], 1, 1))
         g_col = glog.sum(dim=0, keepdim=True) if log_col is not None else None
-        g_s1 = reduce_to(g * qz, s1) + reduce_to(glog, s1) / s1
+        g_s1 = g_q + reduce_to(glog, s1) / s1
         return None, g_s1, glog, g_row, g_col, None, None
+
+
+# Weights per block of rows in FlexRound's backward pass (1M fp32: 4 MiB per temporary).
+_BACKWARD_BLOCK_ELEMENTS = 1 << 20
 
 
 def _divided(w3, s1, log_S2, log_row, log_col):
     """``W / (s1 * S2 * s3 [* s4])`` with the scales as logs: the value FlexRound rounds."""
     logs = log_S2 + log_row
     if log_col is not None:
-        logs = logs + log_col
-    return w3 / (s1 * logs.exp())
+        logs.add_(log_col)
+    # one weight-sized tensor instead of four alive at once (the values are those of
+    # w3 / (s1 * logs.exp()): each op is the same, in place)
+    d = logs.exp_().mul_(s1)
+    return torch.div(w3, d, out=d)
 
 
 @register_method
