@@ -87,7 +87,7 @@ SIZES: Dict[str, LlamaShape] = {
     "135m": LlamaShape(hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3, tied=True),
     "360m": LlamaShape(hidden=960, layers=32, intermediate=2560, heads=15, kv_heads=5, tied=True),
     "1b": LlamaShape(hidden=2048, layers=16, intermediate=5632, heads=32, kv_heads=32),
-    "3b": LlamaShape(hidden=3072, layers=26, intermediate=8192, heads=24, kv_heads=8),
+    "3b": LlamaShape(hidden=3072, layers=28, intermediate=8192, heads=24, kv_heads=8),  # LLaMA-3.2-3B's blocks
     # a smoke test of the harness (seconds)
     "tiny": LlamaShape(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vocab=256),
 }

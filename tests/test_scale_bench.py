@@ -95,3 +95,19 @@ def test_bad_options_are_refused(bench):
         bench.parse_args(["--steps", "0"])
     with pytest.raises(ValueError, match="std=0"):
         bench.write_random_llama("/nonexistent/x", bench.SIZES["135m"], std=0)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--max-blocks", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--max-blocks", "2", "--engine", "in-memory"])
+
+
+def test_a_run_of_the_first_blocks_is_marked_partial(bench):
+    blocks = [{"label": f"block {i + 1}/28", "seconds": 10.0 + i, "cpu_seconds": 19.0 + i, "rss_peak_bytes": 2**30}
+              for i in range(2)]
+    run = {"engine": "streaming", "blocks": blocks, "quantize_seconds": 30.0, "wall_seconds": 40.0,
+           "peak_rss_bytes": 2 * 10**9, "partial": True, "first_blocks_only": True, "cpu_seconds": 45.0}
+    row = bench.summarize("3b", "flexround", 10, run, None, None)
+    assert row["blocks_done"] == 2 and row["partial"] and row["first_blocks_only"]
+    assert row["seconds_per_block"] == 10.5 and row["cpu_seconds_per_block"] == 19.5
+    line = bench.markdown_table([row]).splitlines()[-1]
+    assert "PARTIAL: first 2/28 blocks only" in line and "| 10.50 | 19.50 |" in line and "2.00 (1.86)" in line
