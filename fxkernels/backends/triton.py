@@ -613,3 +613,7 @@ def compile_decode_variant(arch: int, cfg: DecodeConfig, bits: int, dtype: torch
     src = ASTSource(fn=km.decode_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.warps, "num_stages": cfg.stages})
+
+
+# The integer-activation kernels (W8A8 / W4A8 GEMM, activation quantization) register themselves.
+from . import triton_int8  # noqa: E402,F401

@@ -365,3 +365,270 @@ def decode_gemm_kernel(
     else:
         ws = y_ptr + pid_k * M * N
         tl.store(ws + offs_m[None, :] * N + offs_n[:, None], acc, mask=mask_y)
+
+
+# -- integer activations (W8A8 / W4A8): int8 x int8 tensor-core GEMM, int32 accumulation --------
+@triton.jit
+def _along_n(v, SWAP: tl.constexpr):
+    """A per-output-column vector ``[BN]`` broadcast against the accumulator (``[BN, BM]`` when
+    SWAP, else ``[BM, BN]``)."""
+    if SWAP:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _along_m(v, SWAP: tl.constexpr):
+    """A per-activation-row vector ``[BM]`` broadcast against the accumulator."""
+    if SWAP:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _int8_codes(w_ptr, offs_n, k0, k_stop, stride_wn, mask_n, PACKED: tl.constexpr, BK: tl.constexpr):
+    """Signed int8 weight codes ``[BN, BK]`` of columns ``k0 .. k0+BK`` (zero past ``k_stop``).
+
+    PACKED (bits <= 4): bytes hold two nibbles, the even column in the low one; the nibble
+    (0..15) is already a valid int8, so the tensor cores multiply the stored codes as they are
+    and the zero point is corrected after the dot. Otherwise the int8 storage (``q - 128``) is
+    the MMA operand itself: no conversion at all on the weight path."""
+    if PACKED:
+        offs_kb = k0 // 2 + tl.arange(0, BK // 2)
+        mask = mask_n[:, None] & (offs_kb < (k_stop + 1) // 2)[None, :]
+        b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kb[None, :], mask=mask, other=0)
+        return tl.interleave(b & 0xF, b >> 4).to(tl.int8, bitcast=True)
+    else:
+        offs_k = k0 + tl.arange(0, BK)
+        mask = mask_n[:, None] & (offs_k < k_stop)[None, :]
+        return tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _int_segment(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, kb, ke, stride_xm, stride_wn,
+                 PACKED: tl.constexpr, NEED_XSUM: tl.constexpr, SWAP: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``(sum_k xq c, sum_k xq)`` over columns ``kb .. ke``: the exact int32 dot (``[BN, BM]``
+    when SWAP) and, with NEED_XSUM, the activation row sums ``[BM]``.
+
+    Row sums: with SWAP the activation tile is 16 rows and is summed directly; otherwise a
+    ``[BM, BK]`` tile would need its own register copy for a cross-thread reduction (64 registers
+    per thread at 128x128 with 8 warps, enough to spill next to the accumulator), so the tensor
+    cores form them instead, as ``x . e0`` with a 16-column operand whose first column is ones
+    (1/8 of the MMA work at BN = 128)."""
+    if SWAP:
+        iacc = tl.zeros((BN, BM), dtype=tl.int32)
+    else:
+        iacc = tl.zeros((BM, BN), dtype=tl.int32)
+    xs2 = tl.zeros((BM, 16), dtype=tl.int32)
+    xs = tl.zeros((BM,), dtype=tl.int32)
+    e0 = ((tl.arange(0, BK)[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)).to(tl.int8)
+    for kt in range(0, tl.cdiv(ke - kb, BK)):
+        k0 = kb + kt * BK
+        offs_k = k0 + tl.arange(0, BK)
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                     mask=mask_m[:, None] & (offs_k < ke)[None, :], other=0)
+        c = _int8_codes(w_ptr, offs_n, k0, ke, stride_wn, mask_n, PACKED, BK)
+        if SWAP:
+            iacc = tl.dot(c, tl.trans(xt), iacc, out_dtype=tl.int32)
+            if NEED_XSUM:
+                xs += tl.sum(xt.to(tl.int32), axis=1)
+        else:
+            iacc = tl.dot(xt, tl.trans(c), iacc, out_dtype=tl.int32)
+            if NEED_XSUM:
+                xs2 = tl.dot(xt, e0, xs2, out_dtype=tl.int32)
+    if NEED_XSUM and not SWAP:
+        xs = tl.sum(xs2, axis=1)
+    return iacc, xs
+
+
+@triton.jit
+def _int_step(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, k0, stride_xm, stride_wn,
+              PACKED: tl.constexpr, NEED_XSUM: tl.constexpr, SWAP: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One K step of BK whole columns from ``k0`` (inside K: no column mask):
+    ``(xq . c, sum_k xq)`` as in :func:`_int_segment`, from a fresh int32 tile."""
+    xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + tl.arange(0, BK))[None, :],
+                 mask=mask_m[:, None], other=0)
+    c = _int8_codes(w_ptr, offs_n, k0, k0 + BK, stride_wn, mask_n, PACKED, BK)
+    xs = tl.zeros((BM,), dtype=tl.int32)
+    if SWAP:
+        d = tl.dot(c, tl.trans(xt), out_dtype=tl.int32)
+        if NEED_XSUM:
+            xs = tl.sum(xt.to(tl.int32), axis=1)
+    else:
+        d = tl.dot(xt, tl.trans(c), out_dtype=tl.int32)
+        if NEED_XSUM:
+            e0 = ((tl.arange(0, BK)[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)).to(tl.int8)
+            xs = tl.sum(tl.dot(xt, e0, out_dtype=tl.int32), axis=1)
+    return d, xs
+
+
+@triton.jit
+def qact_gemm_kernel(
+        x_ptr, sa_ptr, za_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, b_ptr, y_ptr,
+        M, N, K, SEG, NSEG, SEGS_PER_SPLIT, ZERO_OFFSET,
+        stride_xm, stride_wn, stride_sn, stride_zn, stride_wsn, stride_ym,
+        PACKED: tl.constexpr, SCALE_MODE: tl.constexpr, NEED_XSUM: tl.constexpr, SWAP: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_WORKSPACE: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """``y[m, n] = sa[m] * sum_g s[n, g] * sum_{k in g} (xq[m,k] - za[m]) (c[n,k] - zc[n,g]) + b[n]``.
+
+    ``x``: int8 codes ``[M, K]`` (unit column stride), ``sa`` fp32 / ``za`` int32 ``[M]``;
+    ``w``: checkpoint storage (PACKED nibbles ``[N, ceil(K/2)]`` or int8 ``q - 128`` ``[N, K]``,
+    unit column stride); ``s`` fp32 / ``z`` int32 (unsigned domain; ``zc = z - ZERO_OFFSET``) /
+    ``ws`` int32 (per-group sums of the stored codes) ``[N, G]``, each with its own row stride and
+    a unit column stride.
+
+    Integer sums are exact in int32 on the tensor cores; the zero points are corrected in
+    integers, ``dot - zc * sum_k xq - za * (ws - GS * zc)`` (the ``za`` term once per group), and
+    sums wrap modulo 2**32, so a result is exact whenever the true corrected sum fits int32
+    (|sum| <= 255**2 * group size: group size <= 32768). SCALE_MODE (chosen by the launcher):
+
+    * 0, per channel (G = 1): a split's K chunk (SEG columns, split ``pid_k``) in one int32
+      accumulator; the ``za`` term by the split holding column 0 (GS = K); the scale once.
+    * 1, groups that are a multiple of BK (SEG = K_PER_SPLIT, a multiple of BK): one flat K loop,
+      each step inside one group; its int32 dot, corrected, is scaled into an fp32 accumulator
+      (the ``za`` term at the step that starts a group). One int32 tile per step, not a second
+      accumulator held across a group: that keeps large tiles free of register spills.
+    * 2, any other group size (SEG = GS): a split holds SEGS_PER_SPLIT whole groups, each summed
+      in masked K steps (:func:`_int_segment`) and then scaled into the fp32 accumulator.
+
+    SWAP computes ``y.T`` (``[BN, BM]`` accumulator): the weight tile is the MMA's M side (64-row
+    warp-group MMA on Hopper, which may take that operand from registers after unpacking) and the
+    few activation rows the narrow N side, for decode. Grid: (row x column tiles, K splits);
+    with USE_WORKSPACE each split stores fp32 partials ``[splits, M, N]`` for
+    :func:`splitk_reduce_kernel`, which adds the bias."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    za = tl.load(za_ptr + offs_m, mask=mask_m, other=0)
+    if SCALE_MODE == 2:
+        if SWAP:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        seg_lo = pid_k * SEGS_PER_SPLIT
+        seg_hi = tl.minimum(NSEG, seg_lo + SEGS_PER_SPLIT)
+        for g in range(seg_lo, seg_hi):
+            kb = g * SEG
+            iacc, xs = _int_segment(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, kb, tl.minimum(K, kb + SEG),
+                                    stride_xm, stride_wn, PACKED, NEED_XSUM, SWAP, BM, BN, BK)
+            zc = tl.load(z_ptr + offs_n * stride_zn + g, mask=mask_n, other=0) - ZERO_OFFSET
+            wsum = tl.load(ws_ptr + offs_n * stride_wsn + g, mask=mask_n, other=0)
+            if NEED_XSUM:
+                iacc -= _along_n(zc, SWAP) * _along_m(xs, SWAP)
+            iacc -= _along_m(za, SWAP) * _along_n(wsum - SEG * zc, SWAP)
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0)
+            acc += iacc.to(tl.float32) * _along_n(s, SWAP)
+    elif SCALE_MODE == 1:
+        if SWAP:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        gs = K // NSEG
+        k_start = pid_k * SEG
+        k_end = tl.minimum(K, k_start + SEG)
+        for kt in range(0, tl.cdiv(k_end - k_start, BK)):
+            k0 = k_start + kt * BK
+            d, xs = _int_step(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, k0, stride_xm, stride_wn,
+                              PACKED, NEED_XSUM, SWAP, BM, BN, BK)
+            g = k0 // gs
+            zc = tl.load(z_ptr + offs_n * stride_zn + g, mask=mask_n, other=0) - ZERO_OFFSET
+            if NEED_XSUM:
+                d -= _along_n(zc, SWAP) * _along_m(xs, SWAP)
+            za_first = tl.where(k0 % gs == 0, za, 0)  # the step that starts group g
+            wsum = tl.load(ws_ptr + offs_n * stride_wsn + g, mask=mask_n, other=0)
+            d -= _along_m(za_first, SWAP) * _along_n(wsum - gs * zc, SWAP)
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0)
+            acc += d.to(tl.float32) * _along_n(s, SWAP)
+    else:
+        # per channel: this split's K chunk in a single int32 accumulator
+        kb = pid_k * SEG
+        iacc, xs = _int_segment(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, kb, tl.minimum(K, kb + SEG),
+                                stride_xm, stride_wn, PACKED, NEED_XSUM, SWAP, BM, BN, BK)
+        zc = tl.load(z_ptr + offs_n * stride_zn, mask=mask_n, other=0) - ZERO_OFFSET
+        if NEED_XSUM:
+            iacc -= _along_n(zc, SWAP) * _along_m(xs, SWAP)
+        if pid_k == 0:  # the za term once: by the split holding column 0
+            wsum = tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0)
+            iacc -= _along_m(za, SWAP) * _along_n(wsum - K * zc, SWAP)
+        acc = iacc.to(tl.float32) * _along_n(tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0), SWAP)
+    acc = acc * _along_m(tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0), SWAP)
+
+    mask_y = _along_m(mask_m, SWAP) & _along_n(mask_n, SWAP)
+    if not USE_WORKSPACE:
+        if HAS_BIAS:
+            acc += _along_n(tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), SWAP)
+        yp = y_ptr + _along_m(offs_m, SWAP) * stride_ym + _along_n(offs_n, SWAP)
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+    else:
+        ws = y_ptr + pid_k * M * N
+        tl.store(ws + _along_m(offs_m, SWAP) * N + _along_n(offs_n, SWAP), acc, mask=mask_y)
+
+
+@triton.jit
+def _round_even(v):
+    """Round to nearest, ties to even, of fp32 ``v`` with |v| <= 2**22: adding 1.5 * 2**23 moves
+    the value to where the fp32 spacing is 1, so the addition itself rounds (IEEE, ties to even)
+    and the subtraction is exact. Two additions: no multiply the compiler could fuse into them."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def quantize_act_kernel(x_ptr, xq_ptr, s_ptr, z_ptr, ss_ptr, sz_ptr, K, stride_xm,
+                        STATIC: tl.constexpr, BLOCK: tl.constexpr):
+    """One activation row per program: int8 codes bit-exact with
+    :func:`fxkernels.reference.quantize_act`.
+
+    Dynamic (per token): ``lo = min(min x, 0)``, ``hi = max(max x, 0)``, ``s = (hi - lo) / 255``
+    (1 where that is 0), ``z = clamp(rint(-128 - lo / s), -128, 127)``. Static: ``s``, ``z``
+    from ``ss``/``sz`` (``[1]``). Then ``xq = clamp(rint(x * (1/s)) + z, -128, 127)``, with
+    ``1/s`` rounded to fp32 first. Divisions are ``div_rn`` (IEEE, correctly rounded; Triton's
+    ``/`` on fp32 is an approximate division on NVIDIA GPUs). ``x * (1/s)`` is clamped to
+    +-512 before rounding: that keeps the rounding trick in range, and separates the multiply
+    from the addition so that no FMA forms (a fused multiply-add rounds once, the reference twice);
+    the final clamp makes the result the same as without it."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    xrow = x_ptr + row * stride_xm
+    if STATIC:
+        s = tl.load(ss_ptr)
+        z = tl.load(sz_ptr)
+    else:
+        lo = tl.zeros((BLOCK,), dtype=tl.float32)
+        hi = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            m = k0 + offs < K
+            v = tl.load(xrow + k0 + offs, mask=m, other=0.0).to(tl.float32)
+            lo = tl.minimum(lo, v)
+            hi = tl.maximum(hi, v)
+        lo_r = tl.min(lo, axis=0)
+        hi_r = tl.max(hi, axis=0)
+        s = tl.math.div_rn(hi_r - lo_r, 255.0)
+        s = tl.where(s > 0, s, 1.0)
+        zf = _round_even(-128.0 - tl.math.div_rn(lo_r, s))
+        z = tl.minimum(tl.maximum(zf, -128.0), 127.0).to(tl.int32)
+    inv = tl.math.div_rn(1.0, s)
+    for k0 in range(0, K, BLOCK):
+        m = k0 + offs < K
+        v = tl.load(xrow + k0 + offs, mask=m, other=0.0).to(tl.float32) * inv
+        v = tl.minimum(tl.maximum(v, -512.0), 512.0)
+        q = _round_even(v).to(tl.int32) + z
+        q = tl.minimum(tl.maximum(q, -128), 127)
+        tl.store(xq_ptr + row * K + k0 + offs, q.to(tl.int8), mask=m)
+    tl.store(s_ptr + row, s)
+    tl.store(z_ptr + row, z)
