@@ -74,6 +74,11 @@ CONFIG_CASES = [
     ("split2_g48_mode2", 2, 40, (4, "group", 48, False, "float16", 192), (16, 32, 32, 4, 1, True), 2),
     ("bm32_noswap_g32", 20, 40, (8, "group", 32, False, "float32", 128), (32, 32, 32, 4, 1, False), None),
     ("bn64_swap_channel_rows", 16, 70, (4, "channel", None, False, "float32", 128), (16, 64, 64, 4, 1, True), None),
+    # W4 with BK >= 64: low and high nibbles as two operands against even / odd activation columns
+    ("w4_nibble_split_g64_noswap", 18, 40, (4, "group", 64, False, "float32", 256), (16, 32, 64, 4, 1, False), None),
+    ("w4_nibble_split_ch_swap_tail", 3, 33, (4, "channel", None, False, "float16", 200),
+     (16, 32, 128, 4, 1, True), 2),
+    ("w4_nibble_split_g128_bk128", 9, 40, (4, "group", 128, True, "bfloat16", 384), (16, 32, 128, 4, 1, True), 2),
 ]
 
 EXACT_CASES = [
@@ -82,6 +87,7 @@ EXACT_CASES = [
     ("exact_w8_g64_noswap", 17, 40, (8, "group", 64, False, "float32", 192), (16, 16, 32, 4, 1, False), None),
     ("exact_w4_g40_mode2", 5, 40, (4, "group", 40, False, "float32", 200), None, None),
     ("exact_w4_channel_fp16", 4, 40, (4, "channel", None, True, "float16", 128), None, None),
+    ("exact_w4_nibble_split_g64", 17, 40, (4, "group", 64, False, "float32", 256), (16, 32, 64, 4, 1, False), None),
 ]
 
 
@@ -312,6 +318,9 @@ def test_cases_cover_the_paths(results):
     assert {r["swap"] for r in seen} == {True, False}
     assert any(r["split_k"] > 1 and r["scale_mode"] == s for r in seen for s in (0, 1, 2))
     assert any(r["scale_mode"] == 1 and r["bk"] < 64 for r in seen)  # several K steps per group
+    # W4 codes through both unpackings: interleaved (BK 32) and split nibbles (BK >= 64)
+    w4 = [(r, c) for r, c in zip(seen, dispatch_cases(False) + CONFIG_CASES + EXACT_CASES) if c[3][0] <= 4]
+    assert {r["bk"] >= 64 for r, _ in w4} == {True, False}
 
 
 @pytest.mark.parametrize("case", EXACT_CASES, ids=[c[0] for c in EXACT_CASES])

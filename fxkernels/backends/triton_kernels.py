@@ -388,22 +388,44 @@ def _along_m(v, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _int8_codes(w_ptr, offs_n, k0, k_stop, stride_wn, mask_n, PACKED: tl.constexpr, BK: tl.constexpr):
-    """Signed int8 weight codes ``[BN, BK]`` of columns ``k0 .. k0+BK`` (zero past ``k_stop``).
+def _dot_tile(xt, w_ptr, offs_n, k0, k_stop, stride_wn, mask_n, acc, PACKED: tl.constexpr, SWAP: tl.constexpr,
+              BK: tl.constexpr):
+    """``acc + xq . c`` (int32, exact) for the activation tile ``xt [BM, BK]`` (columns
+    ``k0 .. k0+BK``) and the weight rows ``offs_n`` (codes zero past ``k_stop``).
 
-    PACKED (bits <= 4): bytes hold two nibbles, the even column in the low one; the nibble
-    (0..15) is already a valid int8, so the tensor cores multiply the stored codes as they are
-    and the zero point is corrected after the dot. Otherwise the int8 storage (``q - 128``) is
-    the MMA operand itself: no conversion at all on the weight path."""
+    int8 storage (``q - 128``) is the MMA operand as loaded: no conversion on the weight path.
+    PACKED (bits <= 4): a byte holds two nibbles, the even column in the low one; a nibble
+    (0..15) is already a valid int8, so the tensor cores multiply the stored codes and the zero
+    point is corrected after the dot. SWAP with BK >= 64 (decode): the low and high nibbles
+    stay two ``[BN, BK/2]`` operands against the even and odd activation columns (a reshape of
+    the small activation tile splits them) instead of being interleaved back into column order:
+    5.1 instead of 6.5 SASS instructions per INT4 weight on sm_90a (on sm_80 6.5 against 6.3)
+    (docs/GPU_STATIC.md; the difference is byte permutes). Unswapped tiles interleave: there the
+    split costs as much or more, and with groups it spills on sm_80.
+    """
     if PACKED:
         offs_kb = k0 // 2 + tl.arange(0, BK // 2)
         mask = mask_n[:, None] & (offs_kb < (k_stop + 1) // 2)[None, :]
         b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kb[None, :], mask=mask, other=0)
-        return tl.interleave(b & 0xF, b >> 4).to(tl.int8, bitcast=True)
+        lo = (b & 0xF).to(tl.int8, bitcast=True)
+        hi = (b >> 4).to(tl.int8, bitcast=True)
+        if SWAP and BK >= 64:
+            x_even, x_odd = tl.split(tl.reshape(xt, (xt.shape[0], BK // 2, 2)))
+            acc = tl.dot(lo, tl.trans(x_even), acc, out_dtype=tl.int32)
+            acc = tl.dot(hi, tl.trans(x_odd), acc, out_dtype=tl.int32)
+        elif SWAP:
+            acc = tl.dot(tl.interleave(lo, hi), tl.trans(xt), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(xt, tl.trans(tl.interleave(lo, hi)), acc, out_dtype=tl.int32)
     else:
         offs_k = k0 + tl.arange(0, BK)
         mask = mask_n[:, None] & (offs_k < k_stop)[None, :]
-        return tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
+        c = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
+        if SWAP:
+            acc = tl.dot(c, tl.trans(xt), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(xt, tl.trans(c), acc, out_dtype=tl.int32)
+    return acc
 
 
 @triton.jit
@@ -430,14 +452,11 @@ def _int_segment(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, kb, ke, stride_xm
         offs_k = k0 + tl.arange(0, BK)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=mask_m[:, None] & (offs_k < ke)[None, :], other=0)
-        c = _int8_codes(w_ptr, offs_n, k0, ke, stride_wn, mask_n, PACKED, BK)
-        if SWAP:
-            iacc = tl.dot(c, tl.trans(xt), iacc, out_dtype=tl.int32)
-            if NEED_XSUM:
+        iacc = _dot_tile(xt, w_ptr, offs_n, k0, ke, stride_wn, mask_n, iacc, PACKED, SWAP, BK)
+        if NEED_XSUM:
+            if SWAP:
                 xs += tl.sum(xt.to(tl.int32), axis=1)
-        else:
-            iacc = tl.dot(xt, tl.trans(c), iacc, out_dtype=tl.int32)
-            if NEED_XSUM:
+            else:
                 xs2 = tl.dot(xt, e0, xs2, out_dtype=tl.int32)
     if NEED_XSUM and not SWAP:
         xs = tl.sum(xs2, axis=1)
@@ -452,14 +471,16 @@ def _int_step(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, k0, stride_xm, strid
     ``(xq . c, sum_k xq)`` as in :func:`_int_segment`, from a fresh int32 tile."""
     xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + tl.arange(0, BK))[None, :],
                  mask=mask_m[:, None], other=0)
-    c = _int8_codes(w_ptr, offs_n, k0, k0 + BK, stride_wn, mask_n, PACKED, BK)
+    if SWAP:
+        d = tl.zeros((BN, BM), dtype=tl.int32)
+    else:
+        d = tl.zeros((BM, BN), dtype=tl.int32)
+    d = _dot_tile(xt, w_ptr, offs_n, k0, k0 + BK, stride_wn, mask_n, d, PACKED, SWAP, BK)
     xs = tl.zeros((BM,), dtype=tl.int32)
     if SWAP:
-        d = tl.dot(c, tl.trans(xt), out_dtype=tl.int32)
         if NEED_XSUM:
             xs = tl.sum(xt.to(tl.int32), axis=1)
     else:
-        d = tl.dot(xt, tl.trans(c), out_dtype=tl.int32)
         if NEED_XSUM:
             e0 = ((tl.arange(0, BK)[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)).to(tl.int8)
             xs = tl.sum(tl.dot(xt, e0, out_dtype=tl.int32), axis=1)
