@@ -33,6 +33,13 @@ at::Tensor qact_linear(const at::Tensor& xq, const at::Tensor& sa, const at::Ten
                        const std::vector<at::Tensor>& packed, const c10::optional<at::Tensor>& bias, int64_t bits,
                        at::ScalarType out_dtype);
 
+// One query token's attention over a static cache, reading slots up to `slot` only (attention.cpp):
+// q fp32 [B, H, 1, D], k/v cache [B, Hkv, L, D], mask bool [B, 1, 1, L], slot int64 [1];
+// window > 0 limits the read to the last `window` slots; softcap: Gemma 2's logit soft-capping.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& mask, const at::Tensor& slot, int64_t window, double scaling,
+                            c10::optional<double> softcap);
+
 // XOR fold (64-bit words) of a contiguous CPU tensor, read in parallel: a read-bandwidth probe.
 int64_t read_probe(const at::Tensor& buf);
 

@@ -39,10 +39,13 @@ TORCH_LIBRARY(fxk_cpu, m) {
   m.def("quantize_act(Tensor x, Tensor? scale, Tensor? zero) -> (Tensor, Tensor, Tensor)");
   m.def("qact_linear(Tensor xq, Tensor x_scale, Tensor x_zero, Tensor qweight, Tensor scale, Tensor zero, "
         "Tensor wsum, Tensor[] packed, Tensor? bias, int bits, ScalarType out_dtype) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor mask, Tensor slot, int window, "
+        "float scaling, float? softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fxk_cpu, CPU, m) {
   m.impl("dequant_linear", &dequant_linear_op);
   m.impl("quantize_act", &quantize_act_op);
   m.impl("qact_linear", &qact_linear_op);
+  m.impl("decode_attention", &fxk::decode_attention);
 }

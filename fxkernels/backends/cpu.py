@@ -185,6 +185,11 @@ def _(xq, x_scale, x_zero, qweight, scale, zero, wsum, packed, bias, bits, out_d
     return xq.new_empty(xq.shape[0], qweight.shape[0], dtype=out_dtype)
 
 
+@torch.library.register_fake("fxk_cpu::decode_attention")
+def _(q, k_cache, v_cache, mask, slot, window, scaling, softcap):
+    return q.new_empty(q.shape)
+
+
 set_isa(os.environ.get("FXK_CPU_ISA", "auto") or "auto")
 _feat = _C.cpu_features()
 set_backend_status("cpu", True, f"fxkernels._C, {active_isa()} kernels "

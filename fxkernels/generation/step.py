@@ -14,6 +14,7 @@ has an empty softmax.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -38,9 +39,13 @@ def attention_mask(valid: Tensor, slots: Tensor, window: Optional[int]) -> Tenso
     return allowed | (keys[None, :] == q)
 
 
-def attend(layer: LayerRunner, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Softmax attention of ``q [B, H, T, D]`` over the whole cache ``k, v [B, Hkv, L, D]``."""
+def attend(layer: LayerRunner, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
+    """Softmax attention of ``q [B, H, T, D]`` over the cache ``k, v [B, Hkv, L, D]``; ``slots [T]``
+    are the cache slots of the step's tokens."""
     if q.shape[2] == 1:
+        if q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and _cpu_attention_op() is not None:
+            # reads the slots written so far, not the whole cache (csrc/cpu/attention.cpp)
+            return _cpu_attention_op()(q, k, v, mask, slots, layer.window or 0, layer.scaling, layer.softcap)
         return _decode_attention(layer, q, k, v, mask)
     if layer.softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling,
@@ -53,6 +58,16 @@ def attend(layer: LayerRunner, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) ->
     w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(w, v)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_attention_op():
+    """``fxk_cpu::decode_attention`` when the CPU extension is built, else None."""
+    try:
+        from ..backends import cpu  # noqa: F401  (registers the fxk_cpu operators' fake implementations)
+    except ImportError:
+        return None
+    return torch.ops.fxk_cpu.decode_attention.default
 
 
 def _decode_attention(layer: LayerRunner, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -89,7 +104,7 @@ def layer_forward(layer: LayerRunner, h: Tensor, slots: Tensor, mask: Tensor, co
     k = k * cos + rotate_half(k) * sin
     layer.k_cache.index_copy_(2, slots, k)
     layer.v_cache.index_copy_(2, slots, v)
-    a = attend(layer, q, layer.k_cache, layer.v_cache, mask)
+    a = attend(layer, q, layer.k_cache, layer.v_cache, mask, slots)
     a = layer.o_proj(a.transpose(1, 2).reshape(b, t, layer.heads * layer.head_dim))
     if layer.post_attn_norm is not None:
         a = layer.post_attn_norm(a)

@@ -1,0 +1,260 @@
+// Single-query attention over a static KV cache: the attention of one decode step
+// (fxkernels/generation/step.py), as one operator fxk_cpu::decode_attention.
+//
+// Why an operator: the step's cache is allocated for the whole generation (prompt plus every new
+// token, rounded up), so a graph of fixed shapes reads all L slots of every row at every step,
+// although only the slots up to the current one can be attended to. Here the loop stops at the
+// step's slot (and starts at the sliding window's first slot), so a step reads the keys and values
+// written so far and no more. Each key and value row is read once for all the query heads that
+// share it (grouped-query attention), the softmax is exact (max-subtracted, fp32), and masked
+// slots (left padding) are skipped.
+//
+// Layout: q [B, H, 1, D], k/v cache [B, Hkv, L, D], mask bool [B, 1, 1, L] (may this step's query
+// read slot j), slot int64 [1] (the cache slot of this step's token); query head h reads kv head
+// h / (H / Hkv), as in Hugging Face's repeat_kv. fp32 throughout.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/kernels_cpu.h"
+
+#define FXK_ATT_AVX2 __attribute__((target("avx2,fma")))
+
+namespace fxk {
+namespace {
+
+struct Rows {
+  const float* q;     // [G, D] the query heads of one kv head
+  const float* k;     // [L, D]
+  const float* v;     // [L, D]
+  const bool* mask;   // [L]
+  float* out;         // [G, D]
+  float* p;           // [G, n] scratch: scores, then probabilities
+};
+
+// exp(x) for x <= 0 (max-subtracted scores): Cody-Waite reduction to r in [-ln2/2, ln2/2] and a
+// degree-6 polynomial, ~1 ulp; inputs below -87 give 0 (their weight is under 2^-125 of the max).
+FXK_ATT_AVX2 inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+FXK_ATT_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Scores -> probabilities in place for one head's n slots (masked slots hold -inf and get 0).
+FXK_ATT_AVX2 void softmax_avx2(float* p, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 vs = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + j), vm));
+    _mm256_storeu_ps(p + j, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  float s = hsum(vs);
+  for (; j < n; ++j) {
+    p[j] = std::exp(p[j] - m);
+    s += p[j];
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / s);
+  for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), inv));
+  for (; j < n; ++j) p[j] *= 1.0f / s;
+}
+
+// Pull the next rows' key and value lines towards L1 while this row's scores are computed, so
+// the weighted sum below reads values that are already near (it walks each row in 64-byte
+// column strips, a pattern the hardware prefetchers do not follow well).
+constexpr int64_t kPrefetchRows = 8;
+FXK_ATT_AVX2 inline void prefetch_row(const float* row, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) _mm_prefetch((const char*)(row + d), _MM_HINT_T0);
+}
+
+// Scores of GB query heads (g0 ..) over slots [lo, lo + n); masked slots get -inf.
+template <int GB>
+FXK_ATT_AVX2 void scores_avx2(const Rows& r, int g0, int64_t D, int64_t lo, int64_t n, int64_t hi_row,
+                              float scaling, float softcap) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    if (lo + j + kPrefetchRows <= hi_row) {
+      prefetch_row(r.k + (lo + j + kPrefetchRows) * D, D);
+      prefetch_row(r.v + (lo + j + kPrefetchRows) * D, D);
+    }
+    if (!r.mask[lo + j]) {
+      for (int g = 0; g < GB; ++g) r.p[(g0 + g) * n + j] = ninf;
+      continue;
+    }
+    const float* kr = r.k + (lo + j) * D;
+    __m256 acc[GB];
+    for (int g = 0; g < GB; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 kv = _mm256_loadu_ps(kr + d);
+      for (int g = 0; g < GB; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(r.q + (g0 + g) * D + d), kv, acc[g]);
+    }
+    for (int g = 0; g < GB; ++g) {
+      float w = hsum(acc[g]) * scaling;
+      if (softcap > 0) w = std::tanh(w / softcap) * softcap;
+      r.p[(g0 + g) * n + j] = w;
+    }
+  }
+}
+
+// out[g] = sum_j p[g, j] v[j] for GB heads: 16 output columns of each head stay in registers
+// while the rows stream.
+template <int GB>
+FXK_ATT_AVX2 void weighted_sum_avx2(const Rows& r, int g0, int64_t D, int64_t lo, int64_t n) {
+  for (int64_t d = 0; d < D; d += 16) {
+    const bool two = d + 16 <= D;
+    __m256 a0[GB], a1[GB];
+    for (int g = 0; g < GB; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vr = r.v + (lo + j) * D + d;
+      const __m256 v0 = _mm256_loadu_ps(vr);
+      const __m256 v1 = two ? _mm256_loadu_ps(vr + 8) : _mm256_setzero_ps();
+      for (int g = 0; g < GB; ++g) {
+        const __m256 pj = _mm256_broadcast_ss(r.p + (g0 + g) * n + j);
+        a0[g] = _mm256_fmadd_ps(pj, v0, a0[g]);
+        a1[g] = _mm256_fmadd_ps(pj, v1, a1[g]);
+      }
+    }
+    for (int g = 0; g < GB; ++g) {
+      _mm256_storeu_ps(r.out + (g0 + g) * D + d, a0[g]);
+      if (two) _mm256_storeu_ps(r.out + (g0 + g) * D + d + 8, a1[g]);
+    }
+  }
+}
+
+template <int GB>
+FXK_ATT_AVX2 void head_block_avx2(const Rows& r, int g0, int64_t D, int64_t lo, int64_t n, float scaling,
+                                  float softcap) {
+  scores_avx2<GB>(r, g0, D, lo, n, lo + n - 1, scaling, softcap);
+  for (int g = 0; g < GB; ++g) softmax_avx2(r.p + (g0 + g) * n, n);
+  weighted_sum_avx2<GB>(r, g0, D, lo, n);
+}
+
+// One kv head: G query heads over slots [lo, lo + n), in blocks of up to kHeadBlock heads whose
+// accumulators fit the 16 vector registers. D is a multiple of 8.
+FXK_ATT_AVX2 void attend_avx2(const Rows& r, int G, int64_t D, int64_t lo, int64_t n, float scaling,
+                              float softcap) {
+  int g0 = 0;
+  for (; g0 + 4 <= G; g0 += 4) head_block_avx2<4>(r, g0, D, lo, n, scaling, softcap);
+  switch (G - g0) {
+    case 3: head_block_avx2<3>(r, g0, D, lo, n, scaling, softcap); break;
+    case 2: head_block_avx2<2>(r, g0, D, lo, n, scaling, softcap); break;
+    case 1: head_block_avx2<1>(r, g0, D, lo, n, scaling, softcap); break;
+    default: break;
+  }
+}
+
+// Portable loops with the same arithmetic order per head (dot, softmax, weighted sum).
+void attend_scalar(const Rows& r, int G, int64_t D, int64_t lo, int64_t n, float scaling, float softcap) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int g = 0; g < G; ++g) {
+    float* p = r.p + g * n;
+    const float* q = r.q + g * D;
+    float m = ninf;
+    for (int64_t j = 0; j < n; ++j) {
+      if (!r.mask[lo + j]) {
+        p[j] = ninf;
+        continue;
+      }
+      const float* kr = r.k + (lo + j) * D;
+      float w = 0.f;
+      for (int64_t d = 0; d < D; ++d) w += q[d] * kr[d];
+      w *= scaling;
+      if (softcap > 0) w = std::tanh(w / softcap) * softcap;
+      p[j] = w;
+      m = std::max(m, w);
+    }
+    float s = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      p[j] = std::exp(p[j] - m);
+      s += p[j];
+    }
+    float* o = r.out + g * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = p[j] / s;
+      const float* vr = r.v + (lo + j) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += pj * vr[d];
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& mask, const at::Tensor& slot, int64_t window, double scaling,
+                            c10::optional<double> softcap) {
+  TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "decode_attention: CPU tensors expected");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.scalar_type() == at::kFloat,
+              "decode_attention: q, k_cache and v_cache must be float32");
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1, "decode_attention: q must be [B, H, 1, D], got ", q_in.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "decode_attention: k_cache and v_cache must be the same [B, Hkv, L, D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention: caches must be contiguous");
+  const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(3);
+  const int64_t Hkv = k_cache.size(1), L = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "decode_attention: q ", q_in.sizes(), " does not match the cache ", k_cache.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == B * L,
+              "decode_attention: mask must be bool [B, 1, 1, L]");
+  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1 && slot.device().is_cpu(),
+              "decode_attention: slot must be one int64 on the CPU");
+  const int64_t s = slot.item<int64_t>();
+  TORCH_CHECK(s >= 0 && s < L, "decode_attention: slot ", s, " outside the cache of ", L, " slots");
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, s - window + 1) : 0, n = s - lo + 1;
+  const int G = (int)(H / Hkv);
+  const float cap = softcap.has_value() ? (float)*softcap : 0.f;
+
+  auto q = q_in.contiguous();
+  auto m = mask.contiguous();
+  auto out = at::empty({B, H, 1, D}, q.options());
+  const float *pq = q.data_ptr<float>(), *pk = k_cache.data_ptr<float>(), *pv = v_cache.data_ptr<float>();
+  const bool* pm = m.data_ptr<bool>();
+  float* po = out.data_ptr<float>();
+  const bool vec = cpu_features().avx2 && cpu_features().fma && D % 8 == 0 && active_isa() != "scalar";
+  // one task per (row, kv head); split across threads only when a task reads enough to pay for it
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, n * D));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch((size_t)(G * n));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv;
+      Rows r{pq + t * G * D, pk + t * L * D, pv + t * L * D, pm + b * L, po + t * G * D, scratch.data()};
+      if (vec)
+        attend_avx2(r, G, D, lo, n, (float)scaling, cap);
+      else
+        attend_scalar(r, G, D, lo, n, (float)scaling, cap);
+    }
+  });
+  return out;
+}
+
+}  // namespace fxk
