@@ -439,16 +439,19 @@ def _amx_usable():
 
 
 # rows: under, at and over the AMX threshold (8), a partial 16-row tile, one pass of five tiles (80)
-# and a second pass; N: tile pairs and an odd last 8-row tile; groups of 64, 128 and 192 columns,
-# and K that is not a multiple of 64 per group (that layer stays on VNNI).
+# and a second pass; N: tile pairs (where the tile kernel also sums a weight-only row's limbs) and an
+# odd last 8-row tile (where limb_linear sums them); groups of 64, 128 and 192 columns, and K that is
+# not a multiple of 64 per group (that layer stays on VNNI); N = 40000 splits the limb rows in chunks.
 AMX_CASES = [(8, 32, 128, 1), (32, 1536, 576, 1), (32, 576, 1536, 12), (9, 40, 256, 2), (100, 72, 512, 1),
-             (81, 24, 640, 5), (17, 33, 192, 1), (33, 1000, 4096, 32), (12, 24, 200, 1), (4, 48, 576, 1)]
+             (81, 24, 640, 5), (17, 33, 192, 1), (33, 1000, 4096, 32), (12, 24, 200, 1), (4, 48, 576, 1),
+             (30, 40000, 64, 1), (3, 64, 192, 1)]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m,n,k,g", AMX_CASES)
-def test_amx_path_is_bit_identical_to_vnni(m, n, k, g):
-    """INT4 on AMX tiles (tdpbsud) against the vpdpbusd kernel: the same exact int32 sums and the
-    same epilogue, so the same floats, for W4A8 and for the weight-only layers' int8 limbs."""
+def test_amx_path_is_bit_identical_to_vnni(m, n, k, g, bits):
+    """INT4/INT8 on AMX tiles against the vpdpbusd kernel: the same exact int32 sums and the same
+    epilogue, so the same floats, for W4A8/W8A8 and for the weight-only layers' int8 limbs."""
     if not _amx_usable():
         pytest.skip("this CPU (or OS) offers no AMX-INT8 tiles")
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
@@ -458,7 +461,7 @@ def test_amx_path_is_bit_identical_to_vnni(m, n, k, g):
     x = torch.randn(m, k, generator=gen) * 3
     grouping = dict(granularity="group", group_size=k // g) if g > 1 else dict(granularity="channel")
     for act in (dict(act_bits=8, act_mode="dynamic"), {}):
-        layer = fxkernels.QuantLinear.from_linear(lin, QuantSpec(bits=4, **grouping, **act))
+        layer = fxkernels.QuantLinear.from_linear(lin, QuantSpec(bits=bits, **grouping, **act))
         with cpu.isa("avx512vnni"):
             ref = layer(x)
         with cpu.isa("avx512amx"):

@@ -463,21 +463,38 @@ static void prep_acts(const int8_t* xq, const int32_t* za, int64_t M, int64_t K,
 static constexpr int64_t kAmxMinRows = 8;
 
 // The vector integer-activation GEMM on xq [M][K] (AVX2, or VNNI where active): y = [M][N] fp32.
+// INT8 weights take the vpdpbusd (and AMX) route when their groups split into K quads.
+static bool vnni_int8(int64_t Kp, int64_t G, int64_t bits) {
+  return use_vnni() && bits > 4 && Kp % 4 == 0 && (Kp / G) % 4 == 0;
+}
+
+// Whether qact_vector runs M rows on AMX tiles, and can then also sum groups of `limbs` rows in
+// its store (QaArgs::limbs): every tile pair on AMX (no odd last tile), whole groups per pass.
+static bool qa_amx(int64_t M, int64_t N, int64_t Kp, int64_t G, int64_t bits) {
+  return use_amx() && (bits <= 4 || vnni_int8(Kp, G, bits)) && M >= kAmxMinRows && (Kp / G) % 64 == 0;
+}
+static bool qa_amx_sums_limbs(int64_t M, int64_t N, int64_t Kp, int64_t G, int64_t bits, int limbs) {
+  return limbs > 1 && kAmxPassRows % limbs == 0 && ((N + 7) / 8) % 2 == 0 && qa_amx(M, N, Kp, G, bits);
+}
+
+// y [M / limbs][N]; limbs > 1 only where qa_amx_sums_limbs holds.
 static void qact_vector(const int8_t* xq, const float* sa, const int32_t* za, int64_t M, int64_t K, int64_t N,
-                        int64_t G, int64_t bits, const std::vector<at::Tensor>& packed, const float* pb, float* y) {
+                        int64_t G, int64_t bits, const std::vector<at::Tensor>& packed, const float* pb, float* y,
+                        int limbs = 1) {
   const int64_t Kp = *packed[4].data_ptr<int64_t>();
   static thread_local std::vector<int8_t> x8;
   static thread_local std::vector<int16_t> x16;
   static thread_local std::vector<int32_t> xc;
   static thread_local std::vector<uint8_t> xu8;
-  const bool vnni8 = use_vnni() && bits > 4 && Kp % 4 == 0 && (Kp / G) % 4 == 0;
+  const bool vnni8 = vnni_int8(Kp, G, bits);
+  TORCH_CHECK(limbs == 1 || qa_amx_sums_limbs(M, N, Kp, G, bits, limbs), "qact_vector: limb sums need the AMX route");
   const int64_t xs = act_row_stride(Kp, bits <= 4 || vnni8 ? 1 : 2);
   prep_acts(xq, za, M, K, Kp, xs, G, K / G, bits, x8, x16, xc, vnni8 ? &xu8 : nullptr);
   QaArgs a{(const uint8_t*)packed[0].data_ptr(), packed[1].data_ptr<int32_t>(), packed[2].data_ptr<int32_t>(),
            packed[3].data_ptr<float>(), bits <= 4 ? x8.data() : nullptr, bits <= 4 || vnni8 ? nullptr : x16.data(),
-           xc.data(), sa, za, pb, y, M, N, Kp, G, K / G, (int)bits, vnni8 ? xu8.data() : nullptr, xs};
+           xc.data(), sa, za, pb, y, M, N, Kp, G, K / G, (int)bits, vnni8 ? xu8.data() : nullptr, xs, limbs};
   const int64_t NT = (N + 7) / 8;
-  if (use_amx() && (bits <= 4 || vnni8) && M >= kAmxMinRows && (Kp / G) % 64 == 0) {
+  if (qa_amx(M, N, Kp, G, bits)) {
     // tile pairs in parallel; an odd last tile (N % 16 in 1..8) on the VNNI kernel
     at::parallel_for(0, NT / 2, std::max<int64_t>(1, tile_grain(M, Kp) / 2),
                      [&](int64_t p0, int64_t p1) { qa_pairs_amx(a, 2 * p0, 2 * p1); });
@@ -526,6 +543,7 @@ static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                         int64_t K, at::Tensor& y) {
   const int64_t M = x.size(0), N = qweight.size(0), G = scale.size(1);
   const int L = (int)*packed[5].data_ptr<int64_t>();
+  const int64_t Kp = *packed[4].data_ptr<int64_t>();
   TORCH_CHECK(L >= 1 && L <= 4, "dequant_linear: limb layout with ", L, " limbs; expected 1..4");
   // Rows go in chunks whose L partial outputs take <= 8 MiB (these buffers persist per thread);
   // for long inputs a chunk is about the row block the kernel streams the weight once for anyway.
@@ -546,6 +564,11 @@ static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     at::parallel_for(0, rows, (64 * 1024 + K) / K, [&](int64_t r0, int64_t r1) {
       limb_split_avx2(px + c0 * K, K, L, pd, pf, pok + c0, r0, r1);
     });
+    if (qa_amx_sums_limbs(rows * L, N, Kp, G, bits, L)) {
+      // the tile kernel sums each row's limbs (and adds the bias) as it stores: no partial outputs
+      qact_vector(pd, pf, zeros.data(), rows * L, K, N, G, bits, packed, pb, py + c0 * N, L);
+      continue;
+    }
     qact_vector(pd, pf, zeros.data(), rows * L, K, N, G, bits, packed, nullptr, pyl);
     at::parallel_for(0, rows, std::max<int64_t>(1, 64 * 1024 / (N * L)), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {

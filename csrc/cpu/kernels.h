@@ -58,7 +58,15 @@ struct QaArgs {
   // Row stride of x8 / x16 / xu8 in elements (>= Kp): an odd number of 64-byte lines, so the rows
   // a micro-kernel reads together fall in different L1 sets (see act_row_stride in kernels.cpp).
   int64_t xs = 0;
+  // > 1 (AMX kernel only): the M rows are groups of `limbs` int8 digit rows of one fp32 row, least
+  // significant first (limb_linear in kernels.cpp); y is then [M / limbs][N], each output the sum of
+  // its group's scaled products, most significant first, plus the bias: limb_linear's own order,
+  // so the result is bit-identical to summing the rows' outputs afterwards.
+  int limbs = 1;
 };
+
+// Rows per pass of the AMX kernel (two 16-row tiles); a multiple of the limb counts it fuses.
+constexpr int64_t kAmxPassRows = 32;
 
 // Tiles [t0, t1) of 8 output rows, all M rows of the input.
 void dq_tiles_avx2(const DqArgs& a, int64_t t0, int64_t t1);

@@ -67,7 +67,7 @@ struct alignas(64) TileConfig {
 // activations of row tiles 0 and 1; tmm6 and tmm7 the weights of pairs 0 and 1. Each activation
 // tile feeds two products and each weight tile two, and the four sums are independent, so the
 // tile unit is not left waiting on one sum's latency.
-constexpr int kPassRows = 32;
+constexpr int kPassRows = (int)kAmxPassRows;
 
 FXK_AMX void configure(int64_t rows0, int64_t rows1) {
   TileConfig c;
@@ -155,9 +155,20 @@ FXK_AMX void store_outputs(const QaArgs& a, int64_t t, int64_t m0, int64_t rows,
     if (a.bias)
       for (int64_t i = 0; i < 8 && n0 + i < a.N; ++i) bias[i] = a.bias[n0 + i];
     const __m256 b = _mm256_load_ps(bias);
-    for (int64_t m = 0; m < rows; ++m) {
-      const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(yf + m * 16 + h * 8), _mm256_set1_ps(a.sa[m0 + m]), b);
-      float* yrow = a.y + (m0 + m) * a.N;
+    const int L = a.limbs;
+    for (int64_t m = 0; m < rows; m += L) {
+      __m256 v;
+      if (L == 1) {
+        v = _mm256_fmadd_ps(_mm256_loadu_ps(yf + m * 16 + h * 8), _mm256_set1_ps(a.sa[m0 + m]), b);
+      } else {
+        const __m256 zero = _mm256_setzero_ps();
+        v = _mm256_fmadd_ps(_mm256_loadu_ps(yf + (m + L - 1) * 16 + h * 8), _mm256_set1_ps(a.sa[m0 + m + L - 1]), zero);
+        for (int l = L - 2; l >= 0; --l)
+          v = _mm256_add_ps(v, _mm256_fmadd_ps(_mm256_loadu_ps(yf + (m + l) * 16 + h * 8),
+                                               _mm256_set1_ps(a.sa[m0 + m + l]), zero));
+        if (a.bias) v = _mm256_add_ps(v, b);
+      }
+      float* yrow = a.y + ((m0 + m) / L) * a.N;
       if (n0 + 8 <= a.N) {
         _mm256_storeu_ps(yrow + n0, v);
       } else {
