@@ -69,3 +69,43 @@ def test_dequant_linear(benchmark, k, n, bits, group, m):
     if any(g in name for g in ("H100", "H200")) and (k, n, bits, group) == (4096, 11008, 4, 128) and m in TARGETS:
         assert t_cu / t_tr >= TARGETS[m], (
             f"M={m}: {t_cu / t_tr:.2f}x cuBLAS fp16 ({t_tr * 1e3:.1f} us vs {t_cu * 1e3:.1f} us); target {TARGETS[m]}x")
+
+
+@pytest.mark.parametrize("m", [1, 16, 1024])
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, None), (8, 128), (8, None)],
+                         ids=["w4a8g128", "w4a8ch", "w8a8g128", "w8a8ch"])
+def test_qact_linear(benchmark, bits, group, m):
+    """The Triton integer GEMM (forced: dispatch gives W8A8 per channel to the CUDA extension where
+    it is built) on K=4096 N=11008; GPU time next to cuBLAS fp16 in extra_info (no targets yet)."""
+    import fxkernels
+    from fxkernels import reference
+    from fxkernels.backends import triton_int8 as ti
+
+    k, n = 4096, 11008
+    qw, s, z = _layer(n, k, bits, group)
+    ws = reference.weight_sums(qw, bits, k, s.shape[1])
+    xq = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
+    sa = torch.rand(m, device="cuda") * 0.05 + 1e-3
+    za = torch.randint(-128, 128, (m,), device="cuda", dtype=torch.int32)
+    args = (xq, sa, za, qw, s, z, ws, None, bits, torch.float16)
+
+    def call():
+        with fxkernels.use_backend("triton"):
+            return fxkernels.ops.qact_linear(*args)
+
+    y = call()  # autotunes outside the timed region
+    plan = ti.make_qact_plan(ti.choose_qact_config(*args), m, n, k, s.shape[1],
+                             torch.cuda.get_device_properties(0).multi_processor_count)
+    exact, bound = ti.error_bound(*args, chunk=ti.plan_chunk(plan, k, s.shape[1]), splits=plan.split_k)
+    assert bool(((y.double() - exact).abs() <= bound).all())
+
+    def step():
+        call()
+        torch.cuda.synchronize()
+
+    benchmark(step)
+    w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    x16 = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    t_q, t_cu = _gpu_ms(call), _gpu_ms(lambda: F.linear(x16, w16))
+    benchmark.extra_info.update(gpu_ms=t_q, cublas_fp16_ms=t_cu, speedup=t_cu / t_q,
+                                tops=2 * m * n * k / t_q / 1e9, config=str(ti.choose_qact_config(*args)))
