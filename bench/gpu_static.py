@@ -1,5 +1,7 @@
 """Static GPU review without a GPU: registers, spills, shared memory and main-loop SASS of every
-Triton kernel variant (and the CUDA INT8 GEMM cubin), compiled for sm_80 and sm_90.
+Triton kernel variant (the weight-only dequant-GEMMs, the integer-activation W8A8 / W4A8 GEMM and
+the activation quantizer) and the CUDA INT8 GEMM cubin, compiled for sm_80 and sm_90 (sm_90a:
+Triton targets Hopper with the arch-specific features, wgmma and TMA).
 
     PYTHONPATH=. python bench/gpu_static.py [--out docs/GPU_STATIC.md] [--arch 80 90] [--quick]
 
@@ -139,6 +141,35 @@ def triton_variants(arch: int, quick: bool):
     return out
 
 
+def qact_variants(arch: int, quick: bool):
+    """(label, compile() -> kernel, threads, weights per main-loop trip, bits, config) of the
+    integer-activation GEMM: every configuration the backend may choose on ``sm_<arch>``, with the
+    layouts it serves (per-channel: W8 and W4; grouped: W4 and W8 g128; odd groups: W4 g48)."""
+    from fxkernels.backends import triton_int8 as ti
+
+    out = []
+    for cfg, grouped in ti.qact_shipped_configs((arch // 10, arch % 10)):
+        if cfg in ti.QACT_ODD_GROUP_CONFIGS:
+            layouts = [(4, 85, "g48", 4080)]
+        elif grouped:
+            layouts = [(4, 32, "g128", 4096)] if quick else [(4, 32, "g128", 4096), (8, 32, "g128", 4096)]
+        else:
+            layouts = [(8, 1, "ch", 4096)] if quick else [(8, 1, "ch", 4096), (4, 1, "ch", 4096)]
+        for bits, groups, lay, k in layouts:
+            plan = ti.make_qact_plan(cfg, 16, 4096, k, groups, 132, 1)
+            out.append((f"qact {cfg} W{bits}A8 {lay} (mode{plan.scale_mode} BK{plan.bk})",
+                        lambda cfg=cfg, bits=bits, groups=groups, k=k: ti.compile_qact_variant(arch, cfg, bits, groups,
+                                                                                                 k=k),
+                        32 * cfg.warps, cfg.bn * plan.bk, bits, cfg))
+    return out
+
+
+def mma_ops(cubin: bytes) -> collections.Counter:
+    """Tensor-core instructions in the whole kernel (IGMMA: Hopper warp-group MMA on integers,
+    HGMMA: on fp16/bf16; IMMA / HMMA: the warp-level mma.sync)."""
+    return collections.Counter(opcode(t) for _, t in disassemble(cubin) if "MMA" in opcode(t))
+
+
 def cuda_int8_rows(archs) -> list:
     """ptxas -v figures of the CUDA INT8 GEMM (csrc/cuda), when nvcc is present (no SASS loop
     count: its weights are int8 activations' partner, reported as registers/spills only)."""
@@ -231,6 +262,35 @@ def main():
             print(line, flush=True)
             lines.append(line)
             results[(arch, label)] = r
+    qlines = ["| arch | variant | loop instr | instr / weight | regs | spills (LDL+STL, local B) | smem KiB "
+              "| tensor-core instructions (whole kernel) | top opcodes in the loop |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for arch in args.arch:
+        for label, comp, threads, wpi, bits, cfg in qact_variants(arch, args.quick):
+            try:
+                k = comp()
+                r = analyse(k.asm["cubin"], threads, wpi, bits)
+                mma = mma_ops(k.asm["cubin"])
+            except Exception as e:
+                failures.append(f"sm_{arch} {label}: {type(e).__name__}: {str(e)[:300]}")
+                print("FAIL", failures[-1], flush=True)
+                continue
+            top = ", ".join(f"{op} {c}" for op, c in r["hist"].most_common(6))
+            line = (f"| sm_{arch} | {label} | {r['loop']} | {r['per_weight']:.2f} | {r['regs']} | "
+                    f"{r['spill_ins']}, {r['local']} | {k.metadata.shared / 1024:.0f} | "
+                    f"{', '.join(f'{op} {c}' for op, c in sorted(mma.items()))} | {top} |")
+            print(line, flush=True)
+            qlines.append(line)
+        from fxkernels.backends import triton_int8 as ti
+        for static in (False, True):
+            try:
+                k = ti.compile_quantize_variant(arch, __import__("torch").bfloat16, static)
+                res = resources(k.asm["cubin"])
+                qlines.append(f"| sm_{arch} | quantize_act bf16 {'static' if static else 'dynamic'} BLOCK"
+                              f"{ti.QUANT_BLOCK} | - | - | {res['regs']} | -, {res['local']} | "
+                              f"{k.metadata.shared / 1024:.0f} | - | - |")
+            except Exception as e:
+                failures.append(f"sm_{arch} quantize_act: {type(e).__name__}: {str(e)[:300]}")
     cuda = [] if args.no_cuda else cuda_int8_rows(args.arch)
     md = ["# Static GPU review (compile-only, no GPU)", "",
           f"Command: `PYTHONPATH=. python bench/gpu_static.py --out docs/GPU_STATIC.md` "
@@ -241,6 +301,12 @@ def main():
           + ". The share is the HBM bandwidth the instruction stream alone could sustain (capped at 100 %).",
           "Instructions per weight = main-loop SASS instructions x threads per CTA / weights per loop trip.", ""]
     md += summary(results, args.arch) + ["", "## Every variant", ""] + lines
+    md += ["", "## Integer-activation GEMM (W8A8 / W4A8, `triton_qact_linear`) and activation quantizer", "",
+           "Every configuration the backend may choose (fxkernels/backends/triton_int8.py), at M = 16, "
+           "N = K = 4096 (odd groups: K = 4080, g48), no split. Instructions per weight count the main "
+           "loop (one K step) over the BN x BK weights it consumes; for the large-M tiles the tensor "
+           "cores, not the issue rate, bound the loop. IGMMA = Hopper warp-group MMA on int8 "
+           "(`wgmma.mma_async ... .s32.s8.s8`), IMMA = `mma.sync`.", ""] + qlines
     if cuda:
         md += ["", "## CUDA kernels (nvcc -cubin -Xptxas -v; static shared memory only, the GEMM's dynamic "
                "shared memory is sized at launch)", ""] + [f"- sm_{a} {f}: {t}" for f, a, t in cuda]
