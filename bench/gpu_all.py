@@ -15,7 +15,8 @@ Steps:
    torch's own matmul error of a float64 product; Triton ``qact_linear`` (W8A8 / W4A8, per
    channel, g128, g48) within the first-principles fp32 bound of tests/test_triton_int8.py;
    Triton ``quantize_act`` bit-exact; CUDA ``int8_mm`` bit-exact and its ``qact_linear`` within
-   the same bound; which kernel dispatch picks for each layout;
+   the same bound; which kernel dispatch picks for each layout; ``torch.compile(fullgraph=True)``
+   over W4A8 and W8A8 QuantLinear layers against their eager output;
 2. timings: every row's output is checked against the reference on the same inputs first (ours
    gate the exit status; peers are reported). Each repetition is preceded by a write of a buffer
    of twice the GPU's L2 size (L2 flushed: weights come from HBM, as in a real decode step), timed
@@ -93,6 +94,8 @@ def check_cases(smoke: bool):
         out.append(("quant", 0, 0, 300, 0, 4104, dt))
     for m in (1, 17, 300):
         out.append(("cuda", 8, 0, m, 1000, 1920, "float16"))
+    for bits, group in ((4, 128), (8, 0)):  # torch.compile(fullgraph=True) over an A8 QuantLinear
+        out.append(("compile", bits, group, 4, 1024, 2048, "float16"))
     return out
 
 
@@ -220,6 +223,17 @@ def run_checks(dev, smoke: bool) -> None:
                     args = (xq, sa, za, qw, s, z, ws, b, bits, dtype)
                     ok, detail = qact_check(cuda.qact_linear(*args), *args, chunk=k, splits=1)
                     record(name, ok and exact, f"int8_mm {'exact' if exact else 'DIFFERS'}; epilogue {detail}")
+                elif kind == "compile":
+                    spec = fxkernels.QuantSpec(bits=bits, granularity="group" if group else "channel",
+                                               group_size=group or None, act_bits=8)
+                    torch.manual_seed(0)
+                    ql = fxkernels.QuantLinear.from_linear(torch.nn.Linear(k, n), spec).to(dev)
+                    x = torch.randn(2, m, k, device=dev).to(dtype)
+                    eager = ql(x)
+                    torch._dynamo.reset()
+                    got = torch.compile(ql, fullgraph=True)(x)
+                    err = ((got.float() - eager.float()).abs().max() / eager.float().abs().max()).item()
+                    record(name, err <= 1e-3, f"fullgraph compiled vs eager: rel diff {err:.2g}")
         except Exception as e:
             record(name, False, f"{type(e).__name__}: {e}")
             traceback.print_exc(limit=4)
