@@ -34,12 +34,15 @@ Writes a markdown report to ``--out`` (and prints it).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -120,7 +123,6 @@ def print_plan(args) -> None:
 # -- data --------------------------------------------------------------------------------------
 def make_weight(n, k, bits, group, dev, seed=0):
     """Random codes, asymmetric grid (scales ~ weight std / levels): (qweight, scale, zero, wsum)."""
-    import torch
     from fxkernels import reference
     from fxkernels.format import QuantSpec, as_grouped, pack
 
@@ -136,7 +138,6 @@ def make_weight(n, k, bits, group, dev, seed=0):
 
 
 def make_act(m, k, dev, seed=1):
-    import torch
     g = torch.Generator(device=dev).manual_seed(seed)
     xq = torch.randint(-128, 128, (m, k), generator=g, device=dev, dtype=torch.int8)
     sa = torch.rand(m, generator=g, device=dev) * 0.05 + 1e-3
@@ -173,7 +174,6 @@ def dequant_check(y, x, qw, s, z, bias, bits, k):
 
 # -- step 1: checks ----------------------------------------------------------------------------
 def run_checks(dev, smoke: bool) -> None:
-    import torch
     import fxkernels
     from fxkernels import dispatch, reference
 
@@ -253,7 +253,6 @@ class Timer:
     call alone); on CPU (``--smoke-cpu``) wall-clock time without a flush."""
 
     def __init__(self, dev):
-        import torch
         self.dev = dev
         self.cuda = dev.type == "cuda"
         l2 = torch.cuda.get_device_properties(dev).L2_cache_size if self.cuda else 0
@@ -264,7 +263,6 @@ class Timer:
         """The flush is followed by a GPU-side sleep before the start event: the host enqueues the
         call (Python dispatch, launch) while the GPU is still busy, so host overhead never shows as
         idle GPU time between the events."""
-        import torch
         if not self.cuda:
             fn()
             t0 = time.perf_counter()
@@ -292,7 +290,6 @@ class Timer:
 
 def copy_bandwidth(dev) -> float:
     """Measured device-to-device copy GB/s (read + write) of a 1 GiB buffer."""
-    import torch
     a = torch.empty(1 << 28, dtype=torch.float32, device=dev)
     b = torch.empty_like(a)
     for _ in range(3):
@@ -317,8 +314,8 @@ def spec_bandwidth(props):
 
 
 def _epilogue(acc, xq, za, zs, sa, sw, wsum, bias, k: int):
-    """The W8A8 epilogue as torch ops: zero-point corrections, scales, bias, fp16 out."""
-    import torch
+    """The W8A8 epilogue as torch ops: zero-point corrections, scales, bias, fp16 out (compiled
+    into one kernel by torch.compile for the fused-epilogue baseline)."""
     xsum = xq.sum(1, dtype=torch.int32)
     corr = acc - za[:, None] * wsum[None, :] - zs[None, :] * xsum[:, None] + k * za[:, None] * zs[None, :]
     return (corr.float() * sw[None, :] * sa[:, None] + bias[None, :]).half()
@@ -330,7 +327,6 @@ def int4pack_peer(x16, q, s, z, group):
     torch's layout: bf16 activations, a tiled int4 weight from ``_convert_weight_to_int4pack``
     (uint8 [N, K/2], high nibble = even column), and ``scales_and_zeros [K/g, N, 2]`` with
     ``w = (q - 8) * scale + zero``, so zero = (8 - z) * scale for this project's ``(q - z) * s``."""
-    import torch
     try:
         u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
         packed = torch._convert_weight_to_int4pack(u8, 8)
@@ -344,7 +340,6 @@ def int4pack_peer(x16, q, s, z, group):
 
 
 def run_timings(dev, quick: bool, smoke: bool, budget_end: float):
-    import torch
     import torch.nn.functional as F
     import fxkernels
     from fxkernels import dispatch, reference
@@ -519,7 +514,6 @@ def main(argv=None) -> int:
     if args.dry_run:
         print_plan(args)
         return 0
-    import torch
     if args.smoke_cpu:
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
             log("--smoke-cpu needs TRITON_INTERPRET=1 in the environment")
@@ -543,6 +537,7 @@ def main(argv=None) -> int:
                 try:
                     import gpu_cuda
                     gpu_cuda.build()
+                    importlib.invalidate_caches()  # the new .so must be seen by the next import
                 except Exception as e:  # the Triton rows still run
                     log(f"build failed: {type(e).__name__}: {e}")
         props = torch.cuda.get_device_properties(dev)
