@@ -14,7 +14,6 @@ has an empty softmax.
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -43,9 +42,9 @@ def attend(layer: LayerRunner, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sl
     """Softmax attention of ``q [B, H, T, D]`` over the cache ``k, v [B, Hkv, L, D]``; ``slots [T]``
     are the cache slots of the step's tokens."""
     if q.shape[2] == 1:
-        if q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and _cpu_attention_op() is not None:
+        if _CPU_ATTENTION is not None and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32:
             # reads the slots written so far, not the whole cache (csrc/cpu/attention.cpp)
-            return _cpu_attention_op()(q, k, v, mask, slots, layer.window or 0, layer.scaling, layer.softcap)
+            return _CPU_ATTENTION(q, k, v, mask, slots, layer.window or 0, layer.scaling, layer.softcap)
         return _decode_attention(layer, q, k, v, mask)
     if layer.softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling,
@@ -60,14 +59,18 @@ def attend(layer: LayerRunner, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sl
     return torch.matmul(w, v)
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_attention_op():
+def _load_cpu_attention():
     """``fxk_cpu::decode_attention`` when the CPU extension is built, else None."""
     try:
         from ..backends import cpu  # noqa: F401  (registers the fxk_cpu operators' fake implementations)
-    except ImportError:
+
+        return torch.ops.fxk_cpu.decode_attention.default
+    except (ImportError, AttributeError):  # no CPU extension, or one built before the operator
         return None
-    return torch.ops.fxk_cpu.decode_attention.default
+
+
+# resolved once at import: the decode step is traced, and a constant keeps the lookup out of its graph
+_CPU_ATTENTION = _load_cpu_attention()
 
 
 def _decode_attention(layer: LayerRunner, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
