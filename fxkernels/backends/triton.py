@@ -5,7 +5,9 @@ Importing this module is cheap and never needs triton: the kernels
 runs only in Triton's interpreter, as a test tool: ``TRITON_INTERPRET=1`` in the environment and
 the backend forced (``fxkernels.use_backend("triton")``).
 
-Configurations: one candidate list per M bucket (:data:`BUCKETS`). On a GPU the first call of
+Configurations: one candidate list per M bucket (:data:`BUCKETS`; :data:`FP32_BUCKETS` for fp32
+activations; tilings that spill on the GPU's architecture are left out, :func:`candidate_configs`).
+On a GPU the first call of
 each (device, layer shape, dtype, layout) times the bucket's candidates with
 ``triton.testing.do_bench`` and keeps the fastest (``FXK_TRITON_AUTOTUNE=0``: take the bucket's
 first candidate, no timing). In the interpreter a single fixed configuration runs
@@ -72,11 +74,47 @@ MODE3_MAX_BK = 32
 MODE3_MAX_STAGES = 2
 
 
-def shipped_configs() -> List[Config]:
-    """Every configuration this backend may launch on a GPU (for compile checks)."""
+# Register spills (tests/test_triton_compile.py compiles every choice and checks): on sm_80 these
+# fp16/bf16 tilings spill (a 128x256 fp32 accumulator is 128 registers per thread with 8 warps,
+# next to A100's pipelined operands), so they are Hopper-only candidates; with gathered
+# per-element scales (mode 3) the widest tile spills on both architectures.
+SPILLS_SM80 = (Config(128, 256, 64, 8, 3), Config(128, 128, 128, 8, 3), Config(64, 128, 64, 4, 4))
+# fp32 activations: `input_precision="ieee"` dots run on FMA units, not tensor cores, with both
+# operands and the accumulator in registers; every fp16-sized tile above spills (thousands of
+# spill instructions), so fp32 has its own small tiles, free of spills on sm_80 and sm_90.
+FP32_BUCKETS: Tuple[Tuple[Optional[int], Tuple[Config, ...]], ...] = (
+    (16, (Config(16, 32, 32, 4, 2), Config(32, 32, 32, 4, 2))),
+    (None, (Config(64, 64, 16, 4, 3), Config(128, 64, 16, 8, 2), Config(32, 64, 32, 4, 3), Config(32, 32, 32, 4, 2))),
+)
+SPILLS_GATHER = (Config(128, 256, 64, 8, 3), Config(64, 64, 16, 4, 3), Config(128, 64, 16, 8, 2),
+                 Config(32, 64, 32, 4, 3))
+
+
+def candidate_configs(m: int, cc: Tuple[int, int] = (9, 0), dtype: torch.dtype = torch.float16,
+                      gather: bool = False) -> Tuple[Optional[int], Tuple[Config, ...]]:
+    """``(bucket limit, candidates)`` a GPU of compute capability ``cc`` may choose from for M rows
+    of ``dtype`` activations (``gather``: a group size that no power of two >= 16 divides, mode 3);
+    the first candidate is the untimed default. Tilings that spill there are left out."""
+    buckets = FP32_BUCKETS if dtype == torch.float32 else BUCKETS
+    drop = (SPILLS_SM80 if cc < (9, 0) else ()) + (SPILLS_GATHER if gather else ())
+    for limit, cfgs in buckets:
+        if limit is None or m <= limit:
+            return limit, tuple(c for c in cfgs if c not in drop)
+    raise AssertionError("unreachable: the last bucket has no limit")
+
+
+def shipped_configs(cc: Optional[Tuple[int, int]] = None, dtype: Optional[torch.dtype] = None,
+                    gather: bool = False) -> List[Config]:
+    """Every configuration this backend may launch (for compile checks): on a GPU of compute
+    capability ``cc`` with ``dtype`` activations, or (None) the whole fp16/bf16 table."""
     seen: List[Config] = []
-    for _, cfgs in BUCKETS:
-        seen.extend(c for c in cfgs if c not in seen)
+    if cc is None:
+        for _, cfgs in BUCKETS:
+            seen.extend(c for c in cfgs if c not in seen)
+        return seen
+    for limit, _ in (FP32_BUCKETS if dtype == torch.float32 else BUCKETS):
+        m = limit if limit is not None else 1 << 20
+        seen.extend(c for c in candidate_configs(m, cc, dtype or torch.float16, gather)[1] if c not in seen)
     return seen
 
 
@@ -444,11 +482,11 @@ def _autotune_enabled() -> bool:
 def choose_config(x, qweight, scale, zero, bias, bits, in_features) -> Config:
     if x.device.type != "cuda":
         return INTERPRETER_CONFIG
-    m = x.shape[0]
-    cands = bucket_configs(m)
+    m, groups = x.shape[0], scale.shape[1]
+    gather = groups > 1 and (in_features // groups) % 16 != 0
+    bucket, cands = candidate_configs(m, _device_facts(x.device)[0], x.dtype, gather)
     if not _autotune_enabled():
         return cands[0]
-    bucket = next(limit for limit, cfgs in BUCKETS if cfgs is cands)
     key = (x.device.index, bucket, qweight.shape[0], in_features, scale.shape[1], bits <= 4, x.dtype,
            bias is not None)
     hit = _tuned.get(key)
