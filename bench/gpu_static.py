@@ -130,7 +130,7 @@ def triton_variants(arch: int, quick: bool):
                         lambda cfg=cfg, bits=bits, groups=groups, dt=dt:
                         tb.compile_decode_variant(arch, cfg, bits, dt, groups),
                         32 * cfg.warps, cfg.bn * cfg.bk, bits))
-    for cfg in tb.shipped_configs():
+    for cfg in tb.shipped_configs((arch // 10, arch % 10)):  # what this architecture may choose
         if quick and cfg.bm > 16:
             continue
         bk = min(cfg.bk, 128)
