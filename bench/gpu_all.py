@@ -99,7 +99,19 @@ def check_cases(smoke: bool):
         out.append(("cuda", 8, 0, m, 1000, 1920, "float16"))
     for bits, group in ((4, 128), (8, 0)):  # torch.compile(fullgraph=True) over an A8 QuantLinear
         out.append(("compile", bits, group, 4, 1024, 2048, "float16"))
+    # which kernel dispatch runs: (bits, group, M, N) -> expected in the dispatch check
+    for bits, group, m, n in ((4, 128, 1, 4096), (8, 128, 300, 4096), (8, 0, 1, 1024), (8, 0, 1, 4096),
+                              (8, 0, 300, 4096)):
+        out.append(("dispatch", bits, group, m, n, 4096, "float16"))
     return out
+
+
+def expected_qact_kernel(bits: int, group: int, m: int, n: int, sms: int, have_ext: bool) -> str:
+    """The kernel dispatch must choose for ``fxk::qact_linear`` on a CUDA tensor (docs/bench_cuda.md)."""
+    from fxkernels.backends import triton_int8 as ti
+    if ti.small_m_preferred(m, n, sms)[0]:
+        return ti.QACT_SMALL_M_NAME
+    return "cuda_qact_linear" if bits > 4 and not group and have_ext else ti.QACT_KERNEL_NAME
 
 
 def timing_rows(quick: bool, smoke: bool):
@@ -234,6 +246,14 @@ def run_checks(dev, smoke: bool) -> None:
                     got = torch.compile(ql, fullgraph=True)(x)
                     err = ((got.float() - eager.float()).abs().max() / eager.float().abs().max()).item()
                     record(name, err <= 1e-3, f"fullgraph compiled vs eager: rel diff {err:.2g}")
+                elif kind == "dispatch":
+                    from fxkernels.backends import cuda
+                    from fxkernels.backends import triton as tb
+                    qw, s, z, ws = make_weight(n, k, bits, group, dev)
+                    xq, sa, za = make_act(m, k, dev)
+                    got = dispatch.select("qact_linear", xq, sa, za, qw, s, z, ws, None, bits, dtype).name
+                    want = expected_qact_kernel(bits, group, m, n, tb._device_facts(dev)[1], cuda._ext is not None)
+                    record(name, got == want, f"dispatch runs {got}, expected {want}")
         except Exception as e:
             record(name, False, f"{type(e).__name__}: {e}")
             traceback.print_exc(limit=4)

@@ -34,7 +34,7 @@ def test_dry_run_lists_the_plan():
     for name in ("cuBLAS fp16", "_int_mm + compiled epilogue", "_weight_int4pack_mm", "triton W4A8 g128",
                  "triton W8A8 ch", "cuda W8A8 ch", "A8 layer"):
         assert name in out, name
-    assert out.count("  time ") == 4 * 5 * 11
+    assert out.count("  time ") == 4 * 5 * 11 and out.count("  check (") == 28
     quick = _run(["--dry-run", "--quick"]).stdout
     assert quick.count("  time ") == 2 * 3 * 11
 
