@@ -237,6 +237,20 @@ def _compile_and_refusals() -> dict:
         return (torch.zeros(m, k, dtype=torch.int8), torch.ones(m), torch.zeros(m, dtype=torch.int32), qw, s, z,
                 torch.zeros_like(z), None, bits, torch.float16)
 
+    # empty batches, a half-precision bias and an expanded (stride-0) activation scale
+    lay = (4, "group", 32, False, "float16", 128)
+    a = list(_make(5, 24, lay, False, 11))
+    a[7] = a[7].to(torch.bfloat16)
+    a[1] = a[1][:1].expand(5)
+    with fxkernels.use_backend("triton"):
+        e = list(a)
+        e[0], e[1], e[2] = a[0][:0], a[1][:0], a[2][:0]
+        out["empty"] = list(fxkernels.ops.qact_linear(*e).shape)
+        out["empty_quant"] = [list(t.shape) for t in fxkernels.ops.quantize_act(torch.zeros(0, 64), None, None)]
+        y = fxkernels.ops.qact_linear(*a)
+    plan = ti.make_qact_plan(ti.QACT_INTERPRETER_CONFIGS[True], 5, 24, 128, 4, 4)
+    exact, bound = ti.error_bound(*a, chunk=ti.plan_chunk(plan, 128, 4), splits=plan.split_k)
+    out["bias_bf16_within"] = bool(((y.double() - exact).abs() <= bound).all())
     with fxkernels.use_backend("triton"):
         out["ok"] = list(ti.qact_can_implement(*args(2, 8, 64, 4, 2)))
         out["big_group"] = list(ti.qact_can_implement(*args(1, 8, 65536, 8, 1)))
@@ -353,6 +367,12 @@ def test_refusals_explain_themselves(results):
     assert not ok and "qweight strides" in why
     ok, why = r["not_forced"]
     assert not ok and "forced" in why
+
+
+def test_empty_batches_bf16_bias_and_expanded_scale(results):
+    r = _get(results, "_compile")
+    assert r["empty"] == [0, 24] and r["empty_quant"] == [[0, 64], [0], [0]]
+    assert r["bias_bf16_within"]
 
 
 def test_qact_plan():
