@@ -14,9 +14,10 @@ A checkpoint directory holds
 Writing goes through one class, :class:`ShardedWriter` (``save_quantized`` uses it too): each tensor's
 bytes go to disk as it is added (the shard's header is written when the shard is closed), so a
 streaming quantizer holds no shard in memory, and everything lands in a temporary sibling directory
-that replaces the target only when complete. Loading builds the model with parameters on the meta device, swaps in the modules the
-JSON lists (:func:`fxkernels.layers.install_layers`), and assigns the stored tensors shard by shard,
-so no float weight is ever materialized and at most one shard is held beyond the model itself.
+that replaces the target only when complete. Loading builds the model with parameters on the meta
+device, swaps in the modules the JSON lists (:func:`fxkernels.layers.install_layers`), and assigns
+the stored tensors shard by shard, so no float weight is ever materialized and at most one shard is
+held beyond the model itself.
 """
 
 from __future__ import annotations
@@ -121,15 +122,17 @@ _COPY_CHUNK = 16 << 20
 class ShardSink:
     """Safetensors shards written into an existing (temporary) directory; no config files.
 
-    ``add(name, tensor)`` writes the tensor's bytes at once to the current shard's data file (a
-    hidden ``.shard-0000i.data``), so the sink holds no tensor and memory does not grow with the
-    shard size. When the next tensor would push the shard past ``max_shard_bytes`` the shard is
-    closed: its safetensors header (known only now) and then its data are written to
-    ``.shard-0000i.safetensors`` and the data file is removed (a tensor larger than the limit gets a
-    shard of its own, as in Hugging Face). ``finish()`` closes the last shard, names the shards
-    ``model-0000i-of-0000N.safetensors`` and writes ``model.safetensors.index.json``
-    (``metadata``: ``total_size`` in bytes and ``dtype``, the floating dtype holding most bytes); a
-    single shard is written as ``model.safetensors`` with no index. Everything lands in the
+    ``add(name, tensor)`` writes the tensor's bytes at once to the current shard's data file for its
+    element size (hidden ``.shard-0000i.data<size>``), so the sink holds no tensor and memory does
+    not grow with the shard size. When the next tensor would push the shard past
+    ``max_shard_bytes`` the shard is closed: its safetensors header (known only now) and then the
+    data files, widest elements first (every tensor starts at a multiple of its element size, as
+    safetensors' own writer arranges them), are written to ``.shard-0000i.safetensors`` and the data
+    files are removed (a tensor larger than the limit gets a shard of its own, as in Hugging Face).
+    ``finish()`` closes the last shard, names the shards ``model-0000i-of-0000N.safetensors`` and
+    writes ``model.safetensors.index.json`` (``metadata``: ``total_size`` in bytes and ``dtype``,
+    the floating dtype holding most bytes); a single shard is written as ``model.safetensors`` with
+    no index. Everything lands in the
     caller's temporary directory, which replaces the target only when complete. Used by
     :class:`ShardedWriter`, the GPTQ export and the scale bench's random-model writer.
     """
@@ -140,8 +143,9 @@ class ShardSink:
         self.metadata = dict(metadata or {"format": "pt"})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
             raise ValueError(f"ShardSink: metadata={self.metadata!r}; expected a dict of strings")
-        self._data = None  # the open data file of the current shard
-        self._entries: Dict[str, dict] = {}  # the current shard's header entries, in file order
+        self._data: Dict[int, object] = {}  # element size -> open data file of the current shard
+        self._group_bytes: Dict[int, int] = {}  # element size -> bytes in that file
+        self._entries: Dict[str, dict] = {}  # the current shard's header entries (offsets within their file)
         self._shard_bytes = 0
         self._shards: List[Tuple[str, List[str]]] = []  # (temporary file name, tensor names)
         self._names = set()
@@ -164,39 +168,54 @@ class ShardSink:
         nbytes = t.numel() * t.element_size()
         if self.max_shard_bytes is not None and self._entries and self._shard_bytes + nbytes > self.max_shard_bytes:
             self._close_shard()
-        if self._data is None:
-            self._data = open(self._data_path(len(self._shards) + 1), "wb")
+        size = t.element_size()
+        if size not in self._data:
+            self._data[size] = open(self._data_path(len(self._shards) + 1, size), "wb")
+            self._group_bytes[size] = 0
         if nbytes:
-            self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._data[size].write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        start = self._group_bytes[size]
         self._entries[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                               "data_offsets": [self._shard_bytes, self._shard_bytes + nbytes]}
+                               "data_offsets": [start, start + nbytes], "size": size}
+        self._group_bytes[size] = start + nbytes
         self._names.add(name)
         self._shard_bytes += nbytes
         self.total_size += nbytes
         if t.is_floating_point():
             self._float_bytes[t.dtype] = self._float_bytes.get(t.dtype, 0) + nbytes
 
-    def _data_path(self, index: int) -> str:
-        return os.path.join(self.directory, f".shard-{index:05d}.data")
+    def _data_path(self, index: int, size: int) -> str:
+        return os.path.join(self.directory, f".shard-{index:05d}.data{size}")
 
     def _close_shard(self) -> None:
-        """Header, then the data file's bytes, into the shard's safetensors file; the data file goes."""
-        if self._data is None:
+        """Header, then the data files' bytes (widest elements first), into the shard's safetensors
+        file; the data files go."""
+        if not self._data:
             return
-        self._data.close()
-        self._data = None
-        index = len(self._shards) + 1
-        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        for f in self._data.values():
+            f.close()
+        order = sorted(self._data, reverse=True)
+        base, at = {}, 0
+        for size in order:  # each group's length is a multiple of its element size: the next stays aligned
+            base[size], at = at, at + self._group_bytes[size]
+        header = {"__metadata__": self.metadata}
+        for name, e in self._entries.items():
+            b = base[e["size"]]
+            header[name] = {"dtype": e["dtype"], "shape": e["shape"],
+                            "data_offsets": [b + e["data_offsets"][0], b + e["data_offsets"][1]]}
+        header = json.dumps(header, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        index = len(self._shards) + 1
         fname = f".shard-{index:05d}.safetensors"
-        data_path = self._data_path(index)
-        with open(os.path.join(self.directory, fname), "wb") as out, open(data_path, "rb") as src:
+        with open(os.path.join(self.directory, fname), "wb") as out:
             out.write(len(header).to_bytes(8, "little"))
             out.write(header)
-            shutil.copyfileobj(src, out, _COPY_CHUNK)
-        os.remove(data_path)
+            for size in order:
+                with open(self._data_path(index, size), "rb") as src:
+                    shutil.copyfileobj(src, out, _COPY_CHUNK)
+                os.remove(self._data_path(index, size))
         self._shards.append((fname, list(self._entries)))
-        self._entries, self._shard_bytes = {}, 0
+        self._data, self._group_bytes, self._entries, self._shard_bytes = {}, {}, {}, 0
 
     def finish(self) -> List[str]:
         """Close the last shard, give the shards their final names; returns the weight file names."""

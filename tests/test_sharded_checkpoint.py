@@ -296,6 +296,17 @@ def test_sink_files_are_safetensors_with_every_dtype_and_shape(tmp_path, limit):
     assert sorted(out) == sorted(SINK_TENSORS)
     for name, t in SINK_TENSORS.items():
         assert out[name].dtype == t.dtype and out[name].shape == t.shape and torch.equal(out[name], t), name
+    for f in files:  # every tensor starts at a multiple of its element size (zero-copy readers need it)
+        raw = open(tmp_path / f, "rb").read()
+        n = int.from_bytes(raw[:8], "little")
+        assert n % 8 == 0
+        header = json.loads(raw[8:8 + n])
+        spans = sorted(e["data_offsets"] for k, e in header.items() if k != "__metadata__")
+        assert spans[0][0] == 0 and spans[-1][1] == len(raw) - 8 - n  # contiguous, covering the data
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        for k, e in header.items():
+            if k != "__metadata__":
+                assert e["data_offsets"][0] % SINK_TENSORS[k].element_size() == 0, k
     if len(files) > 1:
         index = json.load(open(tmp_path / WEIGHTS_INDEX_NAME))
         assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in SINK_TENSORS.values())
@@ -307,7 +318,7 @@ def test_sink_writes_at_once_and_keeps_no_tensor(tmp_path):
     sink.add("a", t)
     t.fill_(-1)  # changing the tensor after add does not change what was written
     sink.add("b", torch.ones(3))
-    assert sorted(os.listdir(tmp_path)) == [".shard-00001.data"]  # data on disk, no finished shard yet
+    assert sorted(os.listdir(tmp_path)) == [".shard-00001.data4"]  # data on disk, no finished shard yet
     sink.finish()
     from safetensors.torch import load_file
 
