@@ -150,7 +150,7 @@ def qact_variants(arch: int, quick: bool):
     out = []
     for cfg, grouped in ti.qact_shipped_configs((arch // 10, arch % 10)):
         if cfg in ti.QACT_ODD_GROUP_CONFIGS:
-            layouts = [(4, 85, "g48", 4080)]
+            layouts = [(4, 96, "g48", 4608)]
         elif grouped:
             layouts = [(4, 32, "g128", 4096)] if quick else [(4, 32, "g128", 4096), (8, 32, "g128", 4096)]
         else:
@@ -303,7 +303,7 @@ def main():
     md += summary(results, args.arch) + ["", "## Every variant", ""] + lines
     md += ["", "## Integer-activation GEMM (W8A8 / W4A8, `triton_qact_linear`) and activation quantizer", "",
            "Every configuration the backend may choose (fxkernels/backends/triton_int8.py), at M = 16, "
-           "N = K = 4096 (odd groups: K = 4080, g48), no split. Instructions per weight count the main "
+           "N = K = 4096 (odd groups: K = 4608, g48), no split. Instructions per weight count the main "
            "loop (one K step) over the BN x BK weights it consumes; for the large-M tiles the tensor "
            "cores, not the issue rate, bound the loop. IGMMA = Hopper warp-group MMA on int8 "
            "(`wgmma.mma_async ... .s32.s8.s8`), IMMA = `mma.sync`.", ""] + qlines

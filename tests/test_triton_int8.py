@@ -398,6 +398,16 @@ def test_qact_plan():
     assert ti.qact_candidates((9, 0), 1, 4800, 100)[1] == ti.QACT_ODD_GROUP_CONFIGS
 
 
+def test_unaligned_weights_are_refused_on_a_gpu():
+    from fxkernels.backends import triton_int8 as ti
+
+    assert ti.alignment_reason(4096, 4096, 0x7f0000000000) is None
+    assert ti.alignment_reason(4096, 2048, 0x7f0000000000) is None  # INT4 rows
+    assert "in_features=4088" in ti.alignment_reason(4088, 4088, 0x7f0000000000)
+    assert "rows of 2056 B" in ti.alignment_reason(4112, 2056, 0x7f0000000000)
+    assert "address 0x7f0000000004" in ti.alignment_reason(4096, 4096, 0x7f0000000004)
+
+
 def test_small_m_route_only_where_the_extension_starves_the_gpu():
     from fxkernels import dispatch
     from fxkernels.backends import triton_int8 as ti
@@ -427,13 +437,13 @@ rows = []
 for arch in (80, 90):
     for cfg, grouped in ti.qact_shipped_configs((arch // 10, arch % 10)):
         if cfg in ti.QACT_ODD_GROUP_CONFIGS:
-            layouts = ((4, 85), (8, 85))  # g48 at K = 4080
+            layouts = ((4, 96), (8, 96))  # g48 at K = 4608
         elif grouped:
             layouts = ((4, 32), (8, 32)) if FULL else ((4, 32),)
         else:
             layouts = ((8, 1), (4, 1)) if FULL else ((8, 1),)
         for bits, groups in layouts:
-            k = 4080 if groups == 85 else 4096
+            k = 4608 if groups == 96 else 4096
             kern = ti.compile_qact_variant(arch, cfg, bits, groups, k=k)
             ins = gpu_static.disassemble(kern.asm["cubin"])
             res = gpu_static.resources(kern.asm["cubin"])
@@ -442,6 +452,12 @@ for arch in (80, 90):
             rows.append(dict(tag=f"sm_{arch} {cfg} W{bits} groups{groups}", arch=arch, cfg=str(cfg),
                              mside=cfg.bn if cfg.swap else cfg.bm, warps=cfg.warps, spills=spills,
                              local=res["local"], shared=kern.metadata.shared, mma=ops))
+    # the JIT's variant for unaligned weights (K = 99, odd row strides) spills: the backend refuses
+    # those layers on a GPU (alignment_reason); this row records that the refusal is needed
+    cfg = ti.QACT_BUCKETS_CHANNEL[0][1][0]
+    kern = ti.compile_qact_variant(arch, cfg, 8, 1, k=4096, aligned=False)
+    spills = sum(1 for _, t in gpu_static.disassemble(kern.asm["cubin"]) if gpu_static.opcode(t) in ("LDL", "STL"))
+    rows.append(dict(tag=f"sm_{arch} {cfg} W8 unaligned", arch=arch, cfg="unaligned", spills=spills))
     for static in (False, True):
         kern = ti.compile_quantize_variant(arch, torch.bfloat16, static)
         res = gpu_static.resources(kern.asm["cubin"])
@@ -465,6 +481,9 @@ def _static_rows(full: bool):
 
 
 def _check_static(rows):
+    unaligned = [r for r in rows if r["cfg"] == "unaligned"]
+    assert len(unaligned) == 2 and all(r["spills"] > 0 for r in unaligned), unaligned
+    rows = [r for r in rows if r["cfg"] != "unaligned"]
     bad = [f"{r['tag']}: spills {r['spills']}, local {r['local']} B, shared {r['shared']} B" for r in rows
            if r["spills"] or r["local"] or r["shared"] > SMEM_LIMIT[r["arch"]]]
     assert not bad, "\n".join(bad)

@@ -288,10 +288,28 @@ def qact_can_implement(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bi
                        f"{MAX_GROUP_K} columns per group")
     if qweight.stride(1) != 1:
         return False, f"qweight strides {tuple(qweight.stride())}; expected a unit column stride"
+    if xq.device.type == "cuda":
+        why = alignment_reason(k, qweight.stride(0) * qweight.element_size(), qweight.data_ptr())
+        if why is not None:
+            return False, why
     biggest = max(xq.numel(), qweight.numel(), m * n)
     if biggest > tb._INT32_MAX:
         return False, f"a tensor of {biggest} elements exceeds the kernel's 32-bit offsets (max {tb._INT32_MAX})"
     return True, "int8 x int8 tensor-core GEMM (W4A8/W8A8, channel or grouped scales), fused epilogue"
+
+
+def alignment_reason(k: int, row_bytes: int, data_ptr: int) -> Optional[str]:
+    """Why a GPU launch would get the kernel's unaligned variant, or None. The JIT compiles a
+    separate variant when K, the weight row stride or the weight pointer is not a multiple of 16;
+    in it the weight loads cannot be vectorized and every configuration spills registers
+    (thousands of LDL/STL on sm_80 and sm_90a: tests/test_triton_int8.py), so such layers are
+    left to the other kernels (the reference) instead. LLaMA-like layers are aligned."""
+    if k % 16:
+        return f"in_features={k} is not a multiple of 16 (the kernel's unaligned variant spills registers)"
+    if row_bytes % 16 or data_ptr % 16:
+        return (f"qweight rows of {row_bytes} B at address {data_ptr:#x}; expected 16-byte aligned rows "
+                "(the kernel's unaligned variant spills registers)")
+    return None
 
 
 def run_qact(xq, x_scale, x_zero, qweight, scale, zero, wsum, bias, bits, out_dtype):
@@ -370,10 +388,13 @@ _OUT = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
 def compile_qact_variant(arch: int, cfg: QConfig, bits: int, groups: int = 1, out_dtype: torch.dtype = torch.float16,
-                         split_k: int = 1, need_xsum: bool = True, has_bias: bool = True, k: int = 4096):
+                         split_k: int = 1, need_xsum: bool = True, has_bias: bool = True, k: int = 4096,
+                         aligned: bool = True):
     """Compile the integer GEMM for ``sm_<arch>`` (90 means sm_90a, as Triton targets Hopper)
     without a GPU, with 16-divisible sizes, pointers and row strides as the JIT specializes them
-    for LLaMA-like shapes. ``groups`` = 1 is per-channel; otherwise the group size is ``k // groups``."""
+    for LLaMA-like shapes (``aligned=False``: nothing known to be divisible, the variant odd
+    shapes such as K = 99 get). ``groups`` = 1 is per-channel; otherwise the group size is
+    ``k // groups``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -394,7 +415,7 @@ def compile_qact_variant(arch: int, cfg: QConfig, bits: int, groups: int = 1, ou
     names = km.qact_gemm_kernel.arg_names
     div16 = ["x_ptr", "sa_ptr", "za_ptr", "w_ptr", "s_ptr", "z_ptr", "ws_ptr", "b_ptr", "y_ptr", "N", "K", "SEG",
              "stride_xm", "stride_wn", "stride_ym"]
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in div16}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in div16} if aligned else {}
     src = ASTSource(fn=km.qact_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.warps, "num_stages": cfg.stages})
