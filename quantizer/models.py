@@ -1,14 +1,15 @@
 """Load models: a Hugging Face directory, a GGUF file, a hub id (online), or the bundled SmolLM2.
 
-GGUF loading through transformers de-quantizes into float32 (~25-80 s); the result is cached as
-fp32 safetensors so later runs load in about a second.
+A GGUF file is de-quantized once into an fp32 Hugging Face directory in the cache, tensor by tensor
+(:mod:`quantizer.gguf_convert`), so later runs load it in about a second and a model larger than
+memory can still be converted and then streamed (:mod:`quantizer.streaming`). Directories written
+by the earlier whole-model conversion (one ``model.safetensors``) load the same way.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from typing import Tuple
 
 import torch
@@ -39,37 +40,11 @@ def _is_hf_dir(path: str) -> bool:
 
 
 def _gguf_to_hf_dir(gguf_path: str, out_dir: str, log=print) -> str:
-    """De-quantize a GGUF once into an fp32 HF directory (written atomically)."""
-    import shutil
-    import tempfile
+    """De-quantize a GGUF once into an fp32 HF directory, one tensor at a time, written atomically
+    (:func:`quantizer.gguf_convert.gguf_to_hf_dir`: memory about one tensor, not the model)."""
+    from .gguf_convert import gguf_to_hf_dir
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t = time.time()
-    folder, name = os.path.split(os.path.abspath(gguf_path))
-    log(f"converting {name} to fp32 (one time, cached in {out_dir}) ...")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"GGUF file {gguf_path!r} cannot be loaded by transformers ({e}); supported GGUF "
-                         "architectures are those of transformers' GGUF integration (llama, mistral, qwen2, ...)"
-                         ) from e
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    # save_pretrained refuses GGUF-loaded models: rebuild from the config and copy the weights.
-    fresh = type(model)(model.config)
-    fresh.load_state_dict(model.state_dict())
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
-    try:
-        fresh.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"converted in {time.time() - t:.0f} s")
-    return out_dir
+    return gguf_to_hf_dir(gguf_path, out_dir, log=log)
 
 
 def load_model(source: str, dtype=torch.float32, log=print):
