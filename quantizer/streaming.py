@@ -265,8 +265,8 @@ class StreamResult:
 
 def source_directory(source: str, log: Callable[[str], None] = print) -> str:
     """The Hugging Face directory of ``source``: an HF directory itself, or a GGUF file (or the
-    bundled ``smollm2``) converted once to an fp32 directory in the cache (:mod:`quantizer.models`;
-    that conversion holds the model in memory once, a true per-tensor GGUF reader does not exist yet)."""
+    bundled ``smollm2``) converted once to an fp32 directory in the cache, one tensor at a time
+    (:mod:`quantizer.gguf_convert`: memory about one fp32 tensor, not the model)."""
     from . import models
 
     if source in ("smollm2", "SmolLM2-135M", "smollm2-135m"):
