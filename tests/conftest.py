@@ -49,3 +49,32 @@ def tiny_quantize_config(**overrides):
 
 def quiet_log(msg):
     """A ``log=`` callback that drops the engine's progress lines."""
+
+
+def run_interpreter_worker(test_file, tmp, full: bool, timeout: int) -> dict:
+    """Run ``test_file --worker OUT FULL`` in a fresh process under Triton's interpreter (the Triton
+    test files compute every case in one such worker) and return the JSON results it wrote."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    out = Path(tmp) / "results.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("FXK_FORCE_BACKEND", None)
+    env.pop("FXK_DISABLED_KERNELS", None)
+    proc = subprocess.run([sys.executable, str(test_file), "--worker", str(out), str(int(full))], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(out.read_text())
+
+
+def worker_result(results: dict, name: str) -> dict:
+    """One case of an interpreter worker's results; a case that raised there fails here."""
+    r = results[name]
+    if "error" in r:
+        pytest.fail(f"{name}: {r['error']}")
+    return r

@@ -33,6 +33,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if __package__:  # under pytest; the interpreter worker runs this file as a script and needs neither
+    from .conftest import run_interpreter_worker, worker_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # (bits, granularity, group size, symmetric, out dtype, K); N = 40 or 33 leaves partial tiles.
@@ -280,16 +283,7 @@ def _worker(path: str, full: bool) -> None:
 
 # -- the tests (parent process) ----------------------------------------------------------------
 def _spawn(tmp, full: bool) -> dict:
-    pytest.importorskip("triton")
-    out = tmp / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("FXK_FORCE_BACKEND", None)
-    env.pop("FXK_DISABLED_KERNELS", None)
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(out), str(int(full))], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(out.read_text())
+    return run_interpreter_worker(__file__, tmp, full, timeout=1800)
 
 
 @pytest.fixture(scope="module")
@@ -298,10 +292,7 @@ def results(tmp_path_factory):
 
 
 def _get(results, name):
-    r = results[name]
-    if "error" in r:
-        pytest.fail(f"{name}: {r['error']}")
-    return r
+    return worker_result(results, name)
 
 
 def _check(name, r, m, n, lay):
