@@ -22,8 +22,8 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/kernels_cpu.h"
+#include "cpu/vec_math.h"
 
-#define FXK_ATT_AVX2 __attribute__((target("avx2,fma")))
 
 namespace fxk {
 namespace {
@@ -36,34 +36,6 @@ struct Rows {
   float* out;         // [G, D]
   float* p;           // [G, n] scratch: scores, then probabilities
 };
-
-// exp(x) for x <= 0 (max-subtracted scores): Cody-Waite reduction to r in [-ln2/2, ln2/2] and a
-// degree-6 polynomial, ~1 ulp; inputs below -87 give 0 (their weight is under 2^-125 of the max).
-FXK_ATT_AVX2 inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.0f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
-FXK_ATT_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Scores -> probabilities in place for one head's n slots (masked slots hold -inf and get 0).
 FXK_ATT_AVX2 void softmax_avx2(float* p, int64_t n) {
@@ -247,14 +219,20 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
     std::vector<float> scratch((size_t)(G * n));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv;
-      Rows r{pq + t * G * D, pk + t * L * D, pv + t * L * D, pm + b * L, po + t * G * D, scratch.data()};
-      if (vec)
-        attend_avx2(r, G, D, lo, n, (float)scaling, cap);
-      else
-        attend_scalar(r, G, D, lo, n, (float)scaling, cap);
+      attend_group(pq + t * G * D, pk + t * L * D, pv + t * L * D, pm + b * L, po + t * G * D, scratch.data(), G, D,
+                   lo, n, (float)scaling, cap, vec);
     }
   });
   return out;
+}
+
+void attend_group(const float* q, const float* k, const float* v, const bool* mask, float* out, float* scratch, int G,
+                  int64_t D, int64_t lo, int64_t n, float scaling, float softcap, bool vec) {
+  Rows r{q, k, v, mask, out, scratch};
+  if (vec)
+    attend_avx2(r, G, D, lo, n, scaling, softcap);
+  else
+    attend_scalar(r, G, D, lo, n, scaling, softcap);
 }
 
 }  // namespace fxk

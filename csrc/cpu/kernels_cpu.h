@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels.h"
+
 namespace fxk {
 
 // "auto" (AVX2 when the CPU has AVX2+FMA+F16C) or "scalar" (portable loops, for tests).
@@ -39,6 +41,45 @@ at::Tensor qact_linear(const at::Tensor& xq, const at::Tensor& sa, const at::Ten
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& mask, const at::Tensor& slot, int64_t window, double scaling,
                             c10::optional<double> softcap);
+
+// One query group of one kv head for one token (the body of decode_attention, also run per thread
+// by decode_layer): q [G, D], k/v [L, D] of that head, mask [L], out [G, D], scratch >= G * n
+// floats; slots [lo, lo + n) are read. `vec`: the AVX2 loops (needs AVX2+FMA and D % 8 == 0).
+void attend_group(const float* q, const float* k, const float* v, const bool* mask, float* out, float* scratch, int G,
+                  int64_t D, int64_t lo, int64_t n, float scaling, float softcap, bool vec);
+
+// One fp32 row through a weight-only layer's limb layout (see limb_linear in kernels.cpp), split
+// in two steps so that a caller's own parallel region can run it: limb_row_prepare on every
+// thread (into that thread's LimbRow), then limb_row_tiles on each thread's share of the tiles.
+// The result is bit-identical to dequant_linear on that row.
+struct LimbRow {
+  QaArgs a{};
+  int L = 0;
+  int64_t N = 0;
+  const float* bias = nullptr;
+  bool ok = true, finite = true;
+  std::vector<int8_t> digits, x8;
+  std::vector<int16_t> x16;
+  std::vector<int32_t> xc, zeros;
+  std::vector<uint8_t> xu8;
+  std::vector<float> fac, part;
+};
+// Whether `packed` (from the weight-only repack) is the limb layout this CPU's kernels run.
+bool limb_layout_usable(at::TensorList packed);
+void limb_row_prepare(LimbRow& r, const float* x, int64_t K, int64_t N, int64_t G, int64_t bits, at::TensorList packed,
+                      const float* bias);
+// y[n] for the output rows of tiles [t0, t1) (8 rows per tile; rows past N are not written).
+void limb_row_tiles(LimbRow& r, int64_t t0, int64_t t1, float* y);
+
+// One pre-norm decoder layer (LLaMA/SmolLM, Mistral, Qwen2: RMSNorm, rotary, grouped-query attention
+// over a static cache, SiLU-gated MLP) for one token, in one parallel region (decode_layer.cpp).
+at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps1, const at::Tensor& norm2, double eps2,
+                        at::TensorList qkv, const c10::optional<at::Tensor>& qkv_bias, at::TensorList o_proj,
+                        const c10::optional<at::Tensor>& o_bias, at::TensorList gate_up,
+                        const c10::optional<at::Tensor>& gate_up_bias, at::TensorList down,
+                        const c10::optional<at::Tensor>& down_bias, at::IntArrayRef dims, const at::Tensor& cos,
+                        const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& mask,
+                        const at::Tensor& slot, int64_t heads, int64_t window, double scaling);
 
 // XOR fold (64-bit words) of a contiguous CPU tensor, read in parallel: a read-bandwidth probe.
 int64_t read_probe(const at::Tensor& buf);

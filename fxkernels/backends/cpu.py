@@ -190,6 +190,12 @@ def _(q, k_cache, v_cache, mask, slot, window, scaling, softcap):
     return q.new_empty(q.shape)
 
 
+@torch.library.register_fake("fxk_cpu::decode_layer")
+def _(h, norm1, eps1, norm2, eps2, qkv, qkv_bias, o_proj, o_bias, gate_up, gate_up_bias, down, down_bias, dims,
+      cos, sin, k_cache, v_cache, mask, slot, heads, window, scaling):
+    return torch.empty_like(h)
+
+
 set_isa(os.environ.get("FXK_CPU_ISA", "auto") or "auto")
 _feat = _C.cpu_features()
 set_backend_status("cpu", True, f"fxkernels._C, {active_isa()} kernels "

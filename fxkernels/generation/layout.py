@@ -74,6 +74,7 @@ class LayerRunner(nn.Module):
         self.rope_kind = layer_types[index] if config.model_type == "gemma3_text" else "default"
         self.k_cache: Optional[torch.Tensor] = None
         self.v_cache: Optional[torch.Tensor] = None
+        self.fused_args: Optional[tuple] = None  # the whole-layer operator's arguments, see Decoder.prepare
 
 
 def check_supported(model: nn.Module) -> str:

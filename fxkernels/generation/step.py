@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused_layer
 from .layout import LayerRunner
 
 
@@ -96,6 +97,8 @@ def _project(fused: Optional[nn.Module], parts: Tuple[nn.Module, ...], x: Tensor
 
 def layer_forward(layer: LayerRunner, h: Tensor, slots: Tensor, mask: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     b, t, _ = h.shape
+    if layer.fused_args is not None and b == t == 1:  # one token of one row: the whole layer as one operator
+        return fused_layer.run(layer, layer.fused_args, h, slots, mask, cos, sin)
     x = layer.input_norm(h)
     q, k, v = _project(layer.qkv, (layer.q_proj, layer.k_proj, layer.v_proj), x)
     q = q.view(b, t, layer.heads, layer.head_dim).transpose(1, 2)

@@ -1,0 +1,199 @@
+// One pre-norm decoder layer for one token, as one operator fxk_cpu::decode_layer: the decode
+// step of LLaMA/SmolLM, Mistral and Qwen2 models (fxkernels/generation/step.py) at batch 1 on the
+// CPU, for layers whose four projections are weight-only QuantLinears in the limb layout.
+//
+// Why one operator: at batch 1 a small model's layer is ~9 short calls (4 linears, attention,
+// norms, rotary, residuals, the gated activation), each with its own dispatch from the compiled
+// graph and its own fork/join, and between them the second thread waits while the first runs the
+// serial glue; the linears' weights are read from memory only while a kernel runs. Here the
+// layer is one parallel region: every thread runs the cheap row-wide steps itself (norms, the
+// activation, the limb split of each linear's input), the threads split each linear's output
+// tiles and the attention's kv heads, and meet at a barrier where a result must be whole.
+//
+// The linears are limb_row_tiles (bit-identical to dequant_linear at one row), the attention is
+// attend_group (decode_attention's body); the norms, rotary embedding and SiLU follow Hugging
+// Face's fp32 formulas (RMSNorm: x * rsqrt(mean(x^2) + eps) * w; rotate_half; x * sigmoid(x)),
+// with a float64 sum of squares, so they agree with the graph's ops to float rounding.
+#include <omp.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/kernels_cpu.h"
+#include "cpu/vec_math.h"
+
+namespace fxk {
+namespace {
+
+struct Linear {
+  at::TensorList packed;
+  const float* bias;
+  int64_t N, K, G, bits;
+};
+
+void rms_norm(const float* x, const float* w, int64_t D, float eps, float* out) {
+  double ss = 0.0;
+  for (int64_t k = 0; k < D; ++k) ss += (double)x[k] * (double)x[k];
+  const float r = 1.0f / std::sqrt((float)(ss / (double)D) + eps);
+  for (int64_t k = 0; k < D; ++k) out[k] = w[k] * (x[k] * r);
+}
+
+// Hugging Face's x * cos + rotate_half(x) * sin for one head of D values (cos/sin rows of D).
+void rotary(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    out[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+    out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+  }
+}
+
+// out = silu(g) * u, with silu(g) = g / (1 + exp(-g)) written through exp(-|g|) so nothing overflows.
+FXK_ATT_AVX2 void silu_mul_avx2(const float* g, const float* u, int64_t n, float* out) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 e = exp_nonpositive(_mm256_or_ps(x, sign));  // exp(-|x|)
+    const __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+    const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), neg);
+    const __m256 s = _mm256_div_ps(num, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) {
+    const float e = std::exp(-std::fabs(g[i]));
+    out[i] = (g[i] < 0 ? g[i] * e : g[i]) / (1.0f + e) * u[i];
+  }
+}
+
+// This thread's tiles of an N-row output: whole tile pairs (the INT4 kernel's unit), split evenly.
+void my_tiles(int64_t N, int t, int nt, int64_t& t0, int64_t& t1) {
+  const int64_t tiles = (N + 7) / 8, pairs = (tiles + 1) / 2;
+  t0 = std::min(tiles, 2 * (pairs * t / nt));
+  t1 = std::min(tiles, 2 * (pairs * (t + 1) / nt));
+}
+
+template <class T>
+T* grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+const float* f32_ptr(const at::Tensor& t, const char* name, int64_t numel) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == numel,
+              "decode_layer: ", name, " must be a contiguous float32 CPU tensor of ", numel, " values, got ",
+              t.scalar_type(), " ", t.sizes());
+  return t.data_ptr<float>();
+}
+
+Linear linear(const char* name, at::TensorList packed, const c10::optional<at::Tensor>& bias, at::IntArrayRef dims,
+              int i) {
+  TORCH_CHECK(limb_layout_usable(packed), "decode_layer: ", name,
+              " is not a weight-only layer in the limb layout of this CPU's VNNI kernels");
+  Linear l{packed, nullptr, dims[4 * i], dims[4 * i + 1], dims[4 * i + 2], dims[4 * i + 3]};
+  const int64_t Kp = *packed[4].data_ptr<int64_t>();
+  TORCH_CHECK(l.N > 0 && l.K > 0 && l.G > 0 && l.K % l.G == 0 && l.bits >= 2 && l.bits <= 8, "decode_layer: ", name,
+              " dims (N, K, G, bits) = (", l.N, ", ", l.K, ", ", l.G, ", ", l.bits, ") are not a layer's");
+  TORCH_CHECK(l.bits <= 4 || (Kp % 4 == 0 && (Kp / l.G) % 4 == 0), "decode_layer: ", name,
+              " has 8-bit groups that the VNNI kernel cannot split into 4-column steps");
+  if (bias.has_value()) l.bias = f32_ptr(*bias, name, l.N);
+  return l;
+}
+
+}  // namespace
+
+at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps1, const at::Tensor& norm2, double eps2,
+                        at::TensorList qkv, const c10::optional<at::Tensor>& qkv_bias, at::TensorList o_proj,
+                        const c10::optional<at::Tensor>& o_bias, at::TensorList gate_up,
+                        const c10::optional<at::Tensor>& gate_up_bias, at::TensorList down,
+                        const c10::optional<at::Tensor>& down_bias, at::IntArrayRef dims, const at::Tensor& cos,
+                        const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& mask,
+                        const at::Tensor& slot, int64_t heads, int64_t window, double scaling) {
+  TORCH_CHECK(dims.size() == 16, "decode_layer: dims must hold (N, K, G, bits) of the 4 linears, got ", dims.size());
+  const Linear lq = linear("qkv", qkv, qkv_bias, dims, 0), lo_ = linear("o_proj", o_proj, o_bias, dims, 1);
+  const Linear lg = linear("gate_up", gate_up, gate_up_bias, dims, 2), ld = linear("down", down, down_bias, dims, 3);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.sizes() == v_cache.sizes(),
+              "decode_layer: k_cache and v_cache must be the same [1, Hkv, L, D], got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  const int64_t Hkv = k_cache.size(1), L = k_cache.size(2), Dh = k_cache.size(3), H = heads;
+  const int64_t D = h.numel(), I = lg.N / 2;
+  TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && Dh % 2 == 0,
+              "decode_layer: heads=", H, " over ", Hkv, " kv heads of dimension ", Dh, " is not a GQA layout");
+  TORCH_CHECK(lq.K == D && lq.N == (H + 2 * Hkv) * Dh && lo_.K == H * Dh && lo_.N == D && lg.K == D && lg.N % 2 == 0 &&
+                  ld.K == I && ld.N == D,
+              "decode_layer: the linears' shapes do not chain (hidden ", D, ", heads ", H, "x", Dh, ", kv heads ", Hkv,
+              "; dims ", dims, ")");
+  const float* ph = f32_ptr(h, "h", D);
+  const float *pn1 = f32_ptr(norm1, "norm1", D), *pn2 = f32_ptr(norm2, "norm2", D);
+  const float *pcos = f32_ptr(cos, "cos", Dh), *psin = f32_ptr(sin, "sin", Dh);
+  float* kc = const_cast<float*>(f32_ptr(k_cache, "k_cache", Hkv * L * Dh));
+  float* vc = const_cast<float*>(f32_ptr(v_cache, "v_cache", Hkv * L * Dh));
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.numel() == L,
+              "decode_layer: mask must be a contiguous bool [1, 1, 1, L] with L = ", L);
+  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1 && slot.device().is_cpu(),
+              "decode_layer: slot must be one int64 on the CPU");
+  const int64_t s = slot.item<int64_t>();
+  TORCH_CHECK(s >= 0 && s < L, "decode_layer: slot ", s, " outside the cache of ", L, " slots");
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, s - window + 1) : 0, n = s - lo + 1;
+  const int G = (int)(H / Hkv);
+  const bool* pm = mask.data_ptr<bool>();
+  const bool vec = cpu_features().avx2 && cpu_features().fma && Dh % 8 == 0;
+  TORCH_CHECK(cpu_features().avx2 && cpu_features().fma, "decode_layer: needs AVX2 and FMA");
+
+  auto out = at::empty_like(h);
+  float* po = out.data_ptr<float>();
+  // results every thread reads after a barrier (owned by the calling thread, reused across calls)
+  static thread_local std::vector<float> s_qkv, s_att, s_o, s_gu, s_d;
+  float *qkv_out = grow(s_qkv, lq.N), *att = grow(s_att, H * Dh), *o_out = grow(s_o, D);
+  float *gu_out = grow(s_gu, lg.N), *d_out = grow(s_d, D);
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    static thread_local LimbRow row;
+    static thread_local std::vector<float> s_x, s_h, s_q, s_p;
+    float *x = grow(s_x, std::max(D, std::max(I, H * Dh))), *hr = grow(s_h, D);
+    float *qr = grow(s_q, G * Dh), *p = grow(s_p, G * n);
+    int64_t t0, t1;
+
+    rms_norm(ph, pn1, D, (float)eps1, x);
+    limb_row_prepare(row, x, D, lq.N, lq.G, lq.bits, lq.packed, lq.bias);
+    my_tiles(lq.N, t, nt, t0, t1);
+    limb_row_tiles(row, t0, t1, qkv_out);
+#pragma omp barrier
+    // rotary, cache write and attention, one kv head (and its query group) per task
+    for (int64_t j = Hkv * t / nt; j < Hkv * (t + 1) / nt; ++j) {
+      float* kslot = kc + (j * L + s) * Dh;
+      rotary(qkv_out + (H + j) * Dh, pcos, psin, Dh, kslot);
+      std::memcpy(vc + (j * L + s) * Dh, qkv_out + (H + Hkv + j) * Dh, Dh * sizeof(float));
+      for (int g = 0; g < G; ++g) rotary(qkv_out + (j * G + g) * Dh, pcos, psin, Dh, qr + g * Dh);
+      attend_group(qr, kc + j * L * Dh, vc + j * L * Dh, pm, att + j * G * Dh, p, G, Dh, lo, n, (float)scaling, 0.f,
+                   vec);
+    }
+#pragma omp barrier
+    limb_row_prepare(row, att, H * Dh, lo_.N, lo_.G, lo_.bits, lo_.packed, lo_.bias);
+    my_tiles(lo_.N, t, nt, t0, t1);
+    limb_row_tiles(row, t0, t1, o_out);
+#pragma omp barrier
+    for (int64_t k = 0; k < D; ++k) hr[k] = ph[k] + o_out[k];
+    rms_norm(hr, pn2, D, (float)eps2, x);
+    limb_row_prepare(row, x, D, lg.N, lg.G, lg.bits, lg.packed, lg.bias);
+    my_tiles(lg.N, t, nt, t0, t1);
+    limb_row_tiles(row, t0, t1, gu_out);
+#pragma omp barrier
+    silu_mul_avx2(gu_out, gu_out + I, I, x);
+    limb_row_prepare(row, x, I, ld.N, ld.G, ld.bits, ld.packed, ld.bias);
+    my_tiles(ld.N, t, nt, t0, t1);
+    limb_row_tiles(row, t0, t1, d_out);
+#pragma omp barrier
+    for (int64_t k = D * t / nt; k < D * (t + 1) / nt; ++k) po[k] = hr[k] + d_out[k];
+  }
+  return out;
+}
+
+}  // namespace fxk
