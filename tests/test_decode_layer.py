@@ -1,5 +1,5 @@
 """fxk_cpu::decode_layer (csrc/cpu/decode_layer.cpp): the whole pre-norm decoder layer for one token
-in one parallel region, against the decode step's own formulation of the same layer
+per row in one parallel region, against the decode step's own formulation of the same layer
 (fxkernels.generation.step.layer_forward), on tiny random LLaMA, Mistral (sliding window) and Qwen2
 (q/k/v biases) models with INT4/INT8 per-channel and grouped weights."""
 
@@ -37,25 +37,28 @@ def _model(family, spec, seed=0):
     return model
 
 
-def _decoder(model, length=32):
+def _decoder(model, length=32, batch=1):
     d = Generator(model, compile=False).decoder
-    d.allocate(1, length)
+    d.allocate(batch, length)
     d.prepare()
     return d
 
 
 def _inputs(d, layer, slot, seed=1):
-    """A hidden state, random past keys/values in the slots before ``slot``, and the step's tensors."""
+    """Hidden states, random past keys/values in the slots before ``slot``, and the step's tensors;
+    row b is left-padded by b + 1 slots (its own mask and rotary position)."""
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(1, 1, d.hidden, generator=g)
+    batch = layer.k_cache.shape[0]
+    h = torch.randn(batch, 1, d.hidden, generator=g)
     layer.k_cache.normal_(generator=g)
     layer.v_cache.normal_(generator=g)
     slots = torch.tensor([slot])
-    valid = torch.ones(1, d.length, dtype=torch.bool)
-    valid[0, :2] = False  # two left-pad slots
+    valid = torch.ones(batch, d.length, dtype=torch.bool)
+    for b in range(batch):
+        valid[b, :b + 1] = False
     mask = step.attention_mask(valid, slots, layer.window)
     cos_t, sin_t = d.rope_tables[layer.rope_kind]
-    pos = torch.tensor([[slot - 2]])
+    pos = torch.tensor([[max(0, slot - b - 1)] for b in range(batch)])
     return h, slots, mask, cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)
 
 
@@ -78,8 +81,9 @@ def _both(layer, h, slots, mask, cos, sin):
 @pytest.mark.parametrize("spec", [QuantSpec(4, "channel"), QuantSpec(8, "channel"), QuantSpec(4, "group", 32)],
                          ids=["w4", "w8", "w4g32"])
 @pytest.mark.parametrize("slot", [2, 11, 31])
-def test_layer_matches_step_formulation(family, spec, slot):
-    d = _decoder(_model(family, spec))
+@pytest.mark.parametrize("batch", [1, 3])  # 3 rows x 4 limbs: the AMX tiles where the CPU has them
+def test_layer_matches_step_formulation(family, spec, slot, batch):
+    d = _decoder(_model(family, spec), batch=batch)
     assert all(layer.fused_args is not None for layer in d.layers)
     for layer in d.layers:
         h, slots, mask, cos, sin = _inputs(d, layer, slot)
@@ -91,8 +95,9 @@ def test_layer_matches_step_formulation(family, spec, slot):
         assert not torch.equal(fused, h)
 
 
-def test_thread_count_does_not_change_the_result():
-    d = _decoder(_model("llama", QuantSpec(4, "channel")))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_thread_count_does_not_change_the_result(batch):
+    d = _decoder(_model("llama", QuantSpec(4, "channel")), batch=batch)
     layer = d.layers[0]
     h, slots, mask, cos, sin = _inputs(d, layer, 9)
     k0, v0 = layer.k_cache.clone(), layer.v_cache.clone()
@@ -110,14 +115,14 @@ def test_thread_count_does_not_change_the_result():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-def test_non_finite_input_gives_nan_not_a_number():
-    d = _decoder(_model("llama", QuantSpec(4, "channel")))
+def test_non_finite_input_gives_nan_in_its_row_only():
+    d = _decoder(_model("llama", QuantSpec(4, "channel")), batch=2)
     layer = d.layers[0]
     h, slots, mask, cos, sin = _inputs(d, layer, 5)
-    h[0, 0, 3] = float("nan")
+    h[1, 0, 3] = float("nan")
     with torch.no_grad():
         out = fused_layer.run(layer, layer.fused_args, h, slots, mask, cos, sin)
-    assert torch.isnan(out).all()
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
 
 
 def test_compiled_generation_uses_the_operator_and_keeps_hf_tokens():

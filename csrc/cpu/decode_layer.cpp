@@ -1,8 +1,8 @@
-// One pre-norm decoder layer for one token, as one operator fxk_cpu::decode_layer: the decode
-// step of LLaMA/SmolLM, Mistral and Qwen2 models (fxkernels/generation/step.py) at batch 1 on the
-// CPU, for layers whose four projections are weight-only QuantLinears in the limb layout.
+// One pre-norm decoder layer for one token per row, as one operator fxk_cpu::decode_layer: the
+// decode step of LLaMA/SmolLM, Mistral and Qwen2 models (fxkernels/generation/step.py) on the CPU,
+// for layers whose four projections are weight-only QuantLinears in the limb layout.
 //
-// Why one operator: at batch 1 a small model's layer is ~9 short calls (4 linears, attention,
+// Why one operator: a small model's layer is ~9 short calls (4 linears, attention,
 // norms, rotary, residuals, the gated activation), each with its own dispatch from the compiled
 // graph and its own fork/join, and between them the second thread waits while the first runs the
 // serial glue; the linears' weights are read from memory only while a kernel runs. Here the
@@ -10,7 +10,7 @@
 // activation, the limb split of each linear's input), the threads split each linear's output
 // tiles and the attention's kv heads, and meet at a barrier where a result must be whole.
 //
-// The linears are limb_row_tiles (bit-identical to dequant_linear at one row), the attention is
+// The linears are limb_rows_tiles (bit-identical to dequant_linear on the same rows), the attention is
 // attend_group (decode_attention's body); the norms, rotary embedding and SiLU follow Hugging
 // Face's fp32 formulas (RMSNorm: x * rsqrt(mean(x^2) + eps) * w; rotate_half; x * sigmoid(x)),
 // with a float64 sum of squares, so they agree with the graph's ops to float rounding.
@@ -70,7 +70,8 @@ FXK_ATT_AVX2 void silu_mul_avx2(const float* g, const float* u, int64_t n, float
   }
 }
 
-// This thread's tiles of an N-row output: whole tile pairs (the INT4 kernel's unit), split evenly.
+// This thread's tiles of an N-row output: whole tile pairs (the unit of the INT4 and AMX kernels),
+// split evenly.
 void my_tiles(int64_t N, int t, int nt, int64_t& t0, int64_t& t1) {
   const int64_t tiles = (N + 7) / 8, pairs = (tiles + 1) / 2;
   t0 = std::min(tiles, 2 * (pairs * t / nt));
@@ -116,82 +117,84 @@ at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps
   TORCH_CHECK(dims.size() == 16, "decode_layer: dims must hold (N, K, G, bits) of the 4 linears, got ", dims.size());
   const Linear lq = linear("qkv", qkv, qkv_bias, dims, 0), lo_ = linear("o_proj", o_proj, o_bias, dims, 1);
   const Linear lg = linear("gate_up", gate_up, gate_up_bias, dims, 2), ld = linear("down", down, down_bias, dims, 3);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.sizes() == v_cache.sizes(),
-              "decode_layer: k_cache and v_cache must be the same [1, Hkv, L, D], got ", k_cache.sizes(), " and ",
-              v_cache.sizes());
-  const int64_t Hkv = k_cache.size(1), L = k_cache.size(2), Dh = k_cache.size(3), H = heads;
-  const int64_t D = h.numel(), I = lg.N / 2;
+  TORCH_CHECK(h.dim() == 3 && h.size(1) == 1, "decode_layer: h must be [B, 1, hidden], got ", h.sizes());
+  const int64_t B = h.size(0), D = h.size(2);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.sizes() == v_cache.sizes(),
+              "decode_layer: k_cache and v_cache must be the same [B, Hkv, L, D] with B = ", B, ", got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t Hkv = k_cache.size(1), L = k_cache.size(2), Dh = k_cache.size(3), H = heads, I = lg.N / 2;
   TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && Dh % 2 == 0,
               "decode_layer: heads=", H, " over ", Hkv, " kv heads of dimension ", Dh, " is not a GQA layout");
   TORCH_CHECK(lq.K == D && lq.N == (H + 2 * Hkv) * Dh && lo_.K == H * Dh && lo_.N == D && lg.K == D && lg.N % 2 == 0 &&
                   ld.K == I && ld.N == D,
               "decode_layer: the linears' shapes do not chain (hidden ", D, ", heads ", H, "x", Dh, ", kv heads ", Hkv,
               "; dims ", dims, ")");
-  const float* ph = f32_ptr(h, "h", D);
+  const float* ph = f32_ptr(h, "h", B * D);
   const float *pn1 = f32_ptr(norm1, "norm1", D), *pn2 = f32_ptr(norm2, "norm2", D);
-  const float *pcos = f32_ptr(cos, "cos", Dh), *psin = f32_ptr(sin, "sin", Dh);
-  float* kc = const_cast<float*>(f32_ptr(k_cache, "k_cache", Hkv * L * Dh));
-  float* vc = const_cast<float*>(f32_ptr(v_cache, "v_cache", Hkv * L * Dh));
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.numel() == L,
-              "decode_layer: mask must be a contiguous bool [1, 1, 1, L] with L = ", L);
+  const float *pcos = f32_ptr(cos, "cos", B * Dh), *psin = f32_ptr(sin, "sin", B * Dh);
+  float* kc = const_cast<float*>(f32_ptr(k_cache, "k_cache", B * Hkv * L * Dh));
+  float* vc = const_cast<float*>(f32_ptr(v_cache, "v_cache", B * Hkv * L * Dh));
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.numel() == B * L,
+              "decode_layer: mask must be a contiguous bool [B, 1, 1, L] with B = ", B, ", L = ", L);
   TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1 && slot.device().is_cpu(),
               "decode_layer: slot must be one int64 on the CPU");
   const int64_t s = slot.item<int64_t>();
   TORCH_CHECK(s >= 0 && s < L, "decode_layer: slot ", s, " outside the cache of ", L, " slots");
+  TORCH_CHECK(cpu_features().avx2 && cpu_features().fma, "decode_layer: needs AVX2 and FMA");
   const int64_t lo = window > 0 ? std::max<int64_t>(0, s - window + 1) : 0, n = s - lo + 1;
   const int G = (int)(H / Hkv);
+  const int64_t W = std::max(D, std::max(I, H * Dh));  // row width of the linears' inputs
   const bool* pm = mask.data_ptr<bool>();
-  const bool vec = cpu_features().avx2 && cpu_features().fma && Dh % 8 == 0;
-  TORCH_CHECK(cpu_features().avx2 && cpu_features().fma, "decode_layer: needs AVX2 and FMA");
+  const bool vec = Dh % 8 == 0;
 
   auto out = at::empty_like(h);
   float* po = out.data_ptr<float>();
   // results every thread reads after a barrier (owned by the calling thread, reused across calls)
   static thread_local std::vector<float> s_qkv, s_att, s_o, s_gu, s_d;
-  float *qkv_out = grow(s_qkv, lq.N), *att = grow(s_att, H * Dh), *o_out = grow(s_o, D);
-  float *gu_out = grow(s_gu, lg.N), *d_out = grow(s_d, D);
+  float *qkv_out = grow(s_qkv, B * lq.N), *att = grow(s_att, B * H * Dh), *o_out = grow(s_o, B * D);
+  float *gu_out = grow(s_gu, B * lg.N), *d_out = grow(s_d, B * D);
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
 
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    static thread_local LimbRow row;
+    static thread_local LimbRows rows;
     static thread_local std::vector<float> s_x, s_h, s_q, s_p;
-    float *x = grow(s_x, std::max(D, std::max(I, H * Dh))), *hr = grow(s_h, D);
-    float *qr = grow(s_q, G * Dh), *p = grow(s_p, G * n);
+    float *x = grow(s_x, B * W), *hr = grow(s_h, B * D), *qr = grow(s_q, G * Dh), *p = grow(s_p, G * n);
     int64_t t0, t1;
 
-    rms_norm(ph, pn1, D, (float)eps1, x);
-    limb_row_prepare(row, x, D, lq.N, lq.G, lq.bits, lq.packed, lq.bias);
+    for (int64_t b = 0; b < B; ++b) rms_norm(ph + b * D, pn1, D, (float)eps1, x + b * D);
+    limb_rows_prepare(rows, x, B, D, lq.N, lq.G, lq.bits, lq.packed, lq.bias);
     my_tiles(lq.N, t, nt, t0, t1);
-    limb_row_tiles(row, t0, t1, qkv_out);
+    limb_rows_tiles(rows, t0, t1, qkv_out);
 #pragma omp barrier
-    // rotary, cache write and attention, one kv head (and its query group) per task
-    for (int64_t j = Hkv * t / nt; j < Hkv * (t + 1) / nt; ++j) {
-      float* kslot = kc + (j * L + s) * Dh;
-      rotary(qkv_out + (H + j) * Dh, pcos, psin, Dh, kslot);
-      std::memcpy(vc + (j * L + s) * Dh, qkv_out + (H + Hkv + j) * Dh, Dh * sizeof(float));
-      for (int g = 0; g < G; ++g) rotary(qkv_out + (j * G + g) * Dh, pcos, psin, Dh, qr + g * Dh);
-      attend_group(qr, kc + j * L * Dh, vc + j * L * Dh, pm, att + j * G * Dh, p, G, Dh, lo, n, (float)scaling, 0.f,
-                   vec);
+    // rotary, cache write and attention, one (row, kv head) and its query group per task
+    for (int64_t task = B * Hkv * t / nt; task < B * Hkv * (t + 1) / nt; ++task) {
+      const int64_t b = task / Hkv, j = task % Hkv;
+      const float *qkv_b = qkv_out + b * lq.N, *cb = pcos + b * Dh, *sb = psin + b * Dh;
+      float *kh = kc + task * L * Dh, *vh = vc + task * L * Dh;
+      rotary(qkv_b + (H + j) * Dh, cb, sb, Dh, kh + s * Dh);
+      std::memcpy(vh + s * Dh, qkv_b + (H + Hkv + j) * Dh, Dh * sizeof(float));
+      for (int g = 0; g < G; ++g) rotary(qkv_b + (j * G + g) * Dh, cb, sb, Dh, qr + g * Dh);
+      attend_group(qr, kh, vh, pm + b * L, att + (b * H + j * G) * Dh, p, G, Dh, lo, n, (float)scaling, 0.f, vec);
     }
 #pragma omp barrier
-    limb_row_prepare(row, att, H * Dh, lo_.N, lo_.G, lo_.bits, lo_.packed, lo_.bias);
+    limb_rows_prepare(rows, att, B, H * Dh, lo_.N, lo_.G, lo_.bits, lo_.packed, lo_.bias);
     my_tiles(lo_.N, t, nt, t0, t1);
-    limb_row_tiles(row, t0, t1, o_out);
+    limb_rows_tiles(rows, t0, t1, o_out);
 #pragma omp barrier
-    for (int64_t k = 0; k < D; ++k) hr[k] = ph[k] + o_out[k];
-    rms_norm(hr, pn2, D, (float)eps2, x);
-    limb_row_prepare(row, x, D, lg.N, lg.G, lg.bits, lg.packed, lg.bias);
+    for (int64_t k = 0; k < B * D; ++k) hr[k] = ph[k] + o_out[k];
+    for (int64_t b = 0; b < B; ++b) rms_norm(hr + b * D, pn2, D, (float)eps2, x + b * D);
+    limb_rows_prepare(rows, x, B, D, lg.N, lg.G, lg.bits, lg.packed, lg.bias);
     my_tiles(lg.N, t, nt, t0, t1);
-    limb_row_tiles(row, t0, t1, gu_out);
+    limb_rows_tiles(rows, t0, t1, gu_out);
 #pragma omp barrier
-    silu_mul_avx2(gu_out, gu_out + I, I, x);
-    limb_row_prepare(row, x, I, ld.N, ld.G, ld.bits, ld.packed, ld.bias);
+    for (int64_t b = 0; b < B; ++b) silu_mul_avx2(gu_out + b * lg.N, gu_out + b * lg.N + I, I, x + b * I);
+    limb_rows_prepare(rows, x, B, I, ld.N, ld.G, ld.bits, ld.packed, ld.bias);
     my_tiles(ld.N, t, nt, t0, t1);
-    limb_row_tiles(row, t0, t1, d_out);
+    limb_rows_tiles(rows, t0, t1, d_out);
 #pragma omp barrier
-    for (int64_t k = D * t / nt; k < D * (t + 1) / nt; ++k) po[k] = hr[k] + d_out[k];
+    for (int64_t k = B * D * t / nt; k < B * D * (t + 1) / nt; ++k) po[k] = hr[k] + d_out[k];
   }
   return out;
 }

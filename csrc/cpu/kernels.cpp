@@ -595,59 +595,69 @@ static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                      py + m * N, 1, N, K, G, bits, 0, N);
 }
 
-// ---- one row through the limb layout, inside a caller's parallel region ------------------------
-// The M = 1 case of limb_linear above, step for step (VNNI tiles, then the limbs summed most
-// significant first, then the bias), so the outputs are bit-identical; the rows that limb_linear
-// hands to the scalar loop (not finite, or |x| < ~2^-61 throughout) give NaN, resp. the bias.
+// ---- rows through the limb layout, inside a caller's parallel region -------------------------
+// limb_linear above for one chunk of rows, step for step (the same tile kernels, the limbs summed
+// most significant first, then the bias), so the outputs are bit-identical; the rows that
+// limb_linear hands to the scalar loop (not finite, or |x| < ~2^-61 throughout) give NaN, resp.
+// the bias.
 bool limb_layout_usable(at::TensorList packed) {
   if (packed.size() != 6 || !use_vnni()) return false;
   const int64_t L = *packed[5].data_ptr<int64_t>();
   return L >= 1 && L <= 4;
 }
 
-void limb_row_prepare(LimbRow& r, const float* x, int64_t K, int64_t N, int64_t G, int64_t bits, at::TensorList packed,
-                      const float* bias) {
+void limb_rows_prepare(LimbRows& r, const float* x, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits,
+                       at::TensorList packed, const float* bias) {
   const int L = (int)*packed[5].data_ptr<int64_t>();
   const int64_t Kp = *packed[4].data_ptr<int64_t>();
   const bool vnni8 = vnni_int8(Kp, G, bits);
-  TORCH_CHECK(bits <= 4 || vnni8, "limb_row_prepare: ", bits, "-bit groups of ", Kp / G, " columns need the VNNI layout");
-  if (r.zeros.size() < size_t(L)) r.zeros.resize(L, 0);  // never written: stays zero
-  int8_t* pd = scratch(r.digits, L * K);
-  float* pf = scratch(r.fac, L);
-  uint8_t ok = 0;
-  limb_split_avx2(x, K, L, pd, pf, &ok, 0, 1);
-  r.ok = ok;
-  if (!ok) {
+  if (r.zeros.size() < size_t(M * L)) r.zeros.resize(M * L, 0);  // never written: stays zero
+  int8_t* pd = scratch(r.digits, M * L * K);
+  float* pf = scratch(r.fac, M * L);
+  uint8_t *pok = scratch(r.ok, M), *pfin = scratch(r.finite, M);
+  limb_split_avx2(x, K, L, pd, pf, pok, 0, M);
+  for (int64_t m = 0; m < M; ++m) {
     bool finite = true;
-    for (int64_t k = 0; k < K; ++k) finite = finite && std::isfinite(x[k]);
-    r.finite = finite;
+    if (!pok[m])
+      for (int64_t k = 0; k < K; ++k) finite = finite && std::isfinite(x[m * K + k]);
+    pfin[m] = finite;
   }
-  const int64_t xs = act_row_stride(Kp, 1);
-  prep_acts(pd, r.zeros.data(), L, K, Kp, xs, G, K / G, bits, r.x8, r.x16, r.xc, vnni8 ? &r.xu8 : nullptr);
+  const int64_t xs = act_row_stride(Kp, 1);  // bits <= 4 or vnni8: one byte per activation
+  prep_acts(pd, r.zeros.data(), M * L, K, Kp, xs, G, K / G, bits, r.x8, r.x16, r.xc, vnni8 ? &r.xu8 : nullptr);
   r.L = L;
+  r.M = M;
   r.N = N;
   r.bias = bias;
+  r.amx = qa_amx_sums_limbs(M * L, N, Kp, G, bits, L);
   r.a = QaArgs{(const uint8_t*)packed[0].data_ptr(), packed[1].data_ptr<int32_t>(), packed[2].data_ptr<int32_t>(),
                packed[3].data_ptr<float>(), bits <= 4 ? r.x8.data() : nullptr, nullptr, r.xc.data(), pf,
-               r.zeros.data(), nullptr, scratch(r.part, L * N), L, N, Kp, G, K / G, (int)bits,
-               vnni8 ? r.xu8.data() : nullptr, xs, 1};
+               r.zeros.data(), r.amx ? bias : nullptr, r.amx ? nullptr : scratch(r.part, M * L * N), M * L, N, Kp, G,
+               K / G, (int)bits, vnni8 ? r.xu8.data() : nullptr, xs, r.amx ? L : 1};
 }
 
-void limb_row_tiles(LimbRow& r, int64_t t0, int64_t t1, float* y) {
-  const int64_t N = r.N, n0 = 8 * t0, n1 = std::min(N, 8 * t1);
+void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y) {
+  const int64_t M = r.M, N = r.N, n0 = 8 * t0, n1 = std::min(N, 8 * t1);
   if (n0 >= n1) return;
-  if (!r.ok) {
-    for (int64_t n = n0; n < n1; ++n) y[n] = r.finite ? (r.bias ? r.bias[n] : 0.f) : NAN;
-    return;
-  }
-  qa_tiles_avx512vnni(r.a, t0, t1);
-  const float* part = r.a.y;
   const int L = r.L;
-  for (int64_t n = n0; n < n1; ++n) y[n] = part[(L - 1) * N + n];
-  for (int l = L - 2; l >= 0; --l)
-    for (int64_t n = n0; n < n1; ++n) y[n] += part[l * N + n];
-  if (r.bias)
-    for (int64_t n = n0; n < n1; ++n) y[n] += r.bias[n];
+  if (r.amx) {  // the tile kernel sums each row's limbs (and adds the bias) as it stores
+    QaArgs a = r.a;
+    a.y = y;
+    qa_pairs_amx(a, t0, t1);
+  } else {
+    qa_tiles_avx512vnni(r.a, t0, t1);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* part = r.a.y + m * L * N;
+      float* out = y + m * N;
+      for (int64_t n = n0; n < n1; ++n) out[n] = part[(L - 1) * N + n];
+      for (int l = L - 2; l >= 0; --l)
+        for (int64_t n = n0; n < n1; ++n) out[n] += part[l * N + n];
+      if (r.bias)
+        for (int64_t n = n0; n < n1; ++n) out[n] += r.bias[n];
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    if (!r.ok[m])
+      for (int64_t n = n0; n < n1; ++n) y[m * N + n] = r.finite[m] ? (r.bias ? r.bias[n] : 0.f) : NAN;
 }
 
 // ---- memory read probe (benchmarks) ------------------------------------------------------------

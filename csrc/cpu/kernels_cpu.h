@@ -48,31 +48,32 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 void attend_group(const float* q, const float* k, const float* v, const bool* mask, float* out, float* scratch, int G,
                   int64_t D, int64_t lo, int64_t n, float scaling, float softcap, bool vec);
 
-// One fp32 row through a weight-only layer's limb layout (see limb_linear in kernels.cpp), split
-// in two steps so that a caller's own parallel region can run it: limb_row_prepare on every
-// thread (into that thread's LimbRow), then limb_row_tiles on each thread's share of the tiles.
-// The result is bit-identical to dequant_linear on that row.
-struct LimbRow {
+// M fp32 rows through a weight-only layer's limb layout (see limb_linear in kernels.cpp), split in
+// two steps so that a caller's own parallel region can run it: limb_rows_prepare on every thread
+// (into that thread's LimbRows), then limb_rows_tiles on each thread's share of the output tiles.
+// The result is bit-identical to dequant_linear on those rows.
+struct LimbRows {
   QaArgs a{};
   int L = 0;
-  int64_t N = 0;
+  int64_t M = 0, N = 0;
   const float* bias = nullptr;
-  bool ok = true, finite = true;
+  bool amx = false;  // AMX tiles that sum the limbs as they store (then tile ranges must be even)
   std::vector<int8_t> digits, x8;
   std::vector<int16_t> x16;
   std::vector<int32_t> xc, zeros;
-  std::vector<uint8_t> xu8;
+  std::vector<uint8_t> xu8, ok, finite;
   std::vector<float> fac, part;
 };
 // Whether `packed` (from the weight-only repack) is the limb layout this CPU's kernels run.
 bool limb_layout_usable(at::TensorList packed);
-void limb_row_prepare(LimbRow& r, const float* x, int64_t K, int64_t N, int64_t G, int64_t bits, at::TensorList packed,
-                      const float* bias);
-// y[n] for the output rows of tiles [t0, t1) (8 rows per tile; rows past N are not written).
-void limb_row_tiles(LimbRow& r, int64_t t0, int64_t t1, float* y);
+void limb_rows_prepare(LimbRows& r, const float* x, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits,
+                       at::TensorList packed, const float* bias);
+// y [M][N] for the output rows of tiles [t0, t1) (8 rows per tile; rows past N are not written).
+void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y);
 
 // One pre-norm decoder layer (LLaMA/SmolLM, Mistral, Qwen2: RMSNorm, rotary, grouped-query attention
-// over a static cache, SiLU-gated MLP) for one token, in one parallel region (decode_layer.cpp).
+// over a static cache, SiLU-gated MLP) for one token of each of B rows, in one parallel region
+// (decode_layer.cpp).
 at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps1, const at::Tensor& norm2, double eps2,
                         at::TensorList qkv, const c10::optional<at::Tensor>& qkv_bias, at::TensorList o_proj,
                         const c10::optional<at::Tensor>& o_bias, at::TensorList gate_up,

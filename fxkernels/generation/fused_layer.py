@@ -1,13 +1,13 @@
-"""The whole decoder layer as one CPU operator at batch 1 (``fxk_cpu::decode_layer``,
+"""The whole decoder layer of a decode step as one CPU operator (``fxk_cpu::decode_layer``,
 csrc/cpu/decode_layer.cpp), for the layers it can run.
 
-At batch 1 a small model's decode step is ~9 short calls per layer; the operator runs the layer
-in one parallel region instead (why, and how it splits the work: the C++ file's header). It runs
+A small model's decode step is ~9 short calls per layer; the operator runs the layer in one
+parallel region instead (why, and how it splits the work: the C++ file's header). It runs
 pre-norm layers with RMSNorm (``w * x * rsqrt(mean(x^2) + eps)``), rotary embeddings, grouped-query
 attention without soft-capping or q/k norms, and a SiLU-gated MLP (LLaMA/SmolLM, Mistral, Qwen2),
 whose q/k/v and gate/up are fused QuantLinears and all four projections weight-only layers pinned
-to the CPU's limb-layout kernels (AVX-512 VNNI). Every other layer, batch size or device keeps the
-step's own formulation (:func:`fxkernels.generation.step.layer_forward`).
+to the CPU's limb-layout kernels (AVX-512 VNNI, with AMX tiles from a few rows). Prefill, every
+other layer and other devices keep the step's own formulation (:func:`fxkernels.generation.step.layer_forward`).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def layer_args(layer: nn.Module, hidden: int) -> Optional[tuple]:
 
 
 def run(layer: nn.Module, fixed: tuple, h: Tensor, slots: Tensor, mask: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """The layer's output for ``h [1, 1, hidden]``; writes the token's keys and values to the
+    """The layer's output for ``h [B, 1, hidden]``; writes the token's keys and values to the
     cache at ``slots [1]``."""
     return DECODE_LAYER(h.contiguous(), *fixed, cos.contiguous(), sin.contiguous(), layer.k_cache, layer.v_cache,
                         mask.contiguous(), slots, layer.heads, layer.window or 0, layer.scaling)

@@ -97,7 +97,7 @@ def _project(fused: Optional[nn.Module], parts: Tuple[nn.Module, ...], x: Tensor
 
 def layer_forward(layer: LayerRunner, h: Tensor, slots: Tensor, mask: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     b, t, _ = h.shape
-    if layer.fused_args is not None and b == t == 1:  # one token of one row: the whole layer as one operator
+    if layer.fused_args is not None and t == 1:  # a decode step: the whole layer as one CPU operator
         return fused_layer.run(layer, layer.fused_args, h, slots, mask, cos, sin)
     x = layer.input_norm(h)
     q, k, v = _project(layer.qkv, (layer.q_proj, layer.k_proj, layer.v_proj), x)
