@@ -154,19 +154,41 @@ at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps
   float *qkv_out = grow(s_qkv, B * lq.N), *att = grow(s_att, B * H * Dh), *o_out = grow(s_o, B * D);
   float *gu_out = grow(s_gu, B * lg.N), *d_out = grow(s_d, B * D);
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  // With several rows the threads split the row-wide work (norms, activation, the linears' input
+  // preparation) by rows into shared buffers, at one more barrier per linear; with one row every
+  // thread prepares it for itself, which costs less than the barrier.
+  const bool split_rows = B > 1 && threads > 1;
+  static thread_local LimbRows s_shared[4];
+  LimbRows* shared = s_shared;  // the calling thread's (inside the region the name would be each thread's own)
+  const Linear* lins[4] = {&lq, &lo_, &lg, &ld};
+  if (split_rows)
+    for (int i = 0; i < 4; ++i)
+      limb_rows_setup(shared[i], B, lins[i]->K, lins[i]->N, lins[i]->G, lins[i]->bits, lins[i]->packed,
+                      lins[i]->bias);
 
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    static thread_local LimbRows rows;
+    static thread_local LimbRows own;
     static thread_local std::vector<float> s_x, s_h, s_q, s_p;
     float *x = grow(s_x, B * W), *hr = grow(s_h, B * D), *qr = grow(s_q, G * Dh), *p = grow(s_p, G * n);
-    int64_t t0, t1;
+    const int64_t r0 = split_rows ? B * t / nt : 0, r1 = split_rows ? B * (t + 1) / nt : B;  // rows prepared here
+    // y [B][N] = linear i of x [B][K]: rows [r0, r1) prepared here, this thread's tiles computed here
+    auto run_linear = [&](int i, const float* xin, float* y) {
+      const Linear& l = *lins[i];
+      LimbRows& r = split_rows ? shared[i] : own;
+      if (!split_rows) limb_rows_setup(r, B, l.K, l.N, l.G, l.bits, l.packed, l.bias);
+      limb_rows_fill(r, xin, r0, r1);
+      if (split_rows) {
+#pragma omp barrier
+      }
+      int64_t t0, t1;
+      my_tiles(l.N, t, nt, t0, t1);
+      limb_rows_tiles(r, t0, t1, y);
+    };
 
-    for (int64_t b = 0; b < B; ++b) rms_norm(ph + b * D, pn1, D, (float)eps1, x + b * D);
-    limb_rows_prepare(rows, x, B, D, lq.N, lq.G, lq.bits, lq.packed, lq.bias);
-    my_tiles(lq.N, t, nt, t0, t1);
-    limb_rows_tiles(rows, t0, t1, qkv_out);
+    for (int64_t b = r0; b < r1; ++b) rms_norm(ph + b * D, pn1, D, (float)eps1, x + b * D);
+    run_linear(0, x, qkv_out);
 #pragma omp barrier
     // rotary, cache write and attention, one (row, kv head) and its query group per task
     for (int64_t task = B * Hkv * t / nt; task < B * Hkv * (t + 1) / nt; ++task) {
@@ -179,22 +201,18 @@ at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps
       attend_group(qr, kh, vh, pm + b * L, att + (b * H + j * G) * Dh, p, G, Dh, lo, n, (float)scaling, 0.f, vec);
     }
 #pragma omp barrier
-    limb_rows_prepare(rows, att, B, H * Dh, lo_.N, lo_.G, lo_.bits, lo_.packed, lo_.bias);
-    my_tiles(lo_.N, t, nt, t0, t1);
-    limb_rows_tiles(rows, t0, t1, o_out);
+    run_linear(1, att, o_out);
 #pragma omp barrier
-    for (int64_t k = 0; k < B * D; ++k) hr[k] = ph[k] + o_out[k];
-    for (int64_t b = 0; b < B; ++b) rms_norm(hr + b * D, pn2, D, (float)eps2, x + b * D);
-    limb_rows_prepare(rows, x, B, D, lg.N, lg.G, lg.bits, lg.packed, lg.bias);
-    my_tiles(lg.N, t, nt, t0, t1);
-    limb_rows_tiles(rows, t0, t1, gu_out);
+    for (int64_t k = r0 * D; k < r1 * D; ++k) hr[k] = ph[k] + o_out[k];
+    for (int64_t b = r0; b < r1; ++b) rms_norm(hr + b * D, pn2, D, (float)eps2, x + b * D);
+    run_linear(2, x, gu_out);
 #pragma omp barrier
-    for (int64_t b = 0; b < B; ++b) silu_mul_avx2(gu_out + b * lg.N, gu_out + b * lg.N + I, I, x + b * I);
-    limb_rows_prepare(rows, x, B, I, ld.N, ld.G, ld.bits, ld.packed, ld.bias);
-    my_tiles(ld.N, t, nt, t0, t1);
-    limb_rows_tiles(rows, t0, t1, d_out);
+    for (int64_t b = r0; b < r1; ++b) silu_mul_avx2(gu_out + b * lg.N, gu_out + b * lg.N + I, I, x + b * I);
+    run_linear(3, x, d_out);
 #pragma omp barrier
-    for (int64_t k = B * D * t / nt; k < B * D * (t + 1) / nt; ++k) po[k] = hr[k] + d_out[k];
+    // this thread's rows of the residual sum (all rows' hr are here when every thread has them)
+    const int64_t k0 = split_rows ? r0 * D : B * D * t / nt, k1 = split_rows ? r1 * D : B * D * (t + 1) / nt;
+    for (int64_t k = k0; k < k1; ++k) po[k] = hr[k] + d_out[k];
   }
   return out;
 }

@@ -423,16 +423,19 @@ static T* scratch(std::vector<T>& v, size_t n) {
 // Activations in the layout the AVX2 kernel reads (rows `xs` elements apart), plus per-group
 // corrections. Every column below Kp is written (the padding past K with a value the zero
 // weights there cancel); the row stride's tail past Kp is never read.
+// Rows [m0, m1) only (m1 < 0: all M) where the buffers already hold M rows: callers that split
+// the rows across threads size them first.
 static void prep_acts(const int8_t* xq, const int32_t* za, int64_t M, int64_t K, int64_t Kp, int64_t xs, int64_t G,
                       int64_t Kg, int64_t bits, std::vector<int8_t>& x8, std::vector<int16_t>& x16,
-                      std::vector<int32_t>& xc, std::vector<uint8_t>* xu8 = nullptr) {
+                      std::vector<int32_t>& xc, std::vector<uint8_t>* xu8 = nullptr, int64_t m0 = 0,
+                      int64_t m1 = -1) {
   const int64_t gsp = Kp / G;  // padded columns per group (== Kg unless G == 1 and K was padded)
   int32_t* pc = scratch(xc, M * G);
   int8_t* p8 = bits <= 4 ? scratch(x8, M * xs) : nullptr;
   uint8_t* pu = bits > 4 && xu8 ? scratch(*xu8, M * xs) : nullptr;
   int16_t* p16 = bits > 4 && !xu8 ? scratch(x16, M * xs) : nullptr;
   static const int perm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = m0; m < (m1 < 0 ? M : m1); ++m) {
     const int8_t* xr = xq + m * K;
     for (int64_t g = 0; g < G; ++g) {
       int32_t sx = 0;
@@ -606,33 +609,51 @@ bool limb_layout_usable(at::TensorList packed) {
   return L >= 1 && L <= 4;
 }
 
-void limb_rows_prepare(LimbRows& r, const float* x, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits,
-                       at::TensorList packed, const float* bias) {
+void limb_rows_setup(LimbRows& r, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits, at::TensorList packed,
+                     const float* bias) {
   const int L = (int)*packed[5].data_ptr<int64_t>();
   const int64_t Kp = *packed[4].data_ptr<int64_t>();
-  const bool vnni8 = vnni_int8(Kp, G, bits);
+  r.vnni8 = vnni_int8(Kp, G, bits);
   if (r.zeros.size() < size_t(M * L)) r.zeros.resize(M * L, 0);  // never written: stays zero
-  int8_t* pd = scratch(r.digits, M * L * K);
-  float* pf = scratch(r.fac, M * L);
-  uint8_t *pok = scratch(r.ok, M), *pfin = scratch(r.finite, M);
-  limb_split_avx2(x, K, L, pd, pf, pok, 0, M);
-  for (int64_t m = 0; m < M; ++m) {
-    bool finite = true;
-    if (!pok[m])
-      for (int64_t k = 0; k < K; ++k) finite = finite && std::isfinite(x[m * K + k]);
-    pfin[m] = finite;
-  }
   const int64_t xs = act_row_stride(Kp, 1);  // bits <= 4 or vnni8: one byte per activation
-  prep_acts(pd, r.zeros.data(), M * L, K, Kp, xs, G, K / G, bits, r.x8, r.x16, r.xc, vnni8 ? &r.xu8 : nullptr);
+  scratch(r.digits, M * L * K);
+  scratch(r.fac, M * L);
+  scratch(r.ok, M);
+  scratch(r.finite, M);
+  scratch(r.xc, M * L * G);
+  if (bits <= 4) scratch(r.x8, M * L * xs);
+  if (r.vnni8) scratch(r.xu8, M * L * xs);
   r.L = L;
   r.M = M;
+  r.K = K;
   r.N = N;
   r.bias = bias;
   r.amx = qa_amx_sums_limbs(M * L, N, Kp, G, bits, L);
   r.a = QaArgs{(const uint8_t*)packed[0].data_ptr(), packed[1].data_ptr<int32_t>(), packed[2].data_ptr<int32_t>(),
-               packed[3].data_ptr<float>(), bits <= 4 ? r.x8.data() : nullptr, nullptr, r.xc.data(), pf,
+               packed[3].data_ptr<float>(), bits <= 4 ? r.x8.data() : nullptr, nullptr, r.xc.data(), r.fac.data(),
                r.zeros.data(), r.amx ? bias : nullptr, r.amx ? nullptr : scratch(r.part, M * L * N), M * L, N, Kp, G,
-               K / G, (int)bits, vnni8 ? r.xu8.data() : nullptr, xs, r.amx ? L : 1};
+               K / G, (int)bits, r.vnni8 ? r.xu8.data() : nullptr, xs, r.amx ? L : 1};
+}
+
+void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1) {
+  const int L = r.L;
+  const int64_t K = r.K;
+  limb_split_avx2(x, K, L, r.digits.data(), r.fac.data(), r.ok.data(), m0, m1);
+  for (int64_t m = m0; m < m1; ++m) {
+    bool finite = true;
+    if (!r.ok[m])
+      for (int64_t k = 0; k < K; ++k) finite = finite && std::isfinite(x[m * K + k]);
+    r.finite[m] = finite;
+  }
+  const QaArgs& a = r.a;
+  prep_acts(r.digits.data(), r.zeros.data(), r.M * L, K, a.Kp, a.xs, a.G, a.Kg, a.bits, r.x8, r.x16, r.xc,
+            r.vnni8 ? &r.xu8 : nullptr, m0 * L, m1 * L);
+}
+
+void limb_rows_prepare(LimbRows& r, const float* x, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits,
+                       at::TensorList packed, const float* bias) {
+  limb_rows_setup(r, M, K, N, G, bits, packed, bias);
+  limb_rows_fill(r, x, 0, M);
 }
 
 void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y) {

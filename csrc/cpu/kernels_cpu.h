@@ -48,15 +48,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 void attend_group(const float* q, const float* k, const float* v, const bool* mask, float* out, float* scratch, int G,
                   int64_t D, int64_t lo, int64_t n, float scaling, float softcap, bool vec);
 
-// M fp32 rows through a weight-only layer's limb layout (see limb_linear in kernels.cpp), split in
-// two steps so that a caller's own parallel region can run it: limb_rows_prepare on every thread
-// (into that thread's LimbRows), then limb_rows_tiles on each thread's share of the output tiles.
-// The result is bit-identical to dequant_linear on those rows.
+// M fp32 rows through a weight-only layer's limb layout (see limb_linear in kernels.cpp), in steps
+// that a caller's own parallel region can run: limb_rows_setup (sizes the buffers, binds the
+// weight), limb_rows_fill (the activations of rows [m0, m1); threads may fill disjoint rows of one
+// LimbRows), then limb_rows_tiles on each thread's share of the output tiles, once every row is
+// filled. limb_rows_prepare is setup plus fill of every row. The result is bit-identical to
+// dequant_linear on those rows.
 struct LimbRows {
   QaArgs a{};
   int L = 0;
-  int64_t M = 0, N = 0;
+  int64_t M = 0, K = 0, N = 0;
   const float* bias = nullptr;
+  bool vnni8 = false;
   bool amx = false;  // AMX tiles that sum the limbs as they store (then tile ranges must be even)
   std::vector<int8_t> digits, x8;
   std::vector<int16_t> x16;
@@ -66,6 +69,9 @@ struct LimbRows {
 };
 // Whether `packed` (from the weight-only repack) is the limb layout this CPU's kernels run.
 bool limb_layout_usable(at::TensorList packed);
+void limb_rows_setup(LimbRows& r, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits, at::TensorList packed,
+                     const float* bias);
+void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1);
 void limb_rows_prepare(LimbRows& r, const float* x, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits,
                        at::TensorList packed, const float* bias);
 // y [M][N] for the output rows of tiles [t0, t1) (8 rows per tile; rows past N are not written).
