@@ -72,6 +72,31 @@ def run_interpreter_worker(test_file, tmp, full: bool, timeout: int) -> dict:
     return json.loads(out.read_text())
 
 
+# the most shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin), by sm arch
+SMEM_LIMIT = {80: 166912, 90: 232448}
+
+
+def run_compile_worker(script: str, full: bool, timeout: int) -> list:
+    """Run a Triton compile-only script (``FULL`` set to ``full``) in a fresh process without the
+    interpreter and return the JSON rows it printed last (the static SASS checks of the Triton
+    test files)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", f"FULL = {full}\n" + script], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"compile worker failed:\n{proc.stderr[-5000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def worker_result(results: dict, name: str) -> dict:
     """One case of an interpreter worker's results; a case that raised there fails here."""
     r = results[name]

@@ -24,8 +24,6 @@ group. ``-m slow`` runs every M with every layout and compiles the whole variant
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -34,7 +32,7 @@ import pytest
 import torch
 
 if __package__:  # under pytest; the interpreter worker runs this file as a script and needs neither
-    from .conftest import run_interpreter_worker, worker_result
+    from .conftest import SMEM_LIMIT, run_compile_worker, run_interpreter_worker, worker_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -456,19 +454,8 @@ for arch in (80, 90):
                          spills=res["local"], local=res["local"], shared=kern.metadata.shared, mma=[]))
 print(json.dumps(rows))
 """
-SMEM_LIMIT = {80: 166912, 90: 232448}  # cudaDevAttrMaxSharedMemoryPerBlockOptin
-
-
 def _static_rows(full: bool):
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", f"FULL = {full}\n" + _STATIC_SCRIPT], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        pytest.fail(f"compile worker failed:\n{proc.stderr[-5000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_compile_worker(_STATIC_SCRIPT, full, timeout=1800)
 
 
 def _check_static(rows):
