@@ -2,16 +2,16 @@
 // decode step of LLaMA/SmolLM, Mistral and Qwen2 models (fxkernels/generation/step.py) on the CPU,
 // for layers whose four projections are weight-only QuantLinears in the limb layout.
 //
-// Why one operator: a small model's layer is ~9 short calls (4 linears, attention,
-// norms, rotary, residuals, the gated activation), each with its own dispatch from the compiled
-// graph and its own fork/join, and between them the second thread waits while the first runs the
-// serial glue; the linears' weights are read from memory only while a kernel runs. Here the
-// layer is one parallel region: every thread runs the cheap row-wide steps itself (norms, the
-// activation, the limb split of each linear's input), the threads split each linear's output
-// tiles and the attention's kv heads, and meet at a barrier where a result must be whole.
+// Why one operator: a small model's layer is ~9 short calls (4 linears, attention, norms, rotary,
+// residuals, the gated activation), each with its own dispatch from the compiled graph and its own
+// fork/join, and between them the second thread waits while the first runs the serial glue (on
+// SmolLM2-135M at batch 1 it spun ~60 % of the step). Here the layer is one parallel region: the
+// cheap row-wide steps (norms, the activation, the limb split of each linear's input) run on every
+// thread for one row, or split by rows for several; the threads split each linear's output tiles
+// and the attention's (row, kv head) pairs, and meet at a barrier where a result must be whole.
 //
-// The linears are limb_rows_tiles (bit-identical to dequant_linear on the same rows), the attention is
-// attend_group (decode_attention's body); the norms, rotary embedding and SiLU follow Hugging
+// The linears are limb_rows_tiles (bit-identical to dequant_linear on the same rows), the
+// attention is attend_group (decode_attention's body); the norms, rotary embedding and SiLU follow Hugging
 // Face's fp32 formulas (RMSNorm: x * rsqrt(mean(x^2) + eps) * w; rotate_half; x * sigmoid(x)),
 // with a float64 sum of squares, so they agree with the graph's ops to float rounding.
 #include <omp.h>
