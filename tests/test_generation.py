@@ -131,6 +131,22 @@ def test_compiled_step_equals_eager_and_hf():
     assert torch.equal(comp.tokens, want)
 
 
+def test_two_generators_in_one_process_each_run_their_own_model():
+    """The step skips guards on the model's modules, so dynamo must still tell two engines apart:
+    the second model has the same shapes but other constants baked into a graph (its norms' eps)."""
+    ids = torch.randint(0, VOCAB, (1, 5))
+    models = [_model("llama", seed=1), _model("llama", seed=2)]
+    models[1].config.rms_norm_eps = 0.5
+    for m in models[1].modules():
+        if hasattr(m, "variance_epsilon"):
+            m.variance_epsilon = 0.5
+    got = [Generator(copy.deepcopy(m)).generate(ids, max_new_tokens=8).tokens for m in models]
+    for m, tokens in zip(models, got):
+        with torch.no_grad():
+            want = m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[:, 5:]
+        assert torch.equal(tokens, want)
+
+
 def test_compiled_step_follows_new_batch_and_cache_shapes():
     """The compiled step skips guards on the model's modules; its own inputs still carry the batch
     size and cache length, so each new shape gets its own graph with the right results."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import time
+import types
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -107,6 +109,18 @@ class Decoder(nn.Module):
         return decoder_forward(self, ids, slots, positions, valid)
 
 
+_STEP_COPIES = itertools.count(1)
+
+
+def _own_copy(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs per code object, and
+    with the module guards skipped (STEP_OPTIONS) it would hand a second engine, whose model has
+    the same shapes, the first engine's graph with the first model's constants baked in (norm eps,
+    attention scaling, windows); each engine's step gets its own code object, hence its own graphs."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_STEP_COPIES)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 def release_free_heap() -> None:
     """Return the C heap's free pages to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
     global _malloc_trim
@@ -185,12 +199,14 @@ class Generator:
 
     # -- the decode step -----------------------------------------------------------------------
     def _decode_step(self) -> Callable:
+        """``step(decoder, ids, slots, positions, valid)``: decoder_forward, compiled unless compile=False."""
         if not self.compile:
-            return self.decoder
+            return decoder_forward
         if self._step is None:
             self.decoder.prepare()
             mode = "reduce-overhead" if self.decoder.device.type == "cuda" else None  # CUDA graphs
-            self._step = torch.compile(self.decoder, fullgraph=True, dynamic=False, mode=mode, options=STEP_OPTIONS)
+            self._step = torch.compile(_own_copy(decoder_forward), fullgraph=True, dynamic=False, mode=mode,
+                                       options=STEP_OPTIONS)
         return self._step
 
     def _warm_up(self, step: Callable, batch: int) -> float:
@@ -200,7 +216,7 @@ class Generator:
         t = time.perf_counter()
         last = torch.full((1,), d.length - 1, dtype=torch.long, device=dev)
         token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        step(token, last, token, torch.ones(batch, d.length, dtype=torch.bool, device=dev))
+        step(d, token, last, token, torch.ones(batch, d.length, dtype=torch.bool, device=dev))
         return time.perf_counter() - t
 
     # -- generation ------------------------------------------------------------------------------
@@ -241,7 +257,7 @@ class Generator:
             if stops.numel() and bool(finished.all()):
                 break
             slot = torch.full((1,), plen + i - 1, dtype=torch.long, device=dev)
-            tok = next_tokens(*step(tok[:, None], slot, pos, valid), sampling, generator)
+            tok = next_tokens(*step(self.decoder, tok[:, None], slot, pos, valid), sampling, generator)
             if stops.numel():
                 tok = torch.where(finished, torch.full_like(tok, self.pad_token), tok)
                 finished = finished | torch.isin(tok, stops)
