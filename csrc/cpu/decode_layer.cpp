@@ -78,12 +78,6 @@ void my_tiles(int64_t N, int t, int nt, int64_t& t0, int64_t& t1) {
   t1 = std::min(tiles, 2 * (pairs * (t + 1) / nt));
 }
 
-template <class T>
-T* grow(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
-
 const float* f32_ptr(const at::Tensor& t, const char* name, int64_t numel) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == numel,
               "decode_layer: ", name, " must be a contiguous float32 CPU tensor of ", numel, " values, got ",
@@ -151,8 +145,8 @@ at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps
   float* po = out.data_ptr<float>();
   // results every thread reads after a barrier (owned by the calling thread, reused across calls)
   static thread_local std::vector<float> s_qkv, s_att, s_o, s_gu, s_d;
-  float *qkv_out = grow(s_qkv, B * lq.N), *att = grow(s_att, B * H * Dh), *o_out = grow(s_o, B * D);
-  float *gu_out = grow(s_gu, B * lg.N), *d_out = grow(s_d, B * D);
+  float *qkv_out = scratch(s_qkv, B * lq.N), *att = scratch(s_att, B * H * Dh), *o_out = scratch(s_o, B * D);
+  float *gu_out = scratch(s_gu, B * lg.N), *d_out = scratch(s_d, B * D);
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   // With several rows the threads split the row-wide work (norms, activation, the linears' input
   // preparation) by rows into shared buffers, at one more barrier per linear; with one row every
@@ -171,7 +165,7 @@ at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     static thread_local LimbRows own;
     static thread_local std::vector<float> s_x, s_h, s_q, s_p;
-    float *x = grow(s_x, B * W), *hr = grow(s_h, B * D), *qr = grow(s_q, G * Dh), *p = grow(s_p, G * n);
+    float *x = scratch(s_x, B * W), *hr = scratch(s_h, B * D), *qr = scratch(s_q, G * Dh), *p = scratch(s_p, G * n);
     const int64_t r0 = split_rows ? B * t / nt : 0, r1 = split_rows ? B * (t + 1) / nt : B;  // rows prepared here
     // y [B][N] = linear i of x [B][K]: rows [r0, r1) prepared here, this thread's tiles computed here
     auto run_linear = [&](int i, const float* xin, float* y) {

@@ -411,15 +411,6 @@ static int64_t act_row_stride(int64_t Kp, int64_t elem) {
   return lines * 64 / elem;
 }
 
-// Per-thread scratch that only grows: std::vector::resize/assign would zero-fill whatever a
-// larger layer needs after a smaller one, and a decode step alternates layer widths ~200 times
-// (that filling was ~5 % of a batch-8 step). Callers write every element they read.
-template <class T>
-static T* scratch(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
-
 // Activations in the layout the AVX2 kernel reads (rows `xs` elements apart), plus per-group
 // corrections. Every column below Kp is written (the padding past K with a value the zero
 // weights there cancel); the row stride's tail past Kp is never read.
@@ -648,12 +639,6 @@ void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1) {
   const QaArgs& a = r.a;
   prep_acts(r.digits.data(), r.zeros.data(), r.M * L, K, a.Kp, a.xs, a.G, a.Kg, a.bits, r.x8, r.x16, r.xc,
             r.vnni8 ? &r.xu8 : nullptr, m0 * L, m1 * L);
-}
-
-void limb_rows_prepare(LimbRows& r, const float* x, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits,
-                       at::TensorList packed, const float* bias) {
-  limb_rows_setup(r, M, K, N, G, bits, packed, bias);
-  limb_rows_fill(r, x, 0, M);
 }
 
 void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y) {

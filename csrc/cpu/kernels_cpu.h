@@ -11,6 +11,16 @@
 
 namespace fxk {
 
+// Per-thread scratch that only grows (the kernels' activation copies, the decode operators'
+// buffers): resize only when too small, since assign/resize-to-fit would zero-fill whatever a
+// larger layer needs after a smaller one, and a decode step alternates layer widths ~200 times
+// (that filling was ~5 % of a batch-8 step). Callers write every element they read.
+template <class T>
+inline T* scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
 // "auto" (AVX2 when the CPU has AVX2+FMA+F16C) or "scalar" (portable loops, for tests).
 void set_isa(const std::string& isa);
 std::string active_isa();
@@ -52,8 +62,7 @@ void attend_group(const float* q, const float* k, const float* v, const bool* ma
 // that a caller's own parallel region can run: limb_rows_setup (sizes the buffers, binds the
 // weight), limb_rows_fill (the activations of rows [m0, m1); threads may fill disjoint rows of one
 // LimbRows), then limb_rows_tiles on each thread's share of the output tiles, once every row is
-// filled. limb_rows_prepare is setup plus fill of every row. The result is bit-identical to
-// dequant_linear on those rows.
+// filled. The result is bit-identical to dequant_linear on those rows.
 struct LimbRows {
   QaArgs a{};
   int L = 0;
@@ -72,8 +81,6 @@ bool limb_layout_usable(at::TensorList packed);
 void limb_rows_setup(LimbRows& r, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits, at::TensorList packed,
                      const float* bias);
 void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1);
-void limb_rows_prepare(LimbRows& r, const float* x, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits,
-                       at::TensorList packed, const float* bias);
 // y [M][N] for the output rows of tiles [t0, t1) (8 rows per tile; rows past N are not written).
 void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y);
 
