@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="step size (default: the method's)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration windows per optimizer step")
     p.add_argument("--qdrop", type=float, default=None, help="QDrop probability (default 0)")
+    p.add_argument("--loss", default=None, choices=["mse", "token"], help="reconstruction loss (default: token)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--windows", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
 
         kw = dict(method=a.method, weight=dataclasses.replace(spec, act_bits=None, act_mode="dynamic"), seed=a.seed,
                   progress=False)
-        for k in ("iters", "nsamples", "seqlen", "lr", "batch_size", "qdrop"):
+        for k in ("iters", "nsamples", "seqlen", "lr", "batch_size", "qdrop", "loss"):
             if getattr(a, k) is not None:
                 kw[k] = getattr(a, k)
         config = QuantizeConfig(**kw)
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
            "group_size": a.group_size, "shared_kwargs": a.shared_kwargs,
            "iters": config.iters if config else None, "nsamples": config.nsamples if config else None,
            "lr": config.learning_rate if config else None, "batch_size": config.batch_size if config else None,
-           "qdrop": config.qdrop if config else None,
+           "qdrop": config.qdrop if config else None, "loss": config.loss if config else None,
            "seqlen": config.seqlen if config else None, "perplexity": round(ppl, 4),
            "quantize_s": round(secs, 1), "peak_rss_mb": round(_peak_rss_mb())}
     line = json.dumps(row)

@@ -4,6 +4,7 @@
 #include "kernels_cpu.h"
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -411,6 +412,46 @@ static int64_t act_row_stride(int64_t Kp, int64_t elem) {
   return lines * 64 / elem;
 }
 
+// prep_acts' per-row work on 64-byte vectors (AVX-512BW): the same bytes and sums as its scalar
+// loops, which stay for the tails and for CPUs without AVX-512. At batch 8 the scalar byte loops
+// were ~4 % of a decode step (32 limb rows per linear).
+#define FXK_BW __attribute__((target("avx2,avx512f,avx512bw")))
+static bool use_bw() { return use_vnni() && cpu_features().avx512bw; }
+
+// Sum of n int8 values: |sum| <= 128 * 32768 per group (qact_linear checks K / G <= 32768).
+FXK_BW static int32_t sum_i8_bw(const int8_t* p, int64_t n) {
+  // x ^ 0x80 is x + 128 as an unsigned byte; vpsadbw sums 8 of them per 64-bit lane
+  const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+  __m512i acc = zero;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_xor_si512(_mm512_loadu_si512(p + i), flip), zero));
+  if (i < n) {
+    const __mmask64 m = ~0ULL >> (64 - (n - i));
+    const __m512i v = _mm512_maskz_mov_epi8(m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, p + i), flip));
+    acc = _mm512_add_epi64(acc, _mm512_sad_epu8(v, zero));
+  }
+  return (int32_t)(_mm512_reduce_add_epi64(acc) - 128 * n);
+}
+
+// The INT4 kernels' column order within each 8-byte step ({0, 2, 4, 6, 1, 3, 5, 7}) for the first
+// K / 64 * 64 columns; returns how many were written.
+FXK_BW static int64_t permute_steps_bw(const int8_t* x, int64_t K, int8_t* o) {
+  const __m512i perm = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64)
+    _mm512_storeu_si512(o + k, _mm512_shuffle_epi8(_mm512_loadu_si512(x + k), perm));
+  return k;
+}
+
+// x + 128 as unsigned bytes for the first K / 64 * 64 columns; returns how many were written.
+FXK_BW static int64_t unsigned_bw(const int8_t* x, int64_t K, uint8_t* u) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) _mm512_storeu_si512(u + k, _mm512_xor_si512(_mm512_loadu_si512(x + k), flip));
+  return k;
+}
+
 // Activations in the layout the AVX2 kernel reads (rows `xs` elements apart), plus per-group
 // corrections. Every column below Kp is written (the padding past K with a value the zero
 // weights there cancel); the row stride's tail past Kp is never read.
@@ -425,24 +466,30 @@ static void prep_acts(const int8_t* xq, const int32_t* za, int64_t M, int64_t K,
   int8_t* p8 = bits <= 4 ? scratch(x8, M * xs) : nullptr;
   uint8_t* pu = bits > 4 && xu8 ? scratch(*xu8, M * xs) : nullptr;
   int16_t* p16 = bits > 4 && !xu8 ? scratch(x16, M * xs) : nullptr;
+  const bool bw = use_bw();
   static const int perm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
   for (int64_t m = m0; m < (m1 < 0 ? M : m1); ++m) {
     const int8_t* xr = xq + m * K;
     for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * gsp, k1 = std::min(k0 + Kg, K);
       int32_t sx = 0;
-      for (int64_t k = g * gsp; k < g * gsp + Kg && k < K; ++k) sx += xr[k];
+      if (bw) {
+        sx = sum_i8_bw(xr + k0, k1 - k0);
+      } else {
+        for (int64_t k = k0; k < k1; ++k) sx += xr[k];
+      }
       pc[m * G + g] = sx - (int32_t)Kg * za[m];
     }
     if (p8) {
       int8_t* o = p8 + m * xs;
-      for (int64_t b = 0; b < Kp; b += 8)
+      for (int64_t b = bw ? permute_steps_bw(xr, K, o) : 0; b < Kp; b += 8)
         for (int i = 0; i < 8; ++i) {
           const int64_t k = b + perm[i];
           o[b + i] = k < K ? xr[k] : 0;
         }
     } else if (pu) {  // VNNI's unsigned operand; padded columns meet zero weights, any value works
       uint8_t* u = pu + m * xs;
-      for (int64_t k = 0; k < K; ++k) u[k] = (uint8_t)(xr[k] + 128);
+      for (int64_t k = bw ? unsigned_bw(xr, K, u) : 0; k < K; ++k) u[k] = (uint8_t)(xr[k] + 128);
       for (int64_t k = K; k < Kp; ++k) u[k] = 128;
     } else {
       int16_t* o = p16 + m * xs;

@@ -93,20 +93,19 @@ FXK_AMX void configure(int64_t rows0, int64_t rows1) {
   } while (0)
 
 // 64 columns of tiles t and t+1 (8 steps from step s0) as one B tile: 16 K quads x 16 rows x 4 bytes.
+// A step's 32 bytes of both tiles sit side by side in one 64-byte register: its low nibbles are
+// one B row and its high nibbles the next.
 FXK_AMX inline void unpack_b(const uint8_t* w0, const uint8_t* w1, int64_t s0, uint8_t* b) {
-  const __m256i m15 = _mm256_set1_epi8(15);
+  const __m512i m15 = _mm512_set1_epi8(15);
   for (int j = 0; j < 8; ++j) {
     const int64_t s = s0 + j;
     _mm_prefetch((const char*)(w0 + s * 32) + 8192, _MM_HINT_T0);
     _mm_prefetch((const char*)(w1 + s * 32) + 8192, _MM_HINT_T0);
-    const __m256i v0 = _mm256_loadu_si256((const __m256i*)(w0 + s * 32));
-    const __m256i v1 = _mm256_loadu_si256((const __m256i*)(w1 + s * 32));
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w0 + s * 32))),
+                                         _mm256_loadu_si256((const __m256i*)(w1 + s * 32)), 1);
     uint8_t* lo = b + (2 * j) * 64;
-    uint8_t* hi = lo + 64;
-    _mm256_store_si256((__m256i*)lo, _mm256_and_si256(v0, m15));
-    _mm256_store_si256((__m256i*)(lo + 32), _mm256_and_si256(v1, m15));
-    _mm256_store_si256((__m256i*)hi, _mm256_and_si256(_mm256_srli_epi16(v0, 4), m15));
-    _mm256_store_si256((__m256i*)(hi + 32), _mm256_and_si256(_mm256_srli_epi16(v1, 4), m15));
+    _mm512_store_si512((__m512i*)lo, _mm512_and_si512(v, m15));
+    _mm512_store_si512((__m512i*)(lo + 64), _mm512_and_si512(_mm512_srli_epi16(v, 4), m15));
   }
 }
 
@@ -114,15 +113,16 @@ FXK_AMX inline void unpack_b(const uint8_t* w0, const uint8_t* w1, int64_t s0, u
 // its 8 rows as one 16-byte block; two adjacent blocks (a K quad) are interleaved by 16-bit words
 // into the quad's 32 bytes, row by row.
 FXK_AMX inline void unpack_b8(const uint8_t* w0, const uint8_t* w1, int64_t q0, uint8_t* b) {
-  const __m256i interleave = _mm256_setr_epi16(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  // both tiles' 32 bytes in one register, each half interleaved on its own
+  const __m512i interleave = _mm512_set_epi16(31, 23, 30, 22, 29, 21, 28, 20, 27, 19, 26, 18, 25, 17, 24, 16,
+                                              15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
   for (int j = 0; j < 16; ++j) {
     const int64_t q = q0 + j;
     _mm_prefetch((const char*)(w0 + q * 32) + 8192, _MM_HINT_T0);
     _mm_prefetch((const char*)(w1 + q * 32) + 8192, _MM_HINT_T0);
-    const __m256i v0 = _mm256_loadu_si256((const __m256i*)(w0 + q * 32));
-    const __m256i v1 = _mm256_loadu_si256((const __m256i*)(w1 + q * 32));
-    _mm256_store_si256((__m256i*)(b + j * 64), _mm256_permutexvar_epi16(interleave, v0));
-    _mm256_store_si256((__m256i*)(b + j * 64 + 32), _mm256_permutexvar_epi16(interleave, v1));
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w0 + q * 32))),
+                                         _mm256_loadu_si256((const __m256i*)(w1 + q * 32)), 1);
+    _mm512_store_si512((__m512i*)(b + j * 64), _mm512_permutexvar_epi16(interleave, v));
   }
 }
 
@@ -137,10 +137,12 @@ FXK_AMX void epilogue(const QaArgs& a, int64_t t, int64_t g, int64_t m0, int64_t
     const __m256 sc = _mm256_loadu_ps(a.sc + at);
     for (int64_t m = 0; m < rows; ++m) {
       const __m256i xc = _mm256_set1_epi32(a.xc[(m0 + m) * a.G + g]);
-      const __m256i za = _mm256_set1_epi32(a.za[m0 + m]);
+      const int32_t za = a.za[m0 + m];  // 0 on every limb row: its product is skipped, the sum is the same
       __m256i s = _mm256_loadu_si256((const __m256i*)(acc + m * 16 + h * 8));
       if (a.bits > 4) s = _mm256_sub_epi32(s, _mm256_slli_epi32(ws, 7));  // the activations' +128
-      const __m256i ex = _mm256_sub_epi32(s, _mm256_add_epi32(_mm256_mullo_epi32(zc, xc), _mm256_mullo_epi32(za, ws)));
+      __m256i corr = _mm256_mullo_epi32(zc, xc);
+      if (za) corr = _mm256_add_epi32(corr, _mm256_mullo_epi32(_mm256_set1_epi32(za), ws));
+      const __m256i ex = _mm256_sub_epi32(s, corr);
       float* f = yf + m * 16 + h * 8;
       _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ex), sc, _mm256_loadu_ps(f)));
     }
