@@ -68,6 +68,17 @@ def _blocks_see_block0_kwargs(model) -> None:
         b.register_forward_pre_hook(other, with_kwargs=True)
 
 
+def _option(text: str):
+    """``key=value`` with the value read as JSON where it parses (numbers, true/false), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--option {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="HF directory, .gguf file, or 'smollm2'")
@@ -82,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="calibration windows per optimizer step")
     p.add_argument("--qdrop", type=float, default=None, help="QDrop probability (default 0)")
     p.add_argument("--loss", default=None, choices=["mse", "token"], help="reconstruction loss (default: token)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword option of the rounding module (QuantizeConfig.options), e.g. learn_zero=true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--windows", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
@@ -114,6 +127,8 @@ def main(argv=None) -> int:
         for k in ("iters", "nsamples", "seqlen", "lr", "batch_size", "qdrop", "loss"):
             if getattr(a, k) is not None:
                 kw[k] = getattr(a, k)
+        if a.option:
+            kw["options"] = dict(_option(o) for o in a.option)
         config = QuantizeConfig(**kw)
         calib = calibration_ids(tok, config.nsamples, config.seqlen, seed=a.seed)
         model = quantize(model, calib, config)
@@ -126,6 +141,7 @@ def main(argv=None) -> int:
            "iters": config.iters if config else None, "nsamples": config.nsamples if config else None,
            "lr": config.learning_rate if config else None, "batch_size": config.batch_size if config else None,
            "qdrop": config.qdrop if config else None, "loss": config.loss if config else None,
+           "options": config.options if config else None,
            "seqlen": config.seqlen if config else None, "perplexity": round(ppl, 4),
            "quantize_s": round(secs, 1), "peak_rss_mb": round(_peak_rss_mb())}
     line = json.dumps(row)

@@ -129,6 +129,37 @@ def test_flexround_fused_gradient_matches_autograd(spec):
         torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(bits=3, granularity="channel"),
+                                  QuantSpec(bits=4, granularity="group", group_size=16)], ids=str)
+def test_flexround_learned_zero_gradient_and_export(spec):
+    """learn_zero: the zero point's gradient equals autograd through the clamp, only clamped weights
+    give it one, and after a shift the export still reproduces the hard forward bit for bit."""
+    w = _weight()
+    q = FlexRoundQuantizer(w, spec, learn_zero=True)
+    _perturb(q, seed=5)
+    with torch.no_grad():
+        q.log_s1.add_(0.4)  # a narrower grid: some weights now fall outside it and are clamped
+    g_out = torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
+    (q() * g_out).sum().backward()
+    fused = q.zero_shift.grad.clone()
+    q.zero_shift.grad = None
+    gv = q.grid
+    s1 = gv.s3(q.s1_init * q.log_s1.exp())
+    div = s1 * gv.w3((q.log_S2 + q.log_s3).exp())
+    z = gv.s3(round_ste(q.zero + q.zero_shift).clamp(0, spec.qmax))
+    w_hat = (torch.clamp(round_ste(gv.w3(q.weight) / div.detach()) + z, 0, spec.qmax) - z) * s1.detach()
+    (w_hat.reshape(w.shape) * g_out).sum().backward()
+    torch.testing.assert_close(fused, q.zero_shift.grad, rtol=1e-4, atol=1e-6)
+    assert fused.abs().sum() > 0
+    with torch.no_grad():
+        q.zero_shift.add_(torch.linspace(-1.4, 1.4, q.zero_shift.numel()).reshape(q.zero_shift.shape))
+    q.hard = True
+    assert torch.equal(q(), _exported_dequant(q))
+    zero = q.export()[2]
+    assert not torch.equal(zero, q.zero.to(torch.int32)) and int(zero.min()) >= 0 and int(zero.max()) <= spec.qmax
+    assert "zero_shift" not in dict(FlexRoundQuantizer(w, spec).named_parameters())  # off by default
+
+
 def test_flexround_conv_weight_with_s4():
     conv = torch.nn.Conv2d(6, 8, 3, bias=False)
     torch.manual_seed(0)

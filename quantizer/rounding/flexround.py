@@ -21,7 +21,7 @@ from torch import nn
 
 from fxkernels.format import QuantSpec
 
-from .base import WeightQuantizer, init_grid
+from .base import WeightQuantizer, init_grid, round_ste
 from .registry import register_method
 
 
@@ -66,12 +66,12 @@ class _FlexRoundFn(torch.autograd.Function):
         # there (bit for bit the same). Saving ``v`` and ``qz`` in fp32 held two more weight-sized
         # tensors per layer through the block's forward and backward: ~0.4 GB per block of a 1B model.
         small = torch.int8 if qmax <= 127 else torch.int16
-        ctx.save_for_backward(w3, s1, log_S2, log_row, log_col, inside, qz.to(small))
+        ctx.save_for_backward(w3, s1, log_S2, log_row, log_col, inside, qz.to(small), zero)
         return qz * s1
 
     @staticmethod
     def backward(ctx, g):
-        w3, s1, log_S2, log_row, log_col, inside, qz = ctx.saved_tensors
+        w3, s1, log_S2, log_row, log_col, inside, qz, zero = ctx.saved_tensors
 
         def reduce_to(t, like):
             dims = [d for d in range(t.dim()) if like.shape[d] == 1 and t.shape[d] != 1]
@@ -99,7 +99,12 @@ class _FlexRoundFn(torch.autograd.Function):
         g_row = reduce_to(glog, torch.empty(glog.shape[0], 1, 1))
         g_col = glog.sum(dim=0, keepdim=True) if log_col is not None else None
         g_s1 = g_q + reduce_to(glog, s1) / s1
-        return None, g_s1, glog, g_row, g_col, None, None
+        g_zero = None
+        if ctx.needs_input_grad[5]:
+            # W_hat = s1 * (clamp(v + zero) - zero): inside the grid it does not depend on zero, and a
+            # clamped weight moves by -s1 per unit of zero (the grid's window slides past it)
+            g_zero = reduce_to(torch.where(inside, 0.0, g), zero) * -s1
+        return None, g_s1, glog, g_row, g_col, g_zero, None
 
 
 # Weights per block of rows in FlexRound's backward pass (1M fp32: 4 MiB per temporary).
@@ -130,7 +135,7 @@ class FlexRoundQuantizer(WeightQuantizer):
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, init: str = "mse",
                  learn_s1: bool = True, learn_s3: bool = True, learn_s4: bool = True,
-                 s1_lr_scale: float = 0.3):
+                 s1_lr_scale: float = 0.3, learn_zero: bool = False, zero_lr_scale: float = 10.0):
         super().__init__(weight, spec)
         scale, zero = init_grid(self.weight, spec, init)
         n, k = self.grid.n, self.grid.k
@@ -147,10 +152,21 @@ class FlexRoundQuantizer(WeightQuantizer):
         else:
             self.register_parameter("log_s4", None)
         self.register_buffer("zero", zero.float())
+        # The zero point as the initial one plus a learned shift, rounded (straight-through) so the
+        # grid that learns is the integer grid that ships: with s1 it sets both ends of the clipping
+        # range, not only its width.
+        if learn_zero:
+            self.zero_shift = nn.Parameter(torch.zeros_like(self.zero))
+        else:
+            self.register_parameter("zero_shift", None)
         self.s1_lr_scale = float(s1_lr_scale)
+        self.zero_lr_scale = float(zero_lr_scale)
 
     def scale_zero(self):
-        return self.s1_init * self.log_s1.exp(), self.zero
+        scale = self.s1_init * self.log_s1.exp()
+        if self.zero_shift is None:
+            return scale, self.zero
+        return scale, round_ste(self.zero + self.zero_shift).clamp(0, self.spec.qmax)
 
     def codes_float(self, scale, zero):
         """Codes only (export path); same arithmetic as :class:`_FlexRoundFn`."""
@@ -181,4 +197,6 @@ class FlexRoundQuantizer(WeightQuantizer):
                               if p is not None and p.requires_grad], "lr": lr}]
         if self.log_s1.requires_grad:
             groups.append({"params": [self.log_s1], "lr": lr * self.s1_lr_scale})
+        if self.zero_shift is not None:
+            groups.append({"params": [self.zero_shift], "lr": lr * self.zero_lr_scale})
         return groups
