@@ -12,6 +12,7 @@ import dataclasses
 import fnmatch
 from typing import Iterable, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 # (path of the block list, architecture family) in the order they are tried.
@@ -107,3 +108,43 @@ def unknown_layers(block: nn.Module) -> List[str]:
         if any(p.dim() == 2 for p in m.parameters(recurse=False)):
             out.append(f"{name} ({type(m).__name__})")
     return out
+
+
+# The norm each block applies to its input first, and the model's final norm, by family: what reads
+# a decoder block's output (its residual stream) before anything else does.
+INPUT_NORM_NAMES = ("input_layernorm", "self_attn_layer_norm", "ln_1")
+FINAL_NORM_PATHS = ("model.norm", "norm", "model.decoder.final_layer_norm", "decoder.final_layer_norm",
+                    "transformer.ln_f", "ln_f")
+
+
+def output_readers(model: nn.Module, layout: BlockLayout) -> List[Optional[nn.Module]]:
+    """For each block, the norm module that reads its output: the next block's input norm, the
+    model's final norm after the last block; None where the layout does not name one (encoders,
+    unknown families)."""
+    if layout.kind != "decoder":
+        return [None] * len(layout.blocks)
+
+    def input_norm(block):
+        return next((getattr(block, n) for n in INPUT_NORM_NAMES if isinstance(getattr(block, n, None), nn.Module)),
+                    None)
+
+    final = next((m for m in (_get(model, p) for p in FINAL_NORM_PATHS) if m is not None), None)
+    return [input_norm(b) for b in layout.blocks[1:]] + [final]
+
+
+@torch.no_grad()
+def norm_gain(norm: nn.Module) -> Optional[torch.Tensor]:
+    """The per-channel factor ``g`` of a norm ``x -> normalize(x) * g (+ b)`` as fp32 ``[dim]``
+    (``dim``: its weight's length): a LayerNorm's weight; for an RMSNorm-like module (any
+    parametrization: ``w``, ``1 + w``) its output on a vector of ones, whose RMS is 1. None for a
+    module without a weight, with parameters not materialized, or whose output is not ``[dim]``."""
+    params = list(norm.parameters())
+    if not params or any(p.is_meta for p in params):
+        return None
+    if isinstance(norm, nn.LayerNorm):
+        return norm.weight.detach().float().clone() if norm.weight is not None else None
+    dim = params[0].shape[-1]
+    out = norm(torch.ones(1, dim, dtype=params[0].dtype, device=params[0].device))
+    if not isinstance(out, torch.Tensor) or out.shape[-1] != dim or out.numel() != dim:
+        return None
+    return out.reshape(-1).float().cpu()

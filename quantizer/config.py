@@ -64,8 +64,10 @@ class QuantizeConfig:
     init: "mse" (clipping-searched RTN grid) or "minmax" initial grid (FlexRound, AdaRound).
     qdrop: probability of feeding a block input element from the float model instead of the
         quantized one while learning (QDrop); 0 disables.
-    loss: "mse" (block-output mean squared error) or "token" (each token's error relative to its
-        target's mean square, so that massive-activation tokens do not own the gradient).
+    loss: "mse" (block-output mean squared error), "token" (each token's error relative to its
+        target's mean square, so that massive-activation tokens do not own the gradient) or "norm"
+        ("token" with each channel weighted by the squared gain of the norm that reads the block's
+        output: the error as the next block sees it).
     smooth: SmoothQuant's alpha in [0, 1], used only with act_bits=8 (None disables): before
         learning a block, migrate per-channel activation range into the weights where the producer
         is a norm or a linear (quantizer.smooth); 0.5 balances the two.
@@ -165,8 +167,8 @@ class QuantizeConfig:
         if self.rotate is not None and not (isinstance(self.rotate, tuple)
                                             and all(isinstance(p, str) and p for p in self.rotate)):
             bad("rotate", "None (automatic) or a tuple of layer-name patterns")
-        if self.loss not in ("mse", "token"):
-            bad("loss", "'mse' or 'token'")
+        if self.loss not in ("mse", "token", "norm"):
+            bad("loss", "'mse', 'token' or 'norm'")
         if self.init not in ("mse", "minmax"):
             bad("init", "'mse' or 'minmax'")
         if not (isinstance(self.qdrop, (int, float)) and 0 <= self.qdrop <= 1):

@@ -75,23 +75,44 @@ def run_stream(forward: Forward, x: torch.Tensor, batch: int, place: Optional[Pl
     return out
 
 
-def reconstruction_loss(y: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
+def reconstruction_loss(y: torch.Tensor, t: torch.Tensor, kind: str,
+                        channel_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Unit-output error. ``"mse"``: plain mean squared error. ``"token"``: each token's squared
     error divided by its target's mean square. LLM residual streams carry "massive activation"
     tokens (the attention sink) whose few channels are 100-1000x larger than the rest; under a
-    plain MSE they own the gradient and the ordinary tokens, which decide perplexity, get none."""
+    plain MSE they own the gradient and the ordinary tokens, which decide perplexity, get none.
+    ``"norm"``: ``"token"`` with each output channel's error weighted by ``channel_weight`` (the
+    squared gain of the norm that reads the unit's output, mean 1; see :func:`norm_channel_weight`),
+    i.e. the error as the next block sees it after its input norm; ``"token"`` where it is None."""
     err = (y - t).pow(2)
-    if kind == "token":
+    if kind in ("token", "norm"):
         err = err / t.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-8)
+    if kind == "norm" and channel_weight is not None:
+        err = err * channel_weight.to(err.device)
     return err.mean()
 
 
+def norm_channel_weight(gain: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``gain**2`` scaled to mean 1 (None if ``gain`` is None or all zero). The norm reading a
+    residual stream divides each token by its RMS and multiplies channel ``c`` by ``gain[c]``, so
+    an output error ``e`` reaches the next block as ``e * gain / rms``: on models whose few
+    massive-activation channels hold most of the stream's energy but have small gains (Gemma 3:
+    4 of 640 channels hold 70-98 %), a loss without the gains spends the learning on errors the
+    next block barely sees."""
+    if gain is None:
+        return None
+    w = gain.float().pow(2)
+    m = float(w.mean())
+    return w / m if m > 0 and torch.isfinite(w).all() else None
+
+
 @torch.no_grad()
-def eval_loss(forward: Forward, x: torch.Tensor, t: torch.Tensor, batch: int, kind: str) -> float:
+def eval_loss(forward: Forward, x: torch.Tensor, t: torch.Tensor, batch: int, kind: str,
+              channel_weight: Optional[torch.Tensor] = None) -> float:
     total = 0.0
     for s in range(0, x.shape[0], batch):
         y = forward(x[s:s + batch])
-        total += float(reconstruction_loss(y, t[s:s + batch].to(y.device), kind)) * y.numel()
+        total += float(reconstruction_loss(y, t[s:s + batch].to(y.device), kind, channel_weight)) * y.numel()
     return total / t.numel()
 
 
@@ -168,7 +189,8 @@ class UnitData:
     check: ``(inputs, float targets)`` on which the loss before and after learning is measured;
     the learned rounding is kept only if it lowers that loss.
     act_init: inputs whose statistics start the activation grids.
-    batch: mini-batch of the evaluation passes."""
+    batch: mini-batch of the evaluation passes.
+    channel_weight: per output channel weight of the ``"norm"`` loss (None: unweighted)."""
 
     xq: torch.Tensor
     xfp: torch.Tensor
@@ -176,6 +198,7 @@ class UnitData:
     check: Tuple[torch.Tensor, torch.Tensor]
     act_init: torch.Tensor
     batch: int
+    channel_weight: Optional[torch.Tensor] = None
 
 
 def _optimizers(wrappers: Dict[str, QuantLayer], cfg: QuantizeConfig):
@@ -203,7 +226,7 @@ def learn_unit(index: int, forward: Forward, wrappers: Dict[str, QuantLayer], da
     method = method_class(cfg.method)
     start_activation_grids(forward, wrappers, data.act_init, data.batch)
     set_hard(wrappers, True)
-    before = eval_loss(forward, *data.check, data.batch, cfg.loss)
+    before = eval_loss(forward, *data.check, data.batch, cfg.loss, data.channel_weight)
     if cfg.iters == 0 or not method.learns:
         return before, before
     init_state = _state(wrappers)
@@ -231,7 +254,7 @@ def learn_unit(index: int, forward: Forward, wrappers: Dict[str, QuantLayer], da
             keep_fp = torch.rand(xin.shape, generator=gen) < cfg.qdrop
             xin = torch.where(keep_fp.to(xin.device), data.xfp[idx], xin)
         y = forward(xin)
-        rec = reconstruction_loss(y, data.targets[idx].to(y.device), cfg.loss)
+        rec = reconstruction_loss(y, data.targets[idx].to(y.device), cfg.loss, data.channel_weight)
         loss = rec
         if reg_weight:
             regs = [r for r in (w.wq.regularizer(step / cfg.iters) for w in wrappers.values()) if r is not None]
@@ -250,7 +273,7 @@ def learn_unit(index: int, forward: Forward, wrappers: Dict[str, QuantLayer], da
     if best_state is not None:
         _load_state(wrappers, best_state)
     set_hard(wrappers, True)
-    after = eval_loss(forward, *data.check, data.batch, cfg.loss)
+    after = eval_loss(forward, *data.check, data.batch, cfg.loss, data.channel_weight)
     if not after <= before:  # also catches NaN
         # Learning made this unit worse on the check inputs (short schedule, noisy batches):
         # ship the initial grid instead.
@@ -268,13 +291,16 @@ class Unit:
     root: the module the layer names are relative to (wrappers and frozen layers go there).
     layers: ``(name, float layer)`` pairs to quantize (empty: the unit is only propagated).
     forward: one batch through the unit as currently installed in ``root``.
-    run_float: the float unit over a whole stream (the targets)."""
+    run_float: the float unit over a whole stream (the targets).
+    output_gain: per-channel gain of the norm that reads the unit's output (the ``"norm"`` loss);
+    None where there is none."""
 
     label: str
     root: nn.Module
     layers: List[Tuple[str, nn.Module]]
     forward: Forward
     run_float: Forward
+    output_gain: Optional[torch.Tensor] = None
 
 
 class Family:
@@ -327,7 +353,7 @@ def _learn_and_export(family: Family, unit: Unit, forward: Forward, index: int, 
     try:
         before, after = learn_unit(index, forward, wrappers, data, cfg, unit.label, log)
         if family.after_learning(unit, wrappers, data.xfp, data.xq):
-            after = eval_loss(forward, *data.check, data.batch, cfg.loss)
+            after = eval_loss(forward, *data.check, data.batch, cfg.loss, data.channel_weight)
     except BaseException:
         # Leave the model usable: this unit goes back to its float layers.
         for name, layer in unit.layers:
@@ -366,11 +392,15 @@ def _check_budget(unit: Unit, need: UnitNeed, place: Placement, budget: Optional
             "memory_budget, or lower nsamples/seqlen (the streams)")
 
 
-def _unit_data(family: Family, cfg: QuantizeConfig, xq, xfp, targets, hq, htargets) -> UnitData:
+def _unit_data(family: Family, cfg: QuantizeConfig, xq, xfp, targets, hq, htargets,
+               output_gain: Optional[torch.Tensor] = None) -> UnitData:
     ne = min(cfg.eval_samples, xq.shape[0])
     check = (hq, htargets) if hq is not None else (xq[:ne], targets[:ne])
     act_init = xq[:family.act_init_rows] if family.act_init_rows else xq[:ne]
-    return UnitData(xq, xfp, targets, check, act_init, cfg.batch_size)
+    weight = norm_channel_weight(output_gain) if cfg.loss == "norm" else None
+    if weight is not None and weight.shape[0] != targets.shape[-1]:
+        weight = None  # the norm does not read this output as it is (a family's unusual layout)
+    return UnitData(xq, xfp, targets, check, act_init, cfg.batch_size, weight)
 
 
 def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log: Callable[[str], None],
@@ -426,7 +456,7 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
                 exported, before, after = _load_finished(resume, i, unit), float("nan"), float("nan")
                 exported = {name: layer.to(place.device) for name, layer in exported.items()}
             else:
-                data = _unit_data(family, cfg, xq, xfp, targets, hq, htargets)
+                data = _unit_data(family, cfg, xq, xfp, targets, hq, htargets, unit.output_gain)
                 exported, before, after = _learn_and_export(family, unit, forward, i, data, cfg, log)
                 del data  # it holds views of the streams, which must die when they are replaced
             # Advance the quantized streams through the unit exactly as exported.

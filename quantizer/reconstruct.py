@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .act_quant import ActQuantizer
-from .blocks import BlockLayout, block_linears, find_blocks, matches, unknown_layers
+from .blocks import BlockLayout, block_linears, find_blocks, matches, norm_gain, output_readers, unknown_layers
 from .config import QuantizeConfig
 from .engine import Family, QuantizationError, Unit, reconstruct_units, run_stream, unit_output
 from .layers import LinearQuant, quant_layer
@@ -161,8 +161,11 @@ def _smooth(block: nn.Module, names, x: torch.Tensor, kw: dict, batch: int, alph
 class BlockFamily(Family):
     """A Hugging Face style stack of blocks; each block is one unit, its linears are quantized."""
 
-    def __init__(self, layout: BlockLayout, kw: dict, cfg: QuantizeConfig, log: Callable[[str], None]):
+    def __init__(self, layout: BlockLayout, kw: dict, cfg: QuantizeConfig, log: Callable[[str], None],
+                 readers: Optional[List[Optional[nn.Module]]] = None):
         self.layout, self.kw, self.cfg, self.log = layout, kw, cfg, log
+        # the norm reading each block's output (blocks.output_readers), for the "norm" loss
+        self.readers = readers if readers is not None else [None] * len(layout.blocks)
         self.stream_batch = max(cfg.batch_size, 8)
         self.left_float: List[str] = [n for n in layout.outside if not matches(n, cfg.skip)]
         self.rotations: Dict[str, int] = {}
@@ -181,8 +184,10 @@ class BlockFamily(Family):
             prefix = f"{self.layout.path}.{i}."
             self.left_float += [prefix + u for u in unknown_layers(block)]
             forward = (lambda b, kw: lambda xb: unit_output(b(xb, **kw)))(block, self.block_kwargs(i))
+            reader = self.readers[i]
+            gain = norm_gain(reader) if self.cfg.loss == "norm" and reader is not None else None
             yield Unit(label=f"block {i + 1}/{n}", root=block, layers=block_linears(block, prefix, self.cfg.skip),
-                       forward=forward, run_float=forward)
+                       forward=forward, run_float=forward, output_gain=gain)
 
     def before_wrapping(self, unit: Unit, xq: torch.Tensor) -> None:
         cfg = self.cfg
@@ -241,7 +246,7 @@ def reconstruct(model: nn.Module, ids: torch.Tensor, cfg: QuantizeConfig,
     x, kw = capture_inputs(model, layout, ids)
     log(f"captured {tuple(x.shape)} block inputs in {time.time() - t0:.1f} s; {nblocks} blocks at {layout.path}, "
         f"method={cfg.method}, {cfg.layer_spec}, iters={cfg.iters}")
-    family = BlockFamily(layout, kw, cfg, log)
+    family = BlockFamily(layout, kw, cfg, log, output_readers(model, layout))
     reconstruct_units(family, x, cfg, log, resume=resume, place=Placement(check_device(cfg.device)))
     if family.left_float:
         warnings.warn(f"left in float (not inside known blocks or not nn.Linear): {', '.join(family.left_float)}",

@@ -98,6 +98,53 @@ def test_token_normalized_loss(ref_model):
     assert errs["flexround"] < 0.9 * errs["rtn"], errs
 
 
+def test_norm_weighted_loss_gains_and_readers(ref_model):
+    """The "norm" loss weighs each output channel by the squared gain of the norm that reads the
+    block's output (next block's input norm, the final norm after the last block): the gains are
+    read for LLaMA (w), Gemma (1 + w) and OPT (LayerNorm) norms, a channel with gain 0 does not
+    count, and learning with it beats RTN."""
+    from quantizer.blocks import find_blocks, norm_gain, output_readers
+    from quantizer.engine import norm_channel_weight, reconstruction_loss
+
+    m = fresh(ref_model[0])
+    with torch.no_grad():
+        for i, layer in enumerate(m.model.layers):
+            layer.input_layernorm.weight.copy_(torch.linspace(0.5, 2.0, 64) * (i + 1))
+    readers = output_readers(m, find_blocks(m))
+    assert readers == [m.model.layers[1].input_layernorm, m.model.norm]
+    torch.testing.assert_close(norm_gain(readers[0]), torch.linspace(0.5, 2.0, 64) * 2, rtol=1e-4, atol=0)
+    gemma = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64))
+    with torch.no_grad():
+        gemma.model.norm.weight.fill_(0.25)
+    torch.testing.assert_close(norm_gain(output_readers(gemma, find_blocks(gemma))[-1]), torch.full((64,), 1.25),
+                               rtol=1e-4, atol=0)
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64))
+    opt_readers = output_readers(opt, find_blocks(opt))
+    assert opt_readers == [opt.model.decoder.layers[1].self_attn_layer_norm, opt.model.decoder.final_layer_norm]
+    assert norm_gain(opt_readers[0]) is not None
+
+    gain = torch.ones(16)
+    gain[3] = 0.0
+    w = norm_channel_weight(gain)
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    t = torch.randn(2, 5, 16)
+    y = t.clone()
+    y[..., 3] += 5.0  # an error only where the next norm's gain is 0
+    assert float(reconstruction_loss(y, t, "norm", w)) == 0.0 and float(reconstruction_loss(y, t, "token")) > 0
+    torch.testing.assert_close(reconstruction_loss(y, t, "norm", None), reconstruction_loss(y, t, "token"))
+
+    state, ids, ref = ref_model
+    errs = {}
+    for method in ("rtn", "flexround"):
+        mq = fresh(state)
+        quantize(mq, calib(), base_cfg(method=method, loss="norm"), log=quiet)
+        errs[method] = logits_err(mq, ref, ids)
+    assert errs["flexround"] < 0.9 * errs["rtn"], errs
+
+
 def test_w8a8_static_activations_are_exported(ref_model):
     state, ids, ref = ref_model
     m = fresh(state)
