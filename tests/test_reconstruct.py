@@ -62,6 +62,17 @@ def fresh(state):
     return m
 
 
+def logits_err_by_method(ref_model, methods=("rtn", "flexround"), **cfg):
+    """``{method: logits error of the fresh reference model quantized by it}`` under ``base_cfg(**cfg)``."""
+    state, ids, ref = ref_model
+    errs = {}
+    for method in methods:
+        m = fresh(state)
+        quantize(m, calib(), base_cfg(method=method, **cfg), log=quiet)
+        errs[method] = logits_err(m, ref, ids)
+    return errs
+
+
 def test_flexround_beats_rtn_and_exports_quantlinear(ref_model):
     state, ids, ref = ref_model
     errs = {}
@@ -89,12 +100,7 @@ def test_token_normalized_loss(ref_model):
     torch.testing.assert_close(reconstruction_loss(y2, t2, "token"), base)
     assert reconstruction_loss(y2, t2, "mse") > 1e4 * reconstruction_loss(y, t, "mse")
 
-    state, ids, ref = ref_model
-    errs = {}
-    for method in ("rtn", "flexround"):
-        m = fresh(state)
-        quantize(m, calib(), base_cfg(method=method, loss="token"), log=quiet)
-        errs[method] = logits_err(m, ref, ids)
+    errs = logits_err_by_method(ref_model, loss="token")
     assert errs["flexround"] < 0.9 * errs["rtn"], errs
 
 
@@ -136,12 +142,7 @@ def test_norm_weighted_loss_gains_and_readers(ref_model):
     assert float(reconstruction_loss(y, t, "norm", w)) == 0.0 and float(reconstruction_loss(y, t, "token")) > 0
     torch.testing.assert_close(reconstruction_loss(y, t, "norm", None), reconstruction_loss(y, t, "token"))
 
-    state, ids, ref = ref_model
-    errs = {}
-    for method in ("rtn", "flexround"):
-        mq = fresh(state)
-        quantize(mq, calib(), base_cfg(method=method, loss="norm"), log=quiet)
-        errs[method] = logits_err(mq, ref, ids)
+    errs = logits_err_by_method(ref_model, loss="norm")
     assert errs["flexround"] < 0.9 * errs["rtn"], errs
 
 
