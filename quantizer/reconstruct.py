@@ -184,10 +184,13 @@ class BlockFamily(Family):
             prefix = f"{self.layout.path}.{i}."
             self.left_float += [prefix + u for u in unknown_layers(block)]
             forward = (lambda b, kw: lambda xb: unit_output(b(xb, **kw)))(block, self.block_kwargs(i))
-            reader = self.readers[i]
-            gain = norm_gain(reader) if self.cfg.loss == "norm" and reader is not None else None
             yield Unit(label=f"block {i + 1}/{n}", root=block, layers=block_linears(block, prefix, self.cfg.skip),
-                       forward=forward, run_float=forward, output_gain=gain)
+                       forward=forward, run_float=forward, output_gain=self.output_gain(i))
+
+    def output_gain(self, i: int) -> Optional[torch.Tensor]:
+        """Per-channel gain of the norm reading block ``i``'s output (the "norm" loss only)."""
+        reader = self.readers[i]
+        return norm_gain(reader) if self.cfg.loss == "norm" and reader is not None else None
 
     def before_wrapping(self, unit: Unit, xq: torch.Tensor) -> None:
         cfg = self.cfg

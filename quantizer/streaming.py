@@ -36,7 +36,7 @@ from torch import nn
 from fxkernels.checkpoint import ShardedWriter, check_weight_files, parameters_on_meta, weight_files
 from fxkernels.layers import CheckpointError, layer_entries
 
-from .blocks import find_blocks
+from .blocks import find_blocks, output_readers
 from .config import QuantizeConfig
 from .engine import reconstruct_units
 from .placement import Placement, check_device, map_large_allocations, release_free_heap, rss_peak_bytes
@@ -205,12 +205,26 @@ class StreamingBlockFamily(BlockFamily):
     turn comes and written to ``writer``, then released, when they are done."""
 
     def __init__(self, layout, kw, cfg: QuantizeConfig, log, params: MetaParameters, writer: ShardedWriter,
-                 max_blocks: Optional[int] = None):
-        super().__init__(layout, kw, cfg, log)
+                 max_blocks: Optional[int] = None, readers=None):
+        super().__init__(layout, kw, cfg, log, readers)
         self.params, self.writer, self.max_blocks = params, writer, max_blocks
         self.layers: Dict[str, dict] = {}
         self.cpu_seconds: List[float] = []  # process CPU time (all threads) of each finished block
         self._cpu_start = 0.0
+
+    def output_gain(self, i: int):
+        # The reader (the next block's input norm, or the final norm) is read from the files for
+        # the moment its gain is taken, and goes back to meta unless it was already live.
+        reader = self.readers[i]
+        if self.cfg.loss != "norm" or reader is None:
+            return None
+        names = [self.params.slot[(id(reader), n)] for n, p in reader._parameters.items() if p is not None]
+        fresh = [n for n in names if n not in self.params.live]
+        self.params.materialize(fresh)
+        try:
+            return super().output_gain(i)
+        finally:
+            self.params.release(fresh)
 
     def units(self):
         for i, unit in enumerate(super().units()):
@@ -371,7 +385,8 @@ def quantize_pretrained(source: str, out_dir: str, calibration: Union[torch.Tens
     try:
         with ShardedWriter(out_dir, max_shard_bytes=max_shard_size, metadata_config=meta, hf_config=hf_config,
                            tokenizer=tokenizer) as writer:
-            family = StreamingBlockFamily(layout, kw, cfg, log, params, writer, max_blocks=max_blocks)
+            family = StreamingBlockFamily(layout, kw, cfg, log, params, writer, max_blocks=max_blocks,
+                                          readers=output_readers(model, layout))
             # handed over without a reference here, so the first stream dies when block 1 replaces it
             captured = [x]
             del x

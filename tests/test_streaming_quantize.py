@@ -25,12 +25,18 @@ STAT_KEYS = {"unit", "label", "loss_before", "loss_after", "seconds", "rss_bytes
              "rss_peak_delta_bytes", "need_bytes", "device", "device_peak_bytes", "cpu_seconds"}
 
 
-def save_tiny(directory, tied, layers=3):
+def save_tiny(directory, tied, layers=3, norm_gains=False):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    tie_word_embeddings=tied)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(directory, max_shard_size="40KB")
+    model = transformers.LlamaForCausalLM(cfg)
+    if norm_gains:  # norms that are not all ones, so that the "norm" loss differs from "token"
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.2, 2.0)
+    model.save_pretrained(directory, max_shard_size="40KB")
     return directory
 
 
@@ -64,6 +70,24 @@ def test_streamed_checkpoint_equals_the_whole_model_path(tmp_path, tied):
     m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "stream"))
     with torch.no_grad():
         torch.testing.assert_close(m(calib()[:2]).logits, load_quantized(str(tmp_path / "ref"))(calib()[:2]).logits)
+
+
+def test_streamed_norm_loss_reads_the_next_norm_like_the_whole_model_path(tmp_path):
+    """With the "norm" loss each block's gains come from the next block's input norm (the final
+    norm after the last), which the streamed run reads from the files for the moment it needs
+    them: its checkpoint equals the whole-model path's, and differs from the "token" loss's."""
+    src = save_tiny(str(tmp_path / "src"), False, norm_gains=True)
+    quantize_pretrained(src, str(tmp_path / "stream"), calib(), cfg(loss="norm"), log=quiet)
+    ref = whole(src)
+    quantize(ref, calib(), cfg(loss="norm"), log=quiet)
+    save_quantized(ref, str(tmp_path / "ref"))
+    a = load_quantized(str(tmp_path / "stream")).state_dict()
+    b = load_quantized(str(tmp_path / "ref")).state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    token = whole(src)
+    quantize(token, calib(), cfg(loss="token"), log=quiet)
+    c = token.state_dict()
+    assert any(not torch.equal(b[k], c[k]) for k in b if k.endswith("qweight"))
 
 
 def test_at_most_one_block_of_float_weights_is_held(tmp_path, monkeypatch):
