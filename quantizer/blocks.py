@@ -110,26 +110,38 @@ def unknown_layers(block: nn.Module) -> List[str]:
     return out
 
 
-# The norm each block applies to its input first, and the model's final norm, by family: what reads
-# a decoder block's output (its residual stream) before anything else does.
-INPUT_NORM_NAMES = ("input_layernorm", "self_attn_layer_norm", "ln_1")
+# The norms of a decoder block that read the residual stream, by family: the input norm
+# (LLaMA/Qwen/Mistral/Gemma/Phi-3 input_layernorm, OPT self_attn_layer_norm, GPT-Neo ln_1) and the
+# norm before the MLP (Gemma pre_feedforward_layernorm, OPT final_layer_norm, GPT-Neo ln_2, and
+# LLaMA-style post_attention_layernorm, which in Gemma instead normalizes the attention's output).
+# The model's final norm reads the last block's output.
+RESIDUAL_NORM_NAMES = ("input_layernorm", "self_attn_layer_norm", "ln_1", "pre_feedforward_layernorm",
+                       "final_layer_norm", "ln_2")
 FINAL_NORM_PATHS = ("model.norm", "norm", "model.decoder.final_layer_norm", "decoder.final_layer_norm",
                     "transformer.ln_f", "ln_f")
 
 
-def output_readers(model: nn.Module, layout: BlockLayout) -> List[Optional[nn.Module]]:
-    """For each block, the norm module that reads its output: the next block's input norm, the
-    model's final norm after the last block; None where the layout does not name one (encoders,
-    unknown families)."""
+def residual_norms(block: nn.Module) -> List[nn.Module]:
+    """The norms of ``block`` that read the residual stream (see RESIDUAL_NORM_NAMES)."""
+    names = list(RESIDUAL_NORM_NAMES)
+    if not isinstance(getattr(block, "pre_feedforward_layernorm", None), nn.Module):
+        names.append("post_attention_layernorm")  # the pre-MLP norm where there is no sandwich norm
+    return [getattr(block, n) for n in names if isinstance(getattr(block, n, None), nn.Module)]
+
+
+def output_readers(model: nn.Module, layout: BlockLayout) -> List[List[nn.Module]]:
+    """For each block, the norms that read its output as the residual stream carries it on: those
+    of every later block and the model's final norm. Empty lists for encoders (their blocks end in
+    a norm of their own) and for layouts whose norms are not known."""
     if layout.kind != "decoder":
-        return [None] * len(layout.blocks)
-
-    def input_norm(block):
-        return next((getattr(block, n) for n in INPUT_NORM_NAMES if isinstance(getattr(block, n, None), nn.Module)),
-                    None)
-
+        return [[] for _ in layout.blocks]
     final = next((m for m in (_get(model, p) for p in FINAL_NORM_PATHS) if m is not None), None)
-    return [input_norm(b) for b in layout.blocks[1:]] + [final]
+    later: List[nn.Module] = [final] if final is not None else []
+    readers = []
+    for block in reversed(layout.blocks):
+        readers.append(list(later))
+        later = residual_norms(block) + later
+    return readers[::-1]
 
 
 @torch.no_grad()

@@ -82,8 +82,8 @@ def reconstruction_loss(y: torch.Tensor, t: torch.Tensor, kind: str,
     tokens (the attention sink) whose few channels are 100-1000x larger than the rest; under a
     plain MSE they own the gradient and the ordinary tokens, which decide perplexity, get none.
     ``"norm"``: ``"token"`` with each output channel's error weighted by ``channel_weight`` (the
-    squared gain of the norm that reads the unit's output, mean 1; see :func:`norm_channel_weight`),
-    i.e. the error as the next block sees it after its input norm; ``"token"`` where it is None."""
+    squared gains of the norms that read the unit's output, mean 1; see :func:`norm_channel_weight`),
+    i.e. the error as the rest of the model sees it after its norms; ``"token"`` where it is None."""
     err = (y - t).pow(2)
     if kind in ("token", "norm"):
         err = err / t.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -92,18 +92,21 @@ def reconstruction_loss(y: torch.Tensor, t: torch.Tensor, kind: str,
     return err.mean()
 
 
-def norm_channel_weight(gain: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``gain**2`` scaled to mean 1 (None if ``gain`` is None or all zero). The norm reading a
-    residual stream divides each token by its RMS and multiplies channel ``c`` by ``gain[c]``, so
-    an output error ``e`` reaches the next block as ``e * gain / rms``: on models whose few
-    massive-activation channels hold most of the stream's energy but have small gains (Gemma 3:
-    4 of 640 channels hold 70-98 %), a loss without the gains spends the learning on errors the
-    next block barely sees."""
-    if gain is None:
-        return None
-    w = gain.float().pow(2)
-    m = float(w.mean())
-    return w / m if m > 0 and torch.isfinite(w).all() else None
+def norm_channel_weight(gains: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Per-channel weight of the ``"norm"`` loss: the mean over ``gains`` (one per norm that reads
+    the unit's output on the residual stream) of ``gain**2`` scaled to mean 1; None without gains.
+    A norm divides each token by its RMS and multiplies channel ``c`` by ``gain[c]``, so an output
+    error ``e`` reaches what follows that norm as ``e * gain / rms``. On models whose few
+    massive-activation channels hold most of the stream's energy but get small gains from every
+    norm (Gemma 3: 4 of 640 channels hold 70-98 %), a loss without the gains spends the learning
+    on errors the rest of the model barely sees."""
+    parts = []
+    for g in gains:
+        w = g.float().pow(2)
+        m = float(w.mean())
+        if m > 0 and torch.isfinite(w).all():
+            parts.append(w / m)
+    return torch.stack(parts).mean(0) if parts else None
 
 
 @torch.no_grad()
@@ -292,15 +295,15 @@ class Unit:
     layers: ``(name, float layer)`` pairs to quantize (empty: the unit is only propagated).
     forward: one batch through the unit as currently installed in ``root``.
     run_float: the float unit over a whole stream (the targets).
-    output_gain: per-channel gain of the norm that reads the unit's output (the ``"norm"`` loss);
-    None where there is none."""
+    output_gains: per-channel gains of the norms that read the unit's output on the residual
+    stream (the ``"norm"`` loss); empty where none are known."""
 
     label: str
     root: nn.Module
     layers: List[Tuple[str, nn.Module]]
     forward: Forward
     run_float: Forward
-    output_gain: Optional[torch.Tensor] = None
+    output_gains: Tuple[torch.Tensor, ...] = ()
 
 
 class Family:
@@ -393,11 +396,11 @@ def _check_budget(unit: Unit, need: UnitNeed, place: Placement, budget: Optional
 
 
 def _unit_data(family: Family, cfg: QuantizeConfig, xq, xfp, targets, hq, htargets,
-               output_gain: Optional[torch.Tensor] = None) -> UnitData:
+               output_gains: Tuple[torch.Tensor, ...] = ()) -> UnitData:
     ne = min(cfg.eval_samples, xq.shape[0])
     check = (hq, htargets) if hq is not None else (xq[:ne], targets[:ne])
     act_init = xq[:family.act_init_rows] if family.act_init_rows else xq[:ne]
-    weight = norm_channel_weight(output_gain) if cfg.loss == "norm" else None
+    weight = norm_channel_weight(list(output_gains)) if cfg.loss == "norm" else None
     if weight is not None and weight.shape[0] != targets.shape[-1]:
         weight = None  # the norm does not read this output as it is (a family's unusual layout)
     return UnitData(xq, xfp, targets, check, act_init, cfg.batch_size, weight)
@@ -456,7 +459,7 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
                 exported, before, after = _load_finished(resume, i, unit), float("nan"), float("nan")
                 exported = {name: layer.to(place.device) for name, layer in exported.items()}
             else:
-                data = _unit_data(family, cfg, xq, xfp, targets, hq, htargets, unit.output_gain)
+                data = _unit_data(family, cfg, xq, xfp, targets, hq, htargets, unit.output_gains)
                 exported, before, after = _learn_and_export(family, unit, forward, i, data, cfg, log)
                 del data  # it holds views of the streams, which must die when they are replaced
             # Advance the quantized streams through the unit exactly as exported.

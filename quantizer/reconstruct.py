@@ -162,10 +162,10 @@ class BlockFamily(Family):
     """A Hugging Face style stack of blocks; each block is one unit, its linears are quantized."""
 
     def __init__(self, layout: BlockLayout, kw: dict, cfg: QuantizeConfig, log: Callable[[str], None],
-                 readers: Optional[List[Optional[nn.Module]]] = None):
+                 readers: Optional[List[List[nn.Module]]] = None):
         self.layout, self.kw, self.cfg, self.log = layout, kw, cfg, log
-        # the norm reading each block's output (blocks.output_readers), for the "norm" loss
-        self.readers = readers if readers is not None else [None] * len(layout.blocks)
+        # the norms reading each block's output (blocks.output_readers), for the "norm" loss
+        self.readers = readers if readers is not None else [[] for _ in layout.blocks]
         self.stream_batch = max(cfg.batch_size, 8)
         self.left_float: List[str] = [n for n in layout.outside if not matches(n, cfg.skip)]
         self.rotations: Dict[str, int] = {}
@@ -185,12 +185,13 @@ class BlockFamily(Family):
             self.left_float += [prefix + u for u in unknown_layers(block)]
             forward = (lambda b, kw: lambda xb: unit_output(b(xb, **kw)))(block, self.block_kwargs(i))
             yield Unit(label=f"block {i + 1}/{n}", root=block, layers=block_linears(block, prefix, self.cfg.skip),
-                       forward=forward, run_float=forward, output_gain=self.output_gain(i))
+                       forward=forward, run_float=forward, output_gains=self.output_gains(i))
 
-    def output_gain(self, i: int) -> Optional[torch.Tensor]:
-        """Per-channel gain of the norm reading block ``i``'s output (the "norm" loss only)."""
-        reader = self.readers[i]
-        return norm_gain(reader) if self.cfg.loss == "norm" and reader is not None else None
+    def output_gains(self, i: int) -> Tuple[torch.Tensor, ...]:
+        """Per-channel gains of the norms reading block ``i``'s output (the "norm" loss only)."""
+        if self.cfg.loss != "norm":
+            return ()
+        return tuple(g for g in (norm_gain(r) for r in self.readers[i]) if g is not None)
 
     def before_wrapping(self, unit: Unit, xq: torch.Tensor) -> None:
         cfg = self.cfg

@@ -212,17 +212,17 @@ class StreamingBlockFamily(BlockFamily):
         self.cpu_seconds: List[float] = []  # process CPU time (all threads) of each finished block
         self._cpu_start = 0.0
 
-    def output_gain(self, i: int):
-        # The reader (the next block's input norm, or the final norm) is read from the files for
-        # the moment its gain is taken, and goes back to meta unless it was already live.
-        reader = self.readers[i]
-        if self.cfg.loss != "norm" or reader is None:
-            return None
-        names = [self.params.slot[(id(reader), n)] for n, p in reader._parameters.items() if p is not None]
-        fresh = [n for n in names if n not in self.params.live]
+    def output_gains(self, i: int):
+        # The readers (the later blocks' residual norms, the final norm) are read from the files
+        # for the moment their gains are taken, and go back to meta unless they were already live.
+        if self.cfg.loss != "norm" or not self.readers[i]:
+            return ()
+        names = [self.params.slot[(id(r), n)] for r in self.readers[i] for n, p in r._parameters.items()
+                 if p is not None]
+        fresh = [n for n in dict.fromkeys(names) if n not in self.params.live]
         self.params.materialize(fresh)
         try:
-            return super().output_gain(i)
+            return super().output_gains(i)
         finally:
             self.params.release(fresh)
 

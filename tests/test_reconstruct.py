@@ -105,9 +105,10 @@ def test_token_normalized_loss(ref_model):
 
 
 def test_norm_weighted_loss_gains_and_readers(ref_model):
-    """The "norm" loss weighs each output channel by the squared gain of the norm that reads the
-    block's output (next block's input norm, the final norm after the last block): the gains are
-    read for LLaMA (w), Gemma (1 + w) and OPT (LayerNorm) norms, a channel with gain 0 does not
+    """The "norm" loss weighs each output channel by the squared gains of the norms that read the
+    block's output on the residual stream (every later block's input and pre-MLP norms, the final
+    norm): they are found for LLaMA, Gemma (whose post-attention norm reads no residual) and OPT,
+    their gains read for w, 1 + w and LayerNorm parametrizations, a channel with gain 0 does not
     count, and learning with it beats RTN."""
     from quantizer.blocks import find_blocks, norm_gain, output_readers
     from quantizer.engine import norm_channel_weight, reconstruction_loss
@@ -117,25 +118,31 @@ def test_norm_weighted_loss_gains_and_readers(ref_model):
         for i, layer in enumerate(m.model.layers):
             layer.input_layernorm.weight.copy_(torch.linspace(0.5, 2.0, 64) * (i + 1))
     readers = output_readers(m, find_blocks(m))
-    assert readers == [m.model.layers[1].input_layernorm, m.model.norm]
-    torch.testing.assert_close(norm_gain(readers[0]), torch.linspace(0.5, 2.0, 64) * 2, rtol=1e-4, atol=0)
+    second = m.model.layers[1]
+    assert readers == [[second.input_layernorm, second.post_attention_layernorm, m.model.norm], [m.model.norm]]
+    torch.testing.assert_close(norm_gain(readers[0][0]), torch.linspace(0.5, 2.0, 64) * 2, rtol=1e-4, atol=0)
     gemma = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=64))
     with torch.no_grad():
         gemma.model.norm.weight.fill_(0.25)
-    torch.testing.assert_close(norm_gain(output_readers(gemma, find_blocks(gemma))[-1]), torch.full((64,), 1.25),
-                               rtol=1e-4, atol=0)
+    g_readers = output_readers(gemma, find_blocks(gemma))
+    g1 = gemma.model.layers[1]
+    assert g_readers == [[g1.input_layernorm, g1.pre_feedforward_layernorm, gemma.model.norm], [gemma.model.norm]]
+    torch.testing.assert_close(norm_gain(g_readers[-1][0]), torch.full((64,), 1.25), rtol=1e-4, atol=0)
     opt = transformers.OPTForCausalLM(transformers.OPTConfig(
         vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64))
-    opt_readers = output_readers(opt, find_blocks(opt))
-    assert opt_readers == [opt.model.decoder.layers[1].self_attn_layer_norm, opt.model.decoder.final_layer_norm]
-    assert norm_gain(opt_readers[0]) is not None
+    o1, dec = opt.model.decoder.layers[1], opt.model.decoder
+    assert output_readers(opt, find_blocks(opt)) == [[o1.self_attn_layer_norm, o1.final_layer_norm,
+                                                      dec.final_layer_norm], [dec.final_layer_norm]]
+    assert norm_gain(o1.final_layer_norm) is not None
 
     gain = torch.ones(16)
     gain[3] = 0.0
-    w = norm_channel_weight(gain)
+    w = norm_channel_weight([gain, 2 * gain])  # each norm's squared gains scaled to mean 1, then averaged
     torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    torch.testing.assert_close(w, norm_channel_weight([gain]))
+    assert norm_channel_weight([]) is None
     t = torch.randn(2, 5, 16)
     y = t.clone()
     y[..., 3] += 5.0  # an error only where the next norm's gain is 0

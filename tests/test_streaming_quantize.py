@@ -72,10 +72,10 @@ def test_streamed_checkpoint_equals_the_whole_model_path(tmp_path, tied):
         torch.testing.assert_close(m(calib()[:2]).logits, load_quantized(str(tmp_path / "ref"))(calib()[:2]).logits)
 
 
-def test_streamed_norm_loss_reads_the_next_norm_like_the_whole_model_path(tmp_path):
-    """With the "norm" loss each block's gains come from the next block's input norm (the final
-    norm after the last), which the streamed run reads from the files for the moment it needs
-    them: its checkpoint equals the whole-model path's, and differs from the "token" loss's."""
+def test_streamed_norm_loss_reads_the_later_norms_like_the_whole_model_path(tmp_path):
+    """With the "norm" loss each block's gains come from the later blocks' residual norms and the
+    final norm, which the streamed run reads from the files for the moment it needs them: its
+    checkpoint equals the whole-model path's, and differs from the "token" loss's."""
     src = save_tiny(str(tmp_path / "src"), False, norm_gains=True)
     quantize_pretrained(src, str(tmp_path / "stream"), calib(), cfg(loss="norm"), log=quiet)
     ref = whole(src)
