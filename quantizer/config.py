@@ -64,10 +64,11 @@ class QuantizeConfig:
     init: "mse" (clipping-searched RTN grid) or "minmax" initial grid (FlexRound, AdaRound).
     qdrop: probability of feeding a block input element from the float model instead of the
         quantized one while learning (QDrop); 0 disables.
-    loss: "mse" (block-output mean squared error), "token" (each token's error relative to its
-        target's mean square, so that massive-activation tokens do not own the gradient) or "norm"
-        ("token" with each channel weighted by the squared gain of the norm that reads the block's
-        output: the error as the next block sees it).
+    loss: "norm" (default: each token's error relative to its target's mean square, each channel
+        weighted by the squared gains of the norms that read the block's output on the residual
+        stream, i.e. the error as the rest of the model sees it; "token" where no such norm is
+        known), "token" (the same without the channel weights) or "mse" (plain block-output mean
+        squared error, under which massive-activation tokens and channels own the gradient).
     smooth: SmoothQuant's alpha in [0, 1], used only with act_bits=8 (None disables): before
         learning a block, migrate per-channel activation range into the weights where the producer
         is a norm or a linear (quantizer.smooth); 0.5 balances the two.
@@ -104,7 +105,7 @@ class QuantizeConfig:
     init: str = "mse"
     qdrop: float = 0.0
     eval_samples: int = 8
-    loss: str = "token"
+    loss: str = "norm"
     smooth: Optional[float] = 0.5
     rotate: Optional[Tuple[str, ...]] = None
     skip: Tuple[str, ...] = ("lm_head",)
