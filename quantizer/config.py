@@ -64,11 +64,12 @@ class QuantizeConfig:
     init: "mse" (clipping-searched RTN grid) or "minmax" initial grid (FlexRound, AdaRound).
     qdrop: probability of feeding a block input element from the float model instead of the
         quantized one while learning (QDrop); 0 disables.
-    loss: "norm" (default: each token's error relative to its target's mean square, each channel
+    loss: "token" (default: each token's error relative to its target's mean square, so that
+        massive-activation tokens do not own the gradient), "norm" ("token" with each channel
         weighted by the squared gains of the norms that read the block's output on the residual
         stream, i.e. the error as the rest of the model sees it; "token" where no such norm is
-        known), "token" (the same without the channel weights) or "mse" (plain block-output mean
-        squared error, under which massive-activation tokens and channels own the gradient).
+        known; docs/RESULTS.md: better on Gemma 3, worse at 3 bits on SmolLM2) or "mse" (plain
+        block-output mean squared error).
     smooth: SmoothQuant's alpha in [0, 1], used only with act_bits=8 (None disables): before
         learning a block, migrate per-channel activation range into the weights where the producer
         is a norm or a linear (quantizer.smooth); 0.5 balances the two.
@@ -105,7 +106,7 @@ class QuantizeConfig:
     init: str = "mse"
     qdrop: float = 0.0
     eval_samples: int = 8
-    loss: str = "norm"
+    loss: str = "token"
     smooth: Optional[float] = 0.5
     rotate: Optional[Tuple[str, ...]] = None
     skip: Tuple[str, ...] = ("lm_head",)
