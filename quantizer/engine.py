@@ -88,7 +88,7 @@ def reconstruction_loss(y: torch.Tensor, t: torch.Tensor, kind: str,
     if kind in ("token", "norm"):
         err = err / t.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-8)
     if kind == "norm" and channel_weight is not None:
-        err = err * channel_weight.to(err.device)
+        err = err * channel_weight
     return err.mean()
 
 
@@ -403,6 +403,8 @@ def _unit_data(family: Family, cfg: QuantizeConfig, xq, xfp, targets, hq, htarge
     weight = norm_channel_weight(list(output_gains)) if cfg.loss == "norm" else None
     if weight is not None and weight.shape[0] != targets.shape[-1]:
         weight = None  # the norm does not read this output as it is (a family's unusual layout)
+    if weight is not None and family.placement is not None:
+        weight = family.placement.compute(weight)  # once per unit, not at every loss evaluation
     return UnitData(xq, xfp, targets, check, act_init, cfg.batch_size, weight)
 
 

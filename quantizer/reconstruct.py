@@ -164,8 +164,10 @@ class BlockFamily(Family):
     def __init__(self, layout: BlockLayout, kw: dict, cfg: QuantizeConfig, log: Callable[[str], None],
                  readers: Optional[List[List[nn.Module]]] = None):
         self.layout, self.kw, self.cfg, self.log = layout, kw, cfg, log
-        # the norms reading each block's output (blocks.output_readers), for the "norm" loss
+        # the norms reading each block's output (blocks.output_readers), for the "norm" loss; a norm
+        # reads the outputs of every block before it, so its gain is taken once (by module id)
         self.readers = readers if readers is not None else [[] for _ in layout.blocks]
+        self.gains: Dict[int, Optional[torch.Tensor]] = {}
         self.stream_batch = max(cfg.batch_size, 8)
         self.left_float: List[str] = [n for n in layout.outside if not matches(n, cfg.skip)]
         self.rotations: Dict[str, int] = {}
@@ -191,7 +193,10 @@ class BlockFamily(Family):
         """Per-channel gains of the norms reading block ``i``'s output (the "norm" loss only)."""
         if self.cfg.loss != "norm":
             return ()
-        return tuple(g for g in (norm_gain(r) for r in self.readers[i]) if g is not None)
+        for r in self.readers[i]:
+            if id(r) not in self.gains:
+                self.gains[id(r)] = norm_gain(r)
+        return tuple(g for g in (self.gains[id(r)] for r in self.readers[i]) if g is not None)
 
     def before_wrapping(self, unit: Unit, xq: torch.Tensor) -> None:
         cfg = self.cfg

@@ -213,12 +213,12 @@ class StreamingBlockFamily(BlockFamily):
         self._cpu_start = 0.0
 
     def output_gains(self, i: int):
-        # The readers (the later blocks' residual norms, the final norm) are read from the files
-        # for the moment their gains are taken, and go back to meta unless they were already live.
+        # The readers whose gains are not taken yet (the later blocks' residual norms, the final
+        # norm) are read from the files for that moment, and go back to meta unless already live.
         if self.cfg.loss != "norm" or not self.readers[i]:
             return ()
-        names = [self.params.slot[(id(r), n)] for r in self.readers[i] for n, p in r._parameters.items()
-                 if p is not None]
+        names = [self.params.slot[(id(r), n)] for r in self.readers[i] if id(r) not in self.gains
+                 for n, p in r._parameters.items() if p is not None]
         fresh = [n for n in dict.fromkeys(names) if n not in self.params.live]
         self.params.materialize(fresh)
         try:
