@@ -329,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--iters", type=int, default=None, help="optimizer steps per block")
     q.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     q.add_argument("--batch-size", type=int, default=None, help="calibration windows per step")
-    q.add_argument("--loss", default=None, choices=["token", "norm", "mse"],
-                   help="block-output loss: per-token normalized (default), the same with each channel weighted "
-                        "by the squared gains of the norms that read the block's output, or plain MSE")
+    q.add_argument("--loss", default=None, choices=["auto", "token", "norm", "mse"],
+                   help="block-output loss: per-token normalized ('token'), the same with each channel weighted "
+                        "by the squared gains of the norms that read the block's output ('norm'), plain MSE, or "
+                        "'auto' (default: 'norm' on blocks whose readers damp the stream's high-energy channels)")
     q.add_argument("--qdrop", type=float, default=None, help="QDrop probability of feeding float inputs (default 0)")
     q.add_argument("--smooth", type=float, default=None,
                    help="W8A8: migrate activation outliers into the weights first (SmoothQuant alpha, e.g. 0.5)")

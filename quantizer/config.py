@@ -64,12 +64,14 @@ class QuantizeConfig:
     init: "mse" (clipping-searched RTN grid) or "minmax" initial grid (FlexRound, AdaRound).
     qdrop: probability of feeding a block input element from the float model instead of the
         quantized one while learning (QDrop); 0 disables.
-    loss: "token" (default: each token's error relative to its target's mean square, so that
-        massive-activation tokens do not own the gradient), "norm" ("token" with each channel
-        weighted by the squared gains of the norms that read the block's output on the residual
-        stream, i.e. the error as the rest of the model sees it; "token" where no such norm is
-        known; docs/RESULTS.md: better on Gemma 3, worse at 3 bits on SmolLM2) or "mse" (plain
-        block-output mean squared error).
+    loss: "auto" (default: per block, "norm" where the norms reading its output damp the
+        channels that hold most of the stream's energy, else "token"; see
+        ``quantizer.engine.energy_through_gains``), "token" (each token's error relative to its
+        target's mean square, so that massive-activation tokens do not own the gradient), "norm"
+        ("token" with each channel weighted by the squared gains of the norms that read the
+        block's output on the residual stream, i.e. the error as the rest of the model sees it;
+        "token" where no such norm is known; docs/RESULTS.md: better on Gemma 3, worse at 3 bits
+        on SmolLM2) or "mse" (plain block-output mean squared error).
     smooth: SmoothQuant's alpha in [0, 1], used only with act_bits=8 (None disables): before
         learning a block, migrate per-channel activation range into the weights where the producer
         is a norm or a linear (quantizer.smooth); 0.5 balances the two.
@@ -106,7 +108,7 @@ class QuantizeConfig:
     init: str = "mse"
     qdrop: float = 0.0
     eval_samples: int = 8
-    loss: str = "token"
+    loss: str = "auto"
     smooth: Optional[float] = 0.5
     rotate: Optional[Tuple[str, ...]] = None
     skip: Tuple[str, ...] = ("lm_head",)
@@ -169,8 +171,8 @@ class QuantizeConfig:
         if self.rotate is not None and not (isinstance(self.rotate, tuple)
                                             and all(isinstance(p, str) and p for p in self.rotate)):
             bad("rotate", "None (automatic) or a tuple of layer-name patterns")
-        if self.loss not in ("mse", "token", "norm"):
-            bad("loss", "'mse', 'token' or 'norm'")
+        if self.loss not in ("auto", "mse", "token", "norm"):
+            bad("loss", "'auto', 'token', 'norm' or 'mse'")
         if self.init not in ("mse", "minmax"):
             bad("init", "'mse' or 'minmax'")
         if not (isinstance(self.qdrop, (int, float)) and 0 <= self.qdrop <= 1):

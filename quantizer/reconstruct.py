@@ -22,7 +22,7 @@ from torch import nn
 from .act_quant import ActQuantizer
 from .blocks import BlockLayout, block_linears, find_blocks, matches, norm_gain, output_readers, unknown_layers
 from .config import QuantizeConfig
-from .engine import Family, QuantizationError, Unit, reconstruct_units, run_stream, unit_output
+from .engine import NORM_WEIGHTED_LOSSES, Family, QuantizationError, Unit, reconstruct_units, run_stream, unit_output
 from .layers import LinearQuant, quant_layer
 from .placement import Placement, check_device
 from .resume import ResumeDir, model_fingerprint, tensor_fingerprint
@@ -191,7 +191,7 @@ class BlockFamily(Family):
 
     def output_gains(self, i: int) -> Tuple[torch.Tensor, ...]:
         """Per-channel gains of the norms reading block ``i``'s output (the "norm" loss only)."""
-        if self.cfg.loss != "norm":
+        if self.cfg.loss not in NORM_WEIGHTED_LOSSES:
             return ()
         for r in self.readers[i]:
             if id(r) not in self.gains:

@@ -38,7 +38,7 @@ from fxkernels.layers import CheckpointError, layer_entries
 
 from .blocks import find_blocks, output_readers
 from .config import QuantizeConfig
-from .engine import reconstruct_units
+from .engine import NORM_WEIGHTED_LOSSES, reconstruct_units
 from .placement import Placement, check_device, map_large_allocations, release_free_heap, rss_peak_bytes
 from .reconstruct import BlockFamily, _log_default, capture_inputs, check_language_model_config
 from .resume import ResumeDir, tensor_fingerprint
@@ -215,7 +215,7 @@ class StreamingBlockFamily(BlockFamily):
     def output_gains(self, i: int):
         # The readers whose gains are not taken yet (the later blocks' residual norms, the final
         # norm) are read from the files for that moment, and go back to meta unless already live.
-        if self.cfg.loss != "norm" or not self.readers[i]:
+        if self.cfg.loss not in NORM_WEIGHTED_LOSSES or not self.readers[i]:
             return ()
         names = [self.params.slot[(id(r), n)] for r in self.readers[i] if id(r) not in self.gains
                  for n, p in r._parameters.items() if p is not None]

@@ -113,8 +113,6 @@ def test_norm_weighted_loss_gains_and_readers(ref_model):
     from quantizer.blocks import find_blocks, norm_gain, output_readers
     from quantizer.engine import norm_channel_weight, reconstruction_loss
 
-    assert QuantizeConfig().loss == "token"  # "norm" is an option (docs/RESULTS.md)
-
     m = fresh(ref_model[0])
     with torch.no_grad():
         for i, layer in enumerate(m.model.layers):
@@ -153,6 +151,57 @@ def test_norm_weighted_loss_gains_and_readers(ref_model):
 
     errs = logits_err_by_method(ref_model, loss="norm")
     assert errs["flexround"] < 0.9 * errs["rtn"], errs
+
+
+def _massive_channel_model(state, damp):
+    """The reference model with channel 0 of the embeddings 200x larger, so that it holds most of
+    the residual stream's energy, and (``damp``) every norm's gain on that channel 0.01."""
+    m = fresh(state)
+    with torch.no_grad():
+        m.model.embed_tokens.weight[:, 0] *= 200
+        if damp:
+            for name, p in m.named_parameters():
+                if name.endswith("norm.weight"):
+                    p[0] = 0.01
+    return m
+
+
+def test_auto_loss_weighs_by_the_gains_only_where_they_damp_the_streams_energy(ref_model):
+    """``loss="auto"`` (the default) picks the "norm" weighting for a block whose readers damp the
+    channels holding the stream's energy (Gemma 3) and the "token" loss where they do not
+    (SmolLM2): the checkpoint equals the one of the loss it chose, and the choice is logged."""
+    from quantizer.engine import AUTO_NORM_BELOW, auto_channel_weight, energy_through_gains
+
+    assert QuantizeConfig().loss == "auto"
+    t = torch.randn(4, 6, 16)
+    uniform = torch.ones(16)
+    assert energy_through_gains(t, uniform) == pytest.approx(1.0, abs=1e-6)
+    t[..., 5] = 100.0  # channel 5 holds nearly all the energy
+    damped = torch.full((16,), 16 / 15.001)
+    damped[5] = 0.001 * 16 / 15.001  # mean 1
+    assert energy_through_gains(t, damped) < 0.01 < AUTO_NORM_BELOW
+    assert energy_through_gains(t, uniform) == pytest.approx(1.0, abs=1e-6)
+    w, why = auto_channel_weight(t, damped)
+    assert w is damped and why.startswith("norm")
+    assert auto_channel_weight(t, uniform)[0] is None
+    assert auto_channel_weight(t, None) == (None, "token (no norm reads this output)")
+
+    state = ref_model[0]
+
+    def qweights(loss, damp, log=quiet):
+        m = _massive_channel_model(state, damp)
+        quantize(m, calib(), base_cfg(loss=loss), log=log)
+        return {k: v for k, v in m.state_dict().items() if k.endswith("qweight")}
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    lines = []
+    auto_damped = qweights("auto", True, lines.append)
+    assert [ln.split(": loss ")[1].split(" ")[0] for ln in lines if ": loss norm" in ln or ": loss token" in ln] \
+        == ["norm", "norm"], lines
+    assert same(auto_damped, qweights("norm", True)) and not same(auto_damped, qweights("token", True))
+    assert same(qweights("auto", False), qweights("token", False))
 
 
 def test_w8a8_static_activations_are_exported(ref_model):
