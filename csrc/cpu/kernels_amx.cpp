@@ -126,59 +126,52 @@ FXK_AMX inline void unpack_b8(const uint8_t* w0, const uint8_t* w1, int64_t q0, 
   }
 }
 
-// yf[m][8h..8h+7] += scale * (sum - zero corrections) for rows [m0, m0 + rows) of group g: the
-// same integer correction and fused multiply-add as the vector kernels' qa_epilogue.
+// Tiles t and t + 1's 8 values at `at0` and `at1` of a [NT][G][8] array as one 16-lane register
+// (adjacent in memory when G == 1).
+FXK_AMX inline __m512i pair_i32(const int32_t* p, int64_t at0, int64_t at1) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(p + at0))),
+                            _mm256_loadu_si256((const __m256i*)(p + at1)), 1);
+}
+
+// yf[m][0..15] += scale * (sum - zero corrections) for rows [m0, m0 + rows) of group g, output
+// rows of tiles t and t + 1 side by side (an acc row): the same integer correction and fused
+// multiply-add per value as the vector kernels' qa_epilogue.
 FXK_AMX void epilogue(const QaArgs& a, int64_t t, int64_t g, int64_t m0, int64_t rows, const int32_t* acc,
                       float* yf) {
-  for (int h = 0; h < 2; ++h) {
-    const int64_t at = ((t + h) * a.G + g) * 8;
-    const __m256i zc = _mm256_loadu_si256((const __m256i*)(a.zc + at));
-    const __m256i ws = _mm256_loadu_si256((const __m256i*)(a.ws + at));
-    const __m256 sc = _mm256_loadu_ps(a.sc + at);
-    for (int64_t m = 0; m < rows; ++m) {
-      const __m256i xc = _mm256_set1_epi32(a.xc[(m0 + m) * a.G + g]);
-      const int32_t za = a.za[m0 + m];  // 0 on every limb row: its product is skipped, the sum is the same
-      __m256i s = _mm256_loadu_si256((const __m256i*)(acc + m * 16 + h * 8));
-      if (a.bits > 4) s = _mm256_sub_epi32(s, _mm256_slli_epi32(ws, 7));  // the activations' +128
-      __m256i corr = _mm256_mullo_epi32(zc, xc);
-      if (za) corr = _mm256_add_epi32(corr, _mm256_mullo_epi32(_mm256_set1_epi32(za), ws));
-      const __m256i ex = _mm256_sub_epi32(s, corr);
-      float* f = yf + m * 16 + h * 8;
-      _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ex), sc, _mm256_loadu_ps(f)));
-    }
+  const int64_t at0 = (t * a.G + g) * 8, at1 = ((t + 1) * a.G + g) * 8;
+  const __m512i zc = pair_i32(a.zc, at0, at1), ws = pair_i32(a.ws, at0, at1);
+  const __m512 sc = _mm512_castsi512_ps(pair_i32((const int32_t*)a.sc, at0, at1));
+  // the activations' +128 on the INT8 path (zero where the codes are signed)
+  const __m512i plus128 = a.bits > 4 ? _mm512_slli_epi32(ws, 7) : _mm512_setzero_si512();
+  for (int64_t m = 0; m < rows; ++m) {
+    const int32_t za = a.za[m0 + m];  // 0 on every limb row: its product is skipped, the sum is the same
+    __m512i corr = _mm512_mullo_epi32(zc, _mm512_set1_epi32(a.xc[(m0 + m) * a.G + g]));
+    if (za) corr = _mm512_add_epi32(corr, _mm512_mullo_epi32(_mm512_set1_epi32(za), ws));
+    const __m512i ex = _mm512_sub_epi32(_mm512_sub_epi32(_mm512_load_si512((const __m512i*)(acc + m * 16)), plus128),
+                                        corr);
+    float* f = yf + m * 16;
+    _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ex), sc, _mm512_load_ps(f)));
   }
 }
 
 // y = yf * sa + bias for the pass's rows, output rows of tiles t and t+1 (the last may be partial).
 FXK_AMX void store_outputs(const QaArgs& a, int64_t t, int64_t m0, int64_t rows, const float* yf) {
-  for (int h = 0; h < 2; ++h) {
-    const int64_t n0 = (t + h) * 8;
-    alignas(32) float bias[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (a.bias)
-      for (int64_t i = 0; i < 8 && n0 + i < a.N; ++i) bias[i] = a.bias[n0 + i];
-    const __m256 b = _mm256_load_ps(bias);
-    const int L = a.limbs;
-    for (int64_t m = 0; m < rows; m += L) {
-      __m256 v;
-      if (L == 1) {
-        v = _mm256_fmadd_ps(_mm256_loadu_ps(yf + m * 16 + h * 8), _mm256_set1_ps(a.sa[m0 + m]), b);
-      } else {
-        const __m256 zero = _mm256_setzero_ps();
-        v = _mm256_fmadd_ps(_mm256_loadu_ps(yf + (m + L - 1) * 16 + h * 8), _mm256_set1_ps(a.sa[m0 + m + L - 1]), zero);
-        for (int l = L - 2; l >= 0; --l)
-          v = _mm256_add_ps(v, _mm256_fmadd_ps(_mm256_loadu_ps(yf + (m + l) * 16 + h * 8),
-                                               _mm256_set1_ps(a.sa[m0 + m + l]), zero));
-        if (a.bias) v = _mm256_add_ps(v, b);
-      }
-      float* yrow = a.y + ((m0 + m) / L) * a.N;
-      if (n0 + 8 <= a.N) {
-        _mm256_storeu_ps(yrow + n0, v);
-      } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, v);
-        for (int64_t i = 0; n0 + i < a.N; ++i) yrow[n0 + i] = tmp[i];
-      }
+  const int64_t n0 = t * 8;
+  const __mmask16 valid = a.N - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (a.N - n0)) - 1);
+  const __m512 b = a.bias ? _mm512_maskz_loadu_ps(valid, a.bias + n0) : _mm512_setzero_ps();
+  const int L = a.limbs;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t m = 0; m < rows; m += L) {
+    __m512 v;
+    if (L == 1) {
+      v = _mm512_fmadd_ps(_mm512_load_ps(yf + m * 16), _mm512_set1_ps(a.sa[m0 + m]), b);
+    } else {
+      v = _mm512_fmadd_ps(_mm512_load_ps(yf + (m + L - 1) * 16), _mm512_set1_ps(a.sa[m0 + m + L - 1]), zero);
+      for (int l = L - 2; l >= 0; --l)
+        v = _mm512_add_ps(v, _mm512_fmadd_ps(_mm512_load_ps(yf + (m + l) * 16), _mm512_set1_ps(a.sa[m0 + m + l]), zero));
+      if (a.bias) v = _mm512_add_ps(v, b);
     }
+    _mm512_mask_storeu_ps(a.y + ((m0 + m) / L) * a.N + n0, valid, v);
   }
 }
 
