@@ -137,11 +137,11 @@ def auto_channel_weight(targets: torch.Tensor, channel_weight: Optional[torch.Te
     """The ``"auto"`` loss's choice for one unit: ``(weight, description)``; the norm weight where
     :func:`energy_through_gains` is below :data:`AUTO_NORM_BELOW`, else None (the token loss)."""
     if channel_weight is None:
-        return None, "token (no norm reads this output)"
+        return None, "token loss (no norm reads this output)"
     passed = energy_through_gains(targets, channel_weight)
     if passed < AUTO_NORM_BELOW:
-        return channel_weight, f"norm ({passed:.3f} of the stream's energy passes the readers' gains)"
-    return None, f"token ({passed:.3f} of the stream's energy passes the readers' gains)"
+        return channel_weight, f"norm loss ({passed:.3f} of the stream's energy passes the readers' gains)"
+    return None, f"token loss ({passed:.3f} of the stream's energy passes the readers' gains)"
 
 
 @torch.no_grad()
@@ -466,7 +466,8 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
     resident size when the unit is done), ``rss_peak_bytes`` (the process's resident high-water
     mark so far, VmHWM), ``rss_peak_delta_bytes`` (how much this unit raised that mark),
     ``need_bytes`` (the estimated need, :func:`quantizer.placement.unit_need`), ``device`` and
-    ``device_peak_bytes`` (``torch.cuda.max_memory_allocated`` during the unit; None on the CPU)."""
+    ``device_peak_bytes`` (``torch.cuda.max_memory_allocated`` during the unit; None on the CPU),
+    ``loss_choice`` (what ``loss="auto"`` chose for the unit and why; "" otherwise)."""
     place = place or Placement(torch.device("cpu"))
     family.placement = place
     family.place(place)
@@ -499,11 +500,11 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
             family.before_wrapping(unit, xq)
             if resume is not None and i < resume.finished:
                 exported, before, after = _load_finished(resume, i, unit), float("nan"), float("nan")
+                choice = ""
                 exported = {name: layer.to(place.device) for name, layer in exported.items()}
             else:
                 data = _unit_data(family, cfg, xq, xfp, targets, hq, htargets, unit.output_gains)
-                if data.loss_choice:
-                    log(f"{unit.label}: loss {data.loss_choice}")
+                choice = data.loss_choice
                 exported, before, after = _learn_and_export(family, unit, forward, i, data, cfg, log)
                 del data  # it holds views of the streams, which must die when they are replaced
             # Advance the quantized streams through the unit exactly as exported.
@@ -532,12 +533,13 @@ def reconstruct_units(family: Family, x: torch.Tensor, cfg: QuantizeConfig, log:
         st = {"unit": i, "label": unit.label, "loss_before": before, "loss_after": after, "seconds": seconds,
               "rss_bytes": rss_bytes(), "rss_peak_bytes": peak, "rss_peak_delta_bytes": peak - hwm,
               "need_bytes": need.on_device(True), "device": str(place.device),
-              "device_peak_bytes": place.device_peak()}
+              "device_peak_bytes": place.device_peak(), "loss_choice": choice}
         memory = f"RSS {st['rss_bytes'] / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB"
         if st["device_peak_bytes"] is not None:
             memory += f", {place.device} peak {st['device_peak_bytes'] / 2**30:.2f} GiB"
         if before == before:
-            log(f"{unit.label}: loss {before:.4e} -> {after:.4e} ({seconds:.1f} s, {memory})")
+            log(f"{unit.label}: loss {before:.4e} -> {after:.4e} ({seconds:.1f} s, {memory}"
+                + (f"; {choice})" if choice else ")"))
         else:
             log(f"{unit.label}: loaded from resume_dir ({seconds:.1f} s, {memory})")
         stats.append(st)

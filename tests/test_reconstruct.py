@@ -182,9 +182,9 @@ def test_auto_loss_weighs_by_the_gains_only_where_they_damp_the_streams_energy(r
     assert energy_through_gains(t, damped) < 0.01 < AUTO_NORM_BELOW
     assert energy_through_gains(t, uniform) == pytest.approx(1.0, abs=1e-6)
     w, why = auto_channel_weight(t, damped)
-    assert w is damped and why.startswith("norm")
+    assert w is damped and why.startswith("norm loss")
     assert auto_channel_weight(t, uniform)[0] is None
-    assert auto_channel_weight(t, None) == (None, "token (no norm reads this output)")
+    assert auto_channel_weight(t, None) == (None, "token loss (no norm reads this output)")
 
     state = ref_model[0]
 
@@ -198,8 +198,7 @@ def test_auto_loss_weighs_by_the_gains_only_where_they_damp_the_streams_energy(r
 
     lines = []
     auto_damped = qweights("auto", True, lines.append)
-    assert [ln.split(": loss ")[1].split(" ")[0] for ln in lines if ": loss norm" in ln or ": loss token" in ln] \
-        == ["norm", "norm"], lines
+    assert [ln.split("; ")[-1].split(" ")[0] for ln in lines if ln.startswith("block ")] == ["norm", "norm"], lines
     assert same(auto_damped, qweights("norm", True)) and not same(auto_damped, qweights("token", True))
     assert same(qweights("auto", False), qweights("token", False))
 

@@ -21,7 +21,7 @@ from .conftest import tiny_quantize_config as cfg
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STAT_KEYS = {"unit", "label", "loss_before", "loss_after", "seconds", "rss_bytes", "rss_peak_bytes",
+STAT_KEYS = {"unit", "label", "loss_before", "loss_after", "seconds", "rss_bytes", "rss_peak_bytes", "loss_choice",
              "rss_peak_delta_bytes", "need_bytes", "device", "device_peak_bytes", "cpu_seconds"}
 
 
