@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+from quantizer.config import LOSSES
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="step size (default: the method's)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration windows per optimizer step")
     p.add_argument("--qdrop", type=float, default=None, help="QDrop probability (default 0)")
-    p.add_argument("--loss", default=None, choices=["auto", "mse", "token", "norm"],
+    p.add_argument("--loss", default=None, choices=LOSSES,
                    help="reconstruction loss (default: the config's)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a keyword option of the rounding module (QuantizeConfig.options), e.g. learn_zero=true")

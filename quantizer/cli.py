@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize every linear layer (except --skip) and write a safetensors+JSON "
                        "checkpoint that fxkernels.load_quantized and `flexround eval/generate` read.")
     q.add_argument("--model", required=True, help="HF directory, .gguf file, hub id (online), or 'smollm2'")
+    from .config import LOSSES
     from .rounding import method_names, methods_help
 
     q.add_argument("--method", default="flexround", choices=method_names(),
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--iters", type=int, default=None, help="optimizer steps per block")
     q.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     q.add_argument("--batch-size", type=int, default=None, help="calibration windows per step")
-    q.add_argument("--loss", default=None, choices=["auto", "token", "norm", "mse"],
+    q.add_argument("--loss", default=None, choices=LOSSES,
                    help="block-output loss: per-token normalized ('token'), the same with each channel weighted "
                         "by the squared gains of the norms that read the block's output ('norm'), plain MSE, or "
                         "'auto' (default: 'norm' on blocks whose readers damp the stream's high-energy channels)")

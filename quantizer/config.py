@@ -21,6 +21,8 @@ CONFIG_VERSION = 1
 # Options that belong to the engine, not to the rounding's constructor: AdaRound's regularizer
 # weight (see WeightQuantizer.regularizer_weight).
 ENGINE_OPTIONS = ("reg_weight",)
+#: block-output losses (QuantizeConfig.loss), the default first
+LOSSES = ("auto", "token", "norm", "mse")
 
 # Layers whose inputs are rotated by default when activations are int8: every linear of every
 # block. Attention-sink tokens put token-wise outliers into the MLP down projections' inputs that
@@ -171,8 +173,8 @@ class QuantizeConfig:
         if self.rotate is not None and not (isinstance(self.rotate, tuple)
                                             and all(isinstance(p, str) and p for p in self.rotate)):
             bad("rotate", "None (automatic) or a tuple of layer-name patterns")
-        if self.loss not in ("auto", "mse", "token", "norm"):
-            bad("loss", "'auto', 'token', 'norm' or 'mse'")
+        if self.loss not in LOSSES:
+            bad("loss", ", ".join(repr(x) for x in LOSSES[:-1]) + f" or {LOSSES[-1]!r}")
         if self.init not in ("mse", "minmax"):
             bad("init", "'mse' or 'minmax'")
         if not (isinstance(self.qdrop, (int, float)) and 0 <= self.qdrop <= 1):
