@@ -406,12 +406,14 @@ def test_long_k_in_chunks_integer_exact(isa, m, n, k, g):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m, n, k, g", [(1, 1000, 4096, 1), (7, 1536, 576, 1), (17, 576, 1536, 12),
-                                        (13, 24, 256, 2), (33, 40, 260, 1), (5, 32, 258, 1), (100, 72, 512, 1)]
+                                        (13, 24, 256, 2), (33, 40, 260, 1), (5, 32, 258, 1), (100, 72, 512, 1),
+                                        (20, 60, 192, 3), (2, 30, 64, 1)]
                          + LONG_K)
 def test_vnni_path_is_bit_identical_to_avx2(bits, m, n, k, g):
-    """The AVX-512 VNNI kernels (vpdpbusd; W8A8 with the +128 activation offset) against the
-    plain AVX2 ones: the same exact int32 sums, so the same floats, on tile pairs, odd tiles,
-    padded K and grouped scales."""
+    """The AVX-512 VNNI kernels (vpdpbusd; W8A8 with the +128 activation offset; 512-bit tile
+    pairs from 2 rows) against the plain AVX2 ones: the same exact int32 sums, so the same floats,
+    on tile pairs, a pair whose second tile ends past N (N = 60, 30), odd tiles, full and partial
+    16-row blocks, padded K and grouped scales."""
     import fxkernels._C as C
     feats = C.cpu_features()
     if not all(feats.get(f) for f in ("avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512vnni")):

@@ -560,6 +560,150 @@ FXK_AVX2 void qa_rows_vnni(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
   }
 }
 
+// ---- 512-bit forms of the tile-pair kernels, for several activation rows ---------------------
+// On a core with full-width 512-bit units (Zen 5, Intel server cores) a vpdpbusd on 512-bit
+// registers does twice the products of the 256-bit one in the same issue slot, and with many
+// rows the kernels above are bound by exactly those dot products (32 int8 rows per linear at
+// batch 8: each fp32 row is four limb rows). Here one register holds a whole tile pair: tile t in
+// the low 256 bits, t + 1 in the high (16 output rows), so a row's step of 8 INT4 columns is 2
+// vpdpbusd instead of 4, and an INT8 quad 1 instead of 2. The integer sums are the same exact
+// int32 values and the epilogue does the same operations per lane, so the outputs are
+// bit-identical to the 256-bit kernels'.
+#define FXK_VNNI512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+constexpr int kRowsZ = 16;  // activation rows per 512-bit micro-block: 16 accumulators
+
+// 32 bytes of tile t at p0 and of tile t + 1 at p1 as one register (t low, t + 1 high).
+FXK_VNNI512 inline __m512i load_pair(const void* p0, const void* p1) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)p0)),
+                            _mm256_loadu_si256((const __m256i*)p1), 1);
+}
+
+// qa_epilogue for a tile pair: per lane the same integer correction and fused multiply-add.
+template <int MR>
+FXK_VNNI512 inline void qa_epilogue_pair(const QaArgs& a, int64_t t, int64_t g, int64_t m0, const __m512i* acc,
+                                         __m512* yf) {
+  const int64_t at0 = (t * a.G + g) * 8, at1 = ((t + 1) * a.G + g) * 8;
+  const __m512i zc = load_pair(a.zc + at0, a.zc + at1), ws = load_pair(a.ws + at0, a.ws + at1);
+  const __m512 sc = _mm512_castsi512_ps(load_pair(a.sc + at0, a.sc + at1));
+  for (int m = 0; m < MR; ++m) {
+    const __m512i xc = _mm512_set1_epi32(a.xc[(m0 + m) * a.G + g]);
+    const __m512i za = _mm512_set1_epi32(a.za[m0 + m]);
+    const __m512i ex =
+        _mm512_sub_epi32(acc[m], _mm512_add_epi32(_mm512_mullo_epi32(zc, xc), _mm512_mullo_epi32(za, ws)));
+    yf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ex), sc, yf[m]);
+  }
+}
+
+// qa_store for a tile pair (tile t + 1 may end past N: those lanes are not stored).
+template <int MR>
+FXK_VNNI512 inline void qa_store_pair(const QaArgs& a, int64_t t, int64_t m0, const __m512* yf) {
+  const int64_t n0 = t * 8;
+  const __mmask16 valid = a.N - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (a.N - n0)) - 1);
+  const __m512 b = a.bias ? _mm512_maskz_loadu_ps(valid, a.bias + n0) : _mm512_setzero_ps();
+  for (int m = 0; m < MR; ++m)
+    _mm512_mask_storeu_ps(a.y + (m0 + m) * a.N + n0, valid, _mm512_fmadd_ps(yf[m], _mm512_set1_ps(a.sa[m0 + m]), b));
+}
+
+// qa4_block2 on 512-bit registers. Below 8 rows the low- and high-nibble products go to separate
+// accumulators, so the two vpdpbusd of a step do not wait on each other's latency.
+template <int MR>
+FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0) {
+  constexpr int NA = MR < 8 ? 2 : 1;
+  const int64_t Kp = a.Kp, G = a.G, steps = Kp / G / 8;
+  const uint8_t* w0 = a.w + t * (Kp / 8) * 32;
+  const uint8_t* w1 = w0 + (Kp / 8) * 32;
+  const int8_t* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = a.x8 + (m0 + m) * a.xs;
+  const __m512i m15 = _mm512_set1_epi8(15);
+  __m512 yf[MR];
+  for (int m = 0; m < MR; ++m) yf[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[NA][MR];
+    for (int j = 0; j < NA; ++j)
+      for (int m = 0; m < MR; ++m) acc[j][m] = _mm512_setzero_si512();
+    for (int64_t s = g * steps; s < (g + 1) * steps; ++s) {
+      if (!(s & 1)) {
+        prefetch_ahead(w0 + s * 32);
+        prefetch_ahead(w1 + s * 32);
+      }
+      const __m512i v = load_pair(w0 + s * 32, w1 + s * 32);
+      // a 32-bit shift moves the next byte's low nibble into each byte's top: the mask drops it
+      const __m512i lo = _mm512_and_si512(v, m15), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), m15);
+      for (int m = 0; m < MR; ++m) {
+        acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], lo, _mm512_set1_epi32(load_i32(xr[m] + s * 8)));
+        acc[NA - 1][m] = _mm512_dpbusd_epi32(acc[NA - 1][m], hi, _mm512_set1_epi32(load_i32(xr[m] + s * 8 + 4)));
+      }
+    }
+    if (NA == 2)
+      for (int m = 0; m < MR; ++m) acc[0][m] = _mm512_add_epi32(acc[0][m], acc[NA - 1][m]);
+    qa_epilogue_pair<MR>(a, t, g, m0, acc[0], yf);
+  }
+  qa_store_pair<MR>(a, t, m0, yf);
+}
+
+// qa8_block2 (NTL = 2) on 512-bit registers: a quad's two 16-byte column-pair blocks of both
+// tiles, interleaved by 16-bit words within each tile's half (k..k+3 of each output row).
+template <int MR>
+FXK_VNNI512 void qa8_pair_z(const QaArgs& a, int64_t t, int64_t m0) {
+  const int64_t Kp = a.Kp, G = a.G, quads = Kp / G / 4;
+  const int8_t* w0 = (const int8_t*)a.w + t * (Kp / 2) * 16;
+  const int8_t* w1 = w0 + (Kp / 2) * 16;
+  const uint8_t* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = a.xu8 + (m0 + m) * a.xs;
+  const __m512i interleave = _mm512_set_epi16(31, 23, 30, 22, 29, 21, 28, 20, 27, 19, 26, 18, 25, 17, 24, 16,
+                                              15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+  __m512 yf[MR];
+  for (int m = 0; m < MR; ++m) yf[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
+    for (int64_t q = g * quads; q < (g + 1) * quads; ++q) {
+      if (!(q & 1)) {
+        prefetch_ahead(w0 + (2 * q) * 16);
+        prefetch_ahead(w1 + (2 * q) * 16);
+      }
+      const __m512i w = _mm512_permutexvar_epi16(interleave, load_pair(w0 + (2 * q) * 16, w1 + (2 * q) * 16));
+      for (int m = 0; m < MR; ++m)
+        acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(load_i32(xr[m] + 4 * q)), w);
+    }
+    const int64_t at0 = (t * G + g) * 8, at1 = ((t + 1) * G + g) * 8;
+    const __m512i ws128 = _mm512_slli_epi32(load_pair(a.ws + at0, a.ws + at1), 7);
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_sub_epi32(acc[m], ws128);
+    qa_epilogue_pair<MR>(a, t, g, m0, acc, yf);
+  }
+  qa_store_pair<MR>(a, t, m0, yf);
+}
+
+template <int MR>
+FXK_VNNI512 void qa_pair_z(const QaArgs& a, int64_t t, int64_t m0) {
+  if (a.bits <= 4)
+    qa4_pair_z<MR>(a, t, m0);
+  else
+    qa8_pair_z<MR>(a, t, m0);
+}
+
+FXK_VNNI512 void qa_rows_z(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
+  switch (mr) {
+    case 1: qa_pair_z<1>(a, t, m0); break;
+    case 2: qa_pair_z<2>(a, t, m0); break;
+    case 3: qa_pair_z<3>(a, t, m0); break;
+    case 4: qa_pair_z<4>(a, t, m0); break;
+    case 5: qa_pair_z<5>(a, t, m0); break;
+    case 6: qa_pair_z<6>(a, t, m0); break;
+    case 7: qa_pair_z<7>(a, t, m0); break;
+    case 8: qa_pair_z<8>(a, t, m0); break;
+    case 9: qa_pair_z<9>(a, t, m0); break;
+    case 10: qa_pair_z<10>(a, t, m0); break;
+    case 11: qa_pair_z<11>(a, t, m0); break;
+    case 12: qa_pair_z<12>(a, t, m0); break;
+    case 13: qa_pair_z<13>(a, t, m0); break;
+    case 14: qa_pair_z<14>(a, t, m0); break;
+    case 15: qa_pair_z<15>(a, t, m0); break;
+    default: qa_pair_z<16>(a, t, m0); break;
+  }
+}
+
 #endif
 
 template <int NTL>
@@ -659,11 +803,19 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
   // rows per M block: their activations (1 byte per column as int8/uint8, 2 as int16) stay in L2
   // while each weight tile (pair) sweeps over them
   const bool bytes1 = a.bits <= 4 || a.xu8;
+#ifdef FXK_VNNI
+  static const bool wide512 = __builtin_cpu_supports("avx512bw");
+  const int64_t mb = rows_per_block(a.Kp * (bytes1 ? 1 : 2), wide512 ? kRowsZ * 3 : 12);
+#else
   const int64_t mb = rows_per_block(a.Kp * (bytes1 ? 1 : 2), 12);
+#endif
   for (int64_t b0 = 0; b0 < a.M; b0 += mb) {
     const int64_t b1 = imin(a.M, b0 + mb);
     int64_t t = t0;
 #ifdef FXK_VNNI
+    if ((a.bits <= 4 || a.xu8) && a.M > 1 && wide512)  // 512-bit tile pairs (see qa4_pair_z / qa8_pair_z)
+      for (; t + 2 <= t1; t += 2)
+        for (int64_t m0 = b0; m0 < b1; m0 += kRowsZ) qa_rows_z(a, t, m0, imin(kRowsZ, b1 - m0));
     if (a.bits <= 4 || a.xu8)  // vpdpbusd tile pairs (see qa4_block2 / qa8_block2)
       for (; t + 2 <= t1; t += 2)
         for (int64_t m0 = b0; m0 < b1; m0 += kRows2) qa_rows_vnni<2>(a, t, m0, imin(kRows2, b1 - m0));
