@@ -509,16 +509,20 @@ static bool vnni_int8(int64_t Kp, int64_t G, int64_t bits) {
   return use_vnni() && bits > 4 && Kp % 4 == 0 && (Kp / G) % 4 == 0;
 }
 
-// Whether qact_vector runs M rows on AMX tiles, and can then also sum groups of `limbs` rows in
-// its store (QaArgs::limbs): every tile pair on AMX (no odd last tile), whole groups per pass.
+// Whether qact_vector runs M rows on AMX tiles.
 static bool qa_amx(int64_t M, int64_t N, int64_t Kp, int64_t G, int64_t bits) {
   return use_amx() && (bits <= 4 || vnni_int8(Kp, G, bits)) && M >= kAmxMinRows && (Kp / G) % 64 == 0;
 }
-static bool qa_amx_sums_limbs(int64_t M, int64_t N, int64_t Kp, int64_t G, int64_t bits, int limbs) {
-  return limbs > 1 && kAmxPassRows % limbs == 0 && ((N + 7) / 8) % 2 == 0 && qa_amx(M, N, Kp, G, bits);
+// Whether qact_vector's kernel can also sum groups of `limbs` rows in its store (QaArgs::limbs):
+// every tile pair on AMX or on the 512-bit VNNI kernels (no odd last tile), whole groups per
+// pass or micro-block.
+static bool qa_sums_limbs(int64_t M, int64_t N, int64_t Kp, int64_t G, int64_t bits, int limbs) {
+  if (limbs <= 1 || ((N + 7) / 8) % 2) return false;
+  if (qa_amx(M, N, Kp, G, bits)) return kAmxPassRows % limbs == 0;
+  return use_vnni() && kVnni512Rows % limbs == 0 && qa_vnni512_rows(M, bits, vnni_int8(Kp, G, bits));
 }
 
-// y [M / limbs][N]; limbs > 1 only where qa_amx_sums_limbs holds.
+// y [M / limbs][N]; limbs > 1 only where qa_sums_limbs holds.
 static void qact_vector(const int8_t* xq, const float* sa, const int32_t* za, int64_t M, int64_t K, int64_t N,
                         int64_t G, int64_t bits, const std::vector<at::Tensor>& packed, const float* pb, float* y,
                         int limbs = 1) {
@@ -528,7 +532,8 @@ static void qact_vector(const int8_t* xq, const float* sa, const int32_t* za, in
   static thread_local std::vector<int32_t> xc;
   static thread_local std::vector<uint8_t> xu8;
   const bool vnni8 = vnni_int8(Kp, G, bits);
-  TORCH_CHECK(limbs == 1 || qa_amx_sums_limbs(M, N, Kp, G, bits, limbs), "qact_vector: limb sums need the AMX route");
+  TORCH_CHECK(limbs == 1 || qa_sums_limbs(M, N, Kp, G, bits, limbs),
+              "qact_vector: limb sums need the AMX or the 512-bit VNNI route");
   const int64_t xs = act_row_stride(Kp, bits <= 4 || vnni8 ? 1 : 2);
   prep_acts(xq, za, M, K, Kp, xs, G, K / G, bits, x8, x16, xc, vnni8 ? &xu8 : nullptr);
   QaArgs a{(const uint8_t*)packed[0].data_ptr(), packed[1].data_ptr<int32_t>(), packed[2].data_ptr<int32_t>(),
@@ -540,10 +545,14 @@ static void qact_vector(const int8_t* xq, const float* sa, const int32_t* za, in
     at::parallel_for(0, NT / 2, std::max<int64_t>(1, tile_grain(M, Kp) / 2),
                      [&](int64_t p0, int64_t p1) { qa_pairs_amx(a, 2 * p0, 2 * p1); });
     if (NT % 2) qa_tiles_avx512vnni(a, NT - 1, NT);
-  } else if (use_vnni() && (bits <= 4 || vnni8))
+  } else if (use_vnni() && (bits <= 4 || vnni8) && limbs > 1) {  // limb sums: whole tile pairs per thread
+    at::parallel_for(0, NT / 2, std::max<int64_t>(1, tile_grain(M, Kp) / 2),
+                     [&](int64_t p0, int64_t p1) { qa_tiles_avx512vnni(a, 2 * p0, 2 * p1); });
+  } else if (use_vnni() && (bits <= 4 || vnni8)) {
     at::parallel_for(0, NT, tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { qa_tiles_avx512vnni(a, t0, t1); });
-  else
+  } else {
     at::parallel_for(0, NT, tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { qa_tiles_avx2(a, t0, t1); });
+  }
 }
 
 at::Tensor qact_linear(const at::Tensor& xq_in, const at::Tensor& sa_in, const at::Tensor& za_in,
@@ -605,8 +614,8 @@ static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     at::parallel_for(0, rows, (64 * 1024 + K) / K, [&](int64_t r0, int64_t r1) {
       limb_split_avx2(px + c0 * K, K, L, pd, pf, pok + c0, r0, r1);
     });
-    if (qa_amx_sums_limbs(rows * L, N, Kp, G, bits, L)) {
-      // the tile kernel sums each row's limbs (and adds the bias) as it stores: no partial outputs
+    if (qa_sums_limbs(rows * L, N, Kp, G, bits, L)) {
+      // the kernel sums each row's limbs (and adds the bias) as it stores: no partial outputs
       qact_vector(pd, pf, zeros.data(), rows * L, K, N, G, bits, packed, pb, py + c0 * N, L);
       continue;
     }
@@ -666,11 +675,12 @@ void limb_rows_setup(LimbRows& r, int64_t M, int64_t K, int64_t N, int64_t G, in
   r.K = K;
   r.N = N;
   r.bias = bias;
-  r.amx = qa_amx_sums_limbs(M * L, N, Kp, G, bits, L);
+  r.sums = qa_sums_limbs(M * L, N, Kp, G, bits, L);
+  r.amx = r.sums && qa_amx(M * L, N, Kp, G, bits);
   r.a = QaArgs{(const uint8_t*)packed[0].data_ptr(), packed[1].data_ptr<int32_t>(), packed[2].data_ptr<int32_t>(),
                packed[3].data_ptr<float>(), bits <= 4 ? r.x8.data() : nullptr, nullptr, r.xc.data(), r.fac.data(),
-               r.zeros.data(), r.amx ? bias : nullptr, r.amx ? nullptr : scratch(r.part, M * L * N), M * L, N, Kp, G,
-               K / G, (int)bits, r.vnni8 ? r.xu8.data() : nullptr, xs, r.amx ? L : 1};
+               r.zeros.data(), r.sums ? bias : nullptr, r.sums ? nullptr : scratch(r.part, M * L * N), M * L, N, Kp,
+               G, K / G, (int)bits, r.vnni8 ? r.xu8.data() : nullptr, xs, r.sums ? L : 1};
 }
 
 void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1) {
@@ -692,10 +702,13 @@ void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y) {
   const int64_t M = r.M, N = r.N, n0 = 8 * t0, n1 = std::min(N, 8 * t1);
   if (n0 >= n1) return;
   const int L = r.L;
-  if (r.amx) {  // the tile kernel sums each row's limbs (and adds the bias) as it stores
+  if (r.sums) {  // the kernel sums each row's limbs (and adds the bias) as it stores
     QaArgs a = r.a;
     a.y = y;
-    qa_pairs_amx(a, t0, t1);
+    if (r.amx)
+      qa_pairs_amx(a, t0, t1);
+    else
+      qa_tiles_avx512vnni(a, t0, t1);
   } else {
     qa_tiles_avx512vnni(r.a, t0, t1);
     for (int64_t m = 0; m < M; ++m) {

@@ -58,7 +58,7 @@ struct QaArgs {
   // Row stride of x8 / x16 / xu8 in elements (>= Kp): an odd number of 64-byte lines, so the rows
   // a micro-kernel reads together fall in different L1 sets (see act_row_stride in kernels.cpp).
   int64_t xs = 0;
-  // > 1 (AMX kernel only): the M rows are groups of `limbs` int8 digit rows of one fp32 row, least
+  // > 1 (AMX and 512-bit VNNI tile-pair kernels only): the M rows are groups of `limbs` int8 digit rows of one fp32 row, least
   // significant first (limb_linear in kernels.cpp); y is then [M / limbs][N], each output the sum of
   // its group's scaled products, most significant first, plus the bias: limb_linear's own order,
   // so the result is bit-identical to summing the rows' outputs afterwards.
@@ -67,6 +67,8 @@ struct QaArgs {
 
 // Rows per pass of the AMX kernel (two 16-row tiles); a multiple of the limb counts it fuses.
 constexpr int64_t kAmxPassRows = 32;
+// Rows per micro-block of the 512-bit VNNI kernels; a multiple of the limb counts they fuse.
+constexpr int64_t kVnni512Rows = 16;
 
 // Tiles [t0, t1) of 8 output rows, all M rows of the input.
 void dq_tiles_avx2(const DqArgs& a, int64_t t0, int64_t t1);
@@ -74,6 +76,10 @@ void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1);
 // The same with vpdpbusd for bits <= 4, and for bits > 4 when xu8 is given (needs
 // AVX512F+VL+VNNI; kernels_avx512vnni.cpp).
 void qa_tiles_avx512vnni(const QaArgs& a, int64_t t0, int64_t t1);
+// Whether qa_tiles_avx512vnni runs M rows of tile pairs on 512-bit registers (several rows, INT4
+// or INT8 with unsigned activations xu8, a CPU with AVX-512 BW): then a.limbs > 1 is allowed, with
+// tile ranges of whole pairs.
+bool qa_vnni512_rows(int64_t M, int64_t bits, bool xu8);
 
 // Row-wise int8 activation quantization of rows [r0, r1): xq = clamp(rint(x * inv) + z).
 void quant_rows_avx2(const float* x, int64_t K, const float* inv, const int32_t* z, int8_t* xq,

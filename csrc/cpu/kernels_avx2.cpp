@@ -569,9 +569,32 @@ FXK_AVX2 void qa_rows_vnni(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
 // vpdpbusd instead of 4, and an INT8 quad 1 instead of 2. The integer sums are the same exact
 // int32 values and the epilogue does the same operations per lane, so the outputs are
 // bit-identical to the 256-bit kernels'.
+//
+// The activations of a 16-row micro-block are first copied into a panel, step by step: a step's
+// bytes of all 16 rows are adjacent (INT4: 8 bytes per row and 8-column step, INT8: 4 per row and
+// quad), so the loop reads every row at a fixed offset from one pointer, as an embedded broadcast
+// operand of its vpdpbusd, instead of keeping 16 row pointers that do not fit the registers.
 #define FXK_VNNI512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
-constexpr int kRowsZ = 16;  // activation rows per 512-bit micro-block: 16 accumulators
+constexpr int kRowsZ = (int)kVnni512Rows;  // activation rows per micro-block: 16 accumulators
+
+// Bytes of one row per panel step: an INT4 8-column step, or an INT8 quad (unsigned codes).
+inline int64_t panel_unit(const QaArgs& a) { return a.bits <= 4 ? 8 : 4; }
+
+// Rows [m0, m0 + mr) of the activations (x8, or xu8 for INT8) as a panel of Kp / unit steps of
+// kRowsZ * unit bytes (rows past mr are left as they are: no product reads them).
+FXK_VNNI512 void fill_panel(const QaArgs& a, int64_t m0, int64_t mr, uint8_t* panel) {
+  const int64_t unit = panel_unit(a), steps = a.Kp / unit;
+  const uint8_t* x = a.bits <= 4 ? (const uint8_t*)a.x8 : a.xu8;
+  for (int64_t m = 0; m < mr; ++m) {
+    const uint8_t* xr = x + (m0 + m) * a.xs;
+    uint8_t* p = panel + m * unit;
+    if (unit == 8)
+      for (int64_t s = 0; s < steps; ++s) std::memcpy(p + s * kRowsZ * 8, xr + s * 8, 8);
+    else
+      for (int64_t s = 0; s < steps; ++s) std::memcpy(p + s * kRowsZ * 4, xr + s * 4, 4);
+  }
+}
 
 // 32 bytes of tile t at p0 and of tile t + 1 at p1 as one register (t low, t + 1 high).
 FXK_VNNI512 inline __m512i load_pair(const void* p0, const void* p1) {
@@ -579,10 +602,12 @@ FXK_VNNI512 inline __m512i load_pair(const void* p0, const void* p1) {
                             _mm256_loadu_si256((const __m256i*)p1), 1);
 }
 
-// qa_epilogue for a tile pair: per lane the same integer correction and fused multiply-add.
+// qa_epilogue for a tile pair, yf [MR][16] in memory: per lane the same integer correction and
+// fused multiply-add. (Kept in memory: with 16 accumulators in the loop, 16 more live registers
+// would spill them.)
 template <int MR>
 FXK_VNNI512 inline void qa_epilogue_pair(const QaArgs& a, int64_t t, int64_t g, int64_t m0, const __m512i* acc,
-                                         __m512* yf) {
+                                         float* yf) {
   const int64_t at0 = (t * a.G + g) * 8, at1 = ((t + 1) * a.G + g) * 8;
   const __m512i zc = load_pair(a.zc + at0, a.zc + at1), ws = load_pair(a.ws + at0, a.ws + at1);
   const __m512 sc = _mm512_castsi512_ps(load_pair(a.sc + at0, a.sc + at1));
@@ -591,33 +616,48 @@ FXK_VNNI512 inline void qa_epilogue_pair(const QaArgs& a, int64_t t, int64_t g, 
     const __m512i za = _mm512_set1_epi32(a.za[m0 + m]);
     const __m512i ex =
         _mm512_sub_epi32(acc[m], _mm512_add_epi32(_mm512_mullo_epi32(zc, xc), _mm512_mullo_epi32(za, ws)));
-    yf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ex), sc, yf[m]);
+    const __m512 prev = g ? _mm512_load_ps(yf + m * 16) : _mm512_setzero_ps();
+    _mm512_store_ps(yf + m * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ex), sc, prev));
   }
 }
 
-// qa_store for a tile pair (tile t + 1 may end past N: those lanes are not stored).
+// qa_store for a tile pair (tile t + 1 may end past N: those lanes are not stored). With
+// a.limbs = L > 1 each group of L rows is one fp32 row's limbs, least significant first: its output
+// is their scaled sums added most significant first, then the bias, as limb_linear adds the
+// rows' separate outputs (so the result is the same to the bit).
 template <int MR>
-FXK_VNNI512 inline void qa_store_pair(const QaArgs& a, int64_t t, int64_t m0, const __m512* yf) {
+FXK_VNNI512 inline void qa_store_pair(const QaArgs& a, int64_t t, int64_t m0, const float* yf) {
   const int64_t n0 = t * 8;
   const __mmask16 valid = a.N - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (a.N - n0)) - 1);
   const __m512 b = a.bias ? _mm512_maskz_loadu_ps(valid, a.bias + n0) : _mm512_setzero_ps();
-  for (int m = 0; m < MR; ++m)
-    _mm512_mask_storeu_ps(a.y + (m0 + m) * a.N + n0, valid, _mm512_fmadd_ps(yf[m], _mm512_set1_ps(a.sa[m0 + m]), b));
+  const int L = a.limbs;
+  if (L == 1) {
+    for (int m = 0; m < MR; ++m)
+      _mm512_mask_storeu_ps(a.y + (m0 + m) * a.N + n0, valid,
+                            _mm512_fmadd_ps(_mm512_load_ps(yf + m * 16), _mm512_set1_ps(a.sa[m0 + m]), b));
+    return;
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int m = 0; m < MR; m += L) {
+    const float* yl = yf + m * 16;
+    const float* sl = a.sa + m0 + m;
+    __m512 v = _mm512_fmadd_ps(_mm512_load_ps(yl + (L - 1) * 16), _mm512_set1_ps(sl[L - 1]), zero);
+    for (int l = L - 2; l >= 0; --l)
+      v = _mm512_add_ps(v, _mm512_fmadd_ps(_mm512_load_ps(yl + l * 16), _mm512_set1_ps(sl[l]), zero));
+    if (a.bias) v = _mm512_add_ps(v, b);
+    _mm512_mask_storeu_ps(a.y + ((m0 + m) / L) * a.N + n0, valid, v);
+  }
 }
 
-// qa4_block2 on 512-bit registers. Below 8 rows the low- and high-nibble products go to separate
-// accumulators, so the two vpdpbusd of a step do not wait on each other's latency.
+// qa4_block2 on 512-bit registers over a panel. Below 8 rows the low- and high-nibble products go
+// to separate accumulators, so the two vpdpbusd of a step do not wait on each other's latency.
 template <int MR>
-FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0) {
+FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_t* panel, float* yf) {
   constexpr int NA = MR < 8 ? 2 : 1;
   const int64_t Kp = a.Kp, G = a.G, steps = Kp / G / 8;
   const uint8_t* w0 = a.w + t * (Kp / 8) * 32;
   const uint8_t* w1 = w0 + (Kp / 8) * 32;
-  const int8_t* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = a.x8 + (m0 + m) * a.xs;
   const __m512i m15 = _mm512_set1_epi8(15);
-  __m512 yf[MR];
-  for (int m = 0; m < MR; ++m) yf[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m512i acc[NA][MR];
     for (int j = 0; j < NA; ++j)
@@ -630,9 +670,10 @@ FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0) {
       const __m512i v = load_pair(w0 + s * 32, w1 + s * 32);
       // a 32-bit shift moves the next byte's low nibble into each byte's top: the mask drops it
       const __m512i lo = _mm512_and_si512(v, m15), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), m15);
+      const uint8_t* xp = panel + s * (kRowsZ * 8);
       for (int m = 0; m < MR; ++m) {
-        acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], lo, _mm512_set1_epi32(load_i32(xr[m] + s * 8)));
-        acc[NA - 1][m] = _mm512_dpbusd_epi32(acc[NA - 1][m], hi, _mm512_set1_epi32(load_i32(xr[m] + s * 8 + 4)));
+        acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], lo, _mm512_set1_epi32(load_i32(xp + m * 8)));
+        acc[NA - 1][m] = _mm512_dpbusd_epi32(acc[NA - 1][m], hi, _mm512_set1_epi32(load_i32(xp + m * 8 + 4)));
       }
     }
     if (NA == 2)
@@ -642,19 +683,16 @@ FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0) {
   qa_store_pair<MR>(a, t, m0, yf);
 }
 
-// qa8_block2 (NTL = 2) on 512-bit registers: a quad's two 16-byte column-pair blocks of both
-// tiles, interleaved by 16-bit words within each tile's half (k..k+3 of each output row).
+// qa8_block2 (NTL = 2) on 512-bit registers over a panel of the unsigned activations: a quad's
+// two 16-byte column-pair blocks of both tiles, interleaved by 16-bit words within each tile's
+// half (k..k+3 of each output row).
 template <int MR>
-FXK_VNNI512 void qa8_pair_z(const QaArgs& a, int64_t t, int64_t m0) {
+FXK_VNNI512 void qa8_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_t* panel, float* yf) {
   const int64_t Kp = a.Kp, G = a.G, quads = Kp / G / 4;
   const int8_t* w0 = (const int8_t*)a.w + t * (Kp / 2) * 16;
   const int8_t* w1 = w0 + (Kp / 2) * 16;
-  const uint8_t* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = a.xu8 + (m0 + m) * a.xs;
   const __m512i interleave = _mm512_set_epi16(31, 23, 30, 22, 29, 21, 28, 20, 27, 19, 26, 18, 25, 17, 24, 16,
                                               15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
-  __m512 yf[MR];
-  for (int m = 0; m < MR; ++m) yf[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m512i acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
@@ -664,8 +702,8 @@ FXK_VNNI512 void qa8_pair_z(const QaArgs& a, int64_t t, int64_t m0) {
         prefetch_ahead(w1 + (2 * q) * 16);
       }
       const __m512i w = _mm512_permutexvar_epi16(interleave, load_pair(w0 + (2 * q) * 16, w1 + (2 * q) * 16));
-      for (int m = 0; m < MR; ++m)
-        acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(load_i32(xr[m] + 4 * q)), w);
+      const uint8_t* xp = panel + q * (kRowsZ * 4);
+      for (int m = 0; m < MR; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(load_i32(xp + m * 4)), w);
     }
     const int64_t at0 = (t * G + g) * 8, at1 = ((t + 1) * G + g) * 8;
     const __m512i ws128 = _mm512_slli_epi32(load_pair(a.ws + at0, a.ws + at1), 7);
@@ -676,32 +714,47 @@ FXK_VNNI512 void qa8_pair_z(const QaArgs& a, int64_t t, int64_t m0) {
 }
 
 template <int MR>
-FXK_VNNI512 void qa_pair_z(const QaArgs& a, int64_t t, int64_t m0) {
+FXK_VNNI512 void qa_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_t* panel, float* yf) {
   if (a.bits <= 4)
-    qa4_pair_z<MR>(a, t, m0);
+    qa4_pair_z<MR>(a, t, m0, panel, yf);
   else
-    qa8_pair_z<MR>(a, t, m0);
+    qa8_pair_z<MR>(a, t, m0, panel, yf);
 }
 
-FXK_VNNI512 void qa_rows_z(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
+FXK_VNNI512 void qa_rows_z(const QaArgs& a, int64_t t, int64_t m0, int64_t mr, const uint8_t* panel, float* yf) {
   switch (mr) {
-    case 1: qa_pair_z<1>(a, t, m0); break;
-    case 2: qa_pair_z<2>(a, t, m0); break;
-    case 3: qa_pair_z<3>(a, t, m0); break;
-    case 4: qa_pair_z<4>(a, t, m0); break;
-    case 5: qa_pair_z<5>(a, t, m0); break;
-    case 6: qa_pair_z<6>(a, t, m0); break;
-    case 7: qa_pair_z<7>(a, t, m0); break;
-    case 8: qa_pair_z<8>(a, t, m0); break;
-    case 9: qa_pair_z<9>(a, t, m0); break;
-    case 10: qa_pair_z<10>(a, t, m0); break;
-    case 11: qa_pair_z<11>(a, t, m0); break;
-    case 12: qa_pair_z<12>(a, t, m0); break;
-    case 13: qa_pair_z<13>(a, t, m0); break;
-    case 14: qa_pair_z<14>(a, t, m0); break;
-    case 15: qa_pair_z<15>(a, t, m0); break;
-    default: qa_pair_z<16>(a, t, m0); break;
+    case 1: qa_pair_z<1>(a, t, m0, panel, yf); break;
+    case 2: qa_pair_z<2>(a, t, m0, panel, yf); break;
+    case 3: qa_pair_z<3>(a, t, m0, panel, yf); break;
+    case 4: qa_pair_z<4>(a, t, m0, panel, yf); break;
+    case 5: qa_pair_z<5>(a, t, m0, panel, yf); break;
+    case 6: qa_pair_z<6>(a, t, m0, panel, yf); break;
+    case 7: qa_pair_z<7>(a, t, m0, panel, yf); break;
+    case 8: qa_pair_z<8>(a, t, m0, panel, yf); break;
+    case 9: qa_pair_z<9>(a, t, m0, panel, yf); break;
+    case 10: qa_pair_z<10>(a, t, m0, panel, yf); break;
+    case 11: qa_pair_z<11>(a, t, m0, panel, yf); break;
+    case 12: qa_pair_z<12>(a, t, m0, panel, yf); break;
+    case 13: qa_pair_z<13>(a, t, m0, panel, yf); break;
+    case 14: qa_pair_z<14>(a, t, m0, panel, yf); break;
+    case 15: qa_pair_z<15>(a, t, m0, panel, yf); break;
+    default: qa_pair_z<16>(a, t, m0, panel, yf); break;
   }
+}
+
+// Rows [b0, b1) over tile pairs from t while t + 2 <= t1, on the 512-bit kernels; returns the
+// first tile left.
+FXK_VNNI512 int64_t qa_pairs_z(const QaArgs& a, int64_t t, int64_t t1, int64_t b0, int64_t b1) {
+  static thread_local std::vector<uint8_t> panels;
+  alignas(64) float yf[kRowsZ * 16];
+  const int64_t bytes = a.Kp * kRowsZ, blocks = (b1 - b0 + kRowsZ - 1) / kRowsZ;
+  if (panels.size() < size_t(blocks * bytes)) panels.resize(blocks * bytes);
+  for (int64_t i = 0; i < blocks; ++i)
+    fill_panel(a, b0 + i * kRowsZ, imin(kRowsZ, b1 - b0 - i * kRowsZ), panels.data() + i * bytes);
+  for (; t + 2 <= t1; t += 2)
+    for (int64_t i = 0; i < blocks; ++i)
+      qa_rows_z(a, t, b0 + i * kRowsZ, imin(kRowsZ, b1 - b0 - i * kRowsZ), panels.data() + i * bytes, yf);
+  return t;
 }
 
 #endif
@@ -789,6 +842,11 @@ FXK_AVX2 void dq_tiles_avx2(const DqArgs& a, int64_t t0, int64_t t1) {
 #endif  // !FXK_VNNI
 
 #ifdef FXK_VNNI
+bool qa_vnni512_rows(int64_t M, int64_t bits, bool xu8) {
+  static const bool wide = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  return wide && M > 1 && (bits <= 4 || xu8);
+}
+
 FXK_AVX2 void qa_tiles_avx512vnni(const QaArgs& a, int64_t t0, int64_t t1) {
 #else
 FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
@@ -804,8 +862,8 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
   // while each weight tile (pair) sweeps over them
   const bool bytes1 = a.bits <= 4 || a.xu8;
 #ifdef FXK_VNNI
-  static const bool wide512 = __builtin_cpu_supports("avx512bw");
-  const int64_t mb = rows_per_block(a.Kp * (bytes1 ? 1 : 2), wide512 ? kRowsZ * 3 : 12);
+  // a multiple of both micro-block heights, and of the limb counts whose sums the 512-bit store fuses
+  const int64_t mb = rows_per_block(a.Kp * (bytes1 ? 1 : 2), 48);
 #else
   const int64_t mb = rows_per_block(a.Kp * (bytes1 ? 1 : 2), 12);
 #endif
@@ -813,9 +871,8 @@ FXK_AVX2 void qa_tiles_avx2(const QaArgs& a, int64_t t0, int64_t t1) {
     const int64_t b1 = imin(a.M, b0 + mb);
     int64_t t = t0;
 #ifdef FXK_VNNI
-    if ((a.bits <= 4 || a.xu8) && a.M > 1 && wide512)  // 512-bit tile pairs (see qa4_pair_z / qa8_pair_z)
-      for (; t + 2 <= t1; t += 2)
-        for (int64_t m0 = b0; m0 < b1; m0 += kRowsZ) qa_rows_z(a, t, m0, imin(kRowsZ, b1 - m0));
+    if (qa_vnni512_rows(a.M, a.bits, a.xu8 != nullptr))  // 512-bit tile pairs (see qa4_pair_z / qa8_pair_z)
+      t = qa_pairs_z(a, t, t1, b0, b1);
     if (a.bits <= 4 || a.xu8)  // vpdpbusd tile pairs (see qa4_block2 / qa8_block2)
       for (; t + 2 <= t1; t += 2)
         for (int64_t m0 = b0; m0 < b1; m0 += kRows2) qa_rows_vnni<2>(a, t, m0, imin(kRows2, b1 - m0));

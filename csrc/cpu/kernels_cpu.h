@@ -69,7 +69,8 @@ struct LimbRows {
   int64_t M = 0, K = 0, N = 0;
   const float* bias = nullptr;
   bool vnni8 = false;
-  bool amx = false;  // AMX tiles that sum the limbs as they store (then tile ranges must be even)
+  bool sums = false;  // the kernel sums the limbs as it stores (then tile ranges must be whole pairs)
+  bool amx = false;   // that kernel is the AMX one
   std::vector<int8_t> digits, x8;
   std::vector<int16_t> x16;
   std::vector<int32_t> xc, zeros;
