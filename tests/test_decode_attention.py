@@ -26,7 +26,7 @@ def _layer(h, hkv, d, window, softcap):
     return types.SimpleNamespace(kv_heads=hkv, heads=h, scaling=d ** -0.5, softcap=softcap, window=window)
 
 
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("isa", ["auto", "avx2", "scalar"])  # auto: AVX-512 loops where the CPU has them
 @pytest.mark.parametrize("b,h,hkv,length,d,slot,window,softcap", CASES)
 def test_matches_torch_and_float64(b, h, hkv, length, d, slot, window, softcap, isa):
     gen = torch.Generator().manual_seed(b * 100 + length + slot)

@@ -143,6 +143,93 @@ FXK_ATT_AVX2 void attend_avx2(const Rows& r, int G, int64_t D, int64_t lo, int64
   }
 }
 
+// ---- AVX-512 forms (D a multiple of 16, no soft-capping) --------------------------------------
+// The AVX2 loops above spend most of a slot on horizontal sums (one per head per slot) and on
+// broadcasting each probability for every 8 values of a row. Here a block of 16 slots keeps one
+// 16-wide partial dot product per slot, and a transposing reduction turns the 16 into one vector
+// of 16 scores (~3 instructions per slot instead of ~8); the weighted sum keeps a head's whole
+// output row (D / 16 registers) while the value rows stream, each probability an embedded
+// broadcast operand of its multiply-adds.
+#define FXK_ATT_512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+
+// out[i] = sum of the 16 lanes of v[i], i = 0..15.
+FXK_ATT_512 inline __m512 reduce16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  // 256-bit halves: lanes 0-7 of a[i] belong to v[2i], lanes 8-15 to v[2i+1]
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  // 128-bit quarters: quarter q of b[i] belongs to v[4i + q]
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  // within each quarter q: lanes (0, 2) hold two halves of v[q] (from b[2i]) resp. v[4 + q] (b[2i+1])
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+  // quarter q, lane l: v[q + 4 l] -> reorder so lane j holds v[j]
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, d);
+}
+
+// Scores of head g0 (of r) over slots [lo, lo + n), 16 at a time; masked slots get -inf.
+FXK_ATT_512 void scores_512(const Rows& r, int g, int64_t D, int64_t lo, int64_t n, float scaling) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), sc = _mm512_set1_ps(scaling);
+  const float* q = r.q + g * D;
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int nb = (int)std::min<int64_t>(16, n - j0);
+    __m512 part[16];
+    for (int i = 0; i < 16; ++i) {
+      part[i] = _mm512_setzero_ps();
+      if (i >= nb) continue;
+      const float* kr = r.k + (lo + j0 + i) * D;
+      for (int64_t d = 0; d < D; d += 16)
+        part[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kr + d), part[i]);
+    }
+    const __mmask16 in_range = (__mmask16)((1u << nb) - 1);
+    const __m128i m8 = _mm_maskz_loadu_epi8(in_range, r.mask + lo + j0);
+    const __mmask16 keep = _mm_test_epi8_mask(m8, m8) & in_range;
+    _mm512_mask_storeu_ps(r.p + g * n + j0, in_range, _mm512_mask_mul_ps(ninf, keep, reduce16(part), sc));
+  }
+}
+
+// out[g] = sum_j p[g, j] v[j] for GB heads from g0, D = 16 * DC.
+template <int GB, int DC>
+FXK_ATT_512 void weighted_sum_512(const Rows& r, int g0, int64_t lo, int64_t n) {
+  constexpr int64_t D = 16 * DC;
+  __m512 acc[GB][DC];
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vr = r.v + (lo + j) * D;
+    for (int c = 0; c < DC; ++c) {
+      const __m512 vv = _mm512_loadu_ps(vr + 16 * c);
+      for (int g = 0; g < GB; ++g) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(r.p[(g0 + g) * n + j]), vv, acc[g][c]);
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < DC; ++c) _mm512_storeu_ps(r.out + (g0 + g) * D + 16 * c, acc[g][c]);
+}
+
+// Heads in blocks whose accumulators (GB * DC) fit the 32 vector registers with room to spare.
+template <int DC>
+FXK_ATT_512 void weighted_sums_512(const Rows& r, int G, int64_t lo, int64_t n) {
+  constexpr int kBlock = DC <= 4 ? 4 : (DC <= 6 ? 3 : (DC <= 8 ? 2 : 1));
+  int g0 = 0;
+  for (; g0 + kBlock <= G; g0 += kBlock) weighted_sum_512<kBlock, DC>(r, g0, lo, n);
+  for (; g0 < G; ++g0) weighted_sum_512<1, DC>(r, g0, lo, n);
+}
+
+template <int DC>
+FXK_ATT_512 void attend_512(const Rows& r, int G, int64_t lo, int64_t n, float scaling) {
+  for (int g = 0; g < G; ++g) {
+    scores_512(r, g, 16 * DC, lo, n, scaling);
+    softmax_avx2(r.p + g * n, n);
+  }
+  weighted_sums_512<DC>(r, G, lo, n);
+}
+
 // Portable loops with the same arithmetic order per head (dot, softmax, weighted sum).
 void attend_scalar(const Rows& r, int G, int64_t D, int64_t lo, int64_t n, float scaling, float softcap) {
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -212,7 +299,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
   const float *pq = q.data_ptr<float>(), *pk = k_cache.data_ptr<float>(), *pv = v_cache.data_ptr<float>();
   const bool* pm = m.data_ptr<bool>();
   float* po = out.data_ptr<float>();
-  const bool vec = cpu_features().avx2 && cpu_features().fma && D % 8 == 0 && active_isa() != "scalar";
+  const AttentionLoops loops = attention_loops();
   // one task per (row, kv head); split across threads only when a task reads enough to pay for it
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, n * D));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
@@ -220,16 +307,31 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv;
       attend_group(pq + t * G * D, pk + t * L * D, pv + t * L * D, pm + b * L, po + t * G * D, scratch.data(), G, D,
-                   lo, n, (float)scaling, cap, vec);
+                   lo, n, (float)scaling, cap, loops);
     }
   });
   return out;
 }
 
+AttentionLoops attention_loops() {
+  const std::string isa = active_isa();
+  if (isa == "scalar" || !cpu_features().avx2 || !cpu_features().fma) return AttentionLoops::kScalar;
+  const CpuFeatures& f = cpu_features();
+  return isa != "avx2" && f.avx512f && f.avx512bw && f.avx512vl ? AttentionLoops::kAvx512 : AttentionLoops::kAvx2;
+}
+
 void attend_group(const float* q, const float* k, const float* v, const bool* mask, float* out, float* scratch, int G,
-                  int64_t D, int64_t lo, int64_t n, float scaling, float softcap, bool vec) {
+                  int64_t D, int64_t lo, int64_t n, float scaling, float softcap, AttentionLoops loops) {
   Rows r{q, k, v, mask, out, scratch};
-  if (vec)
+  if (loops == AttentionLoops::kAvx512 && softcap == 0.f) {
+    switch (D) {
+      case 64: return attend_512<4>(r, G, lo, n, scaling);
+      case 128: return attend_512<8>(r, G, lo, n, scaling);
+      case 256: return attend_512<16>(r, G, lo, n, scaling);
+      default: break;
+    }
+  }
+  if (loops != AttentionLoops::kScalar && D % 8 == 0)
     attend_avx2(r, G, D, lo, n, scaling, softcap);
   else
     attend_scalar(r, G, D, lo, n, scaling, softcap);

@@ -139,7 +139,7 @@ at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps
   const int G = (int)(H / Hkv);
   const int64_t W = std::max(D, std::max(I, H * Dh));  // row width of the linears' inputs
   const bool* pm = mask.data_ptr<bool>();
-  const bool vec = Dh % 8 == 0;
+  const AttentionLoops loops = attention_loops();
 
   auto out = at::empty_like(h);
   float* po = out.data_ptr<float>();
@@ -192,7 +192,7 @@ at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps
       rotary(qkv_b + (H + j) * Dh, cb, sb, Dh, kh + s * Dh);
       std::memcpy(vh + s * Dh, qkv_b + (H + Hkv + j) * Dh, Dh * sizeof(float));
       for (int g = 0; g < G; ++g) rotary(qkv_b + (j * G + g) * Dh, cb, sb, Dh, qr + g * Dh);
-      attend_group(qr, kh, vh, pm + b * L, att + (b * H + j * G) * Dh, p, G, Dh, lo, n, (float)scaling, 0.f, vec);
+      attend_group(qr, kh, vh, pm + b * L, att + (b * H + j * G) * Dh, p, G, Dh, lo, n, (float)scaling, 0.f, loops);
     }
 #pragma omp barrier
     run_linear(1, att, o_out);

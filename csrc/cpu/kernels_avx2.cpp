@@ -663,10 +663,10 @@ FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
     for (int j = 0; j < NA; ++j)
       for (int m = 0; m < MR; ++m) acc[j][m] = _mm512_setzero_si512();
     for (int64_t s = g * steps; s < (g + 1) * steps; ++s) {
-      if (!(s & 1)) {
-        prefetch_ahead(w0 + s * 32);
-        prefetch_ahead(w1 + s * 32);
-      }
+      // every step, although a line holds two: a branch in this loop makes the compiler copy
+      // all the accumulators between registers at its join
+      prefetch_ahead(w0 + s * 32);
+      prefetch_ahead(w1 + s * 32);
       const __m512i v = load_pair(w0 + s * 32, w1 + s * 32);
       // a 32-bit shift moves the next byte's low nibble into each byte's top: the mask drops it
       const __m512i lo = _mm512_and_si512(v, m15), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), m15);
@@ -697,10 +697,8 @@ FXK_VNNI512 void qa8_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
     __m512i acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
     for (int64_t q = g * quads; q < (g + 1) * quads; ++q) {
-      if (!(q & 1)) {
-        prefetch_ahead(w0 + (2 * q) * 16);
-        prefetch_ahead(w1 + (2 * q) * 16);
-      }
+      prefetch_ahead(w0 + (2 * q) * 16);  // every quad: see qa4_pair_z
+      prefetch_ahead(w1 + (2 * q) * 16);
       const __m512i w = _mm512_permutexvar_epi16(interleave, load_pair(w0 + (2 * q) * 16, w1 + (2 * q) * 16));
       const uint8_t* xp = panel + q * (kRowsZ * 4);
       for (int m = 0; m < MR; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(load_i32(xp + m * 4)), w);

@@ -52,11 +52,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& mask, const at::Tensor& slot, int64_t window, double scaling,
                             c10::optional<double> softcap);
 
+// The loops attend_group may use, by the CPU and the instruction set the kernels are pinned to
+// (set_isa): AVX-512 ones run for D = 64, 128 and 256 without soft-capping, AVX2 ones for
+// D % 8 == 0, the portable ones otherwise.
+enum class AttentionLoops { kScalar, kAvx2, kAvx512 };
+AttentionLoops attention_loops();
+
 // One query group of one kv head for one token (the body of decode_attention, also run per thread
 // by decode_layer): q [G, D], k/v [L, D] of that head, mask [L], out [G, D], scratch >= G * n
-// floats; slots [lo, lo + n) are read. `vec`: the AVX2 loops (needs AVX2+FMA and D % 8 == 0).
+// floats; slots [lo, lo + n) are read.
 void attend_group(const float* q, const float* k, const float* v, const bool* mask, float* out, float* scratch, int G,
-                  int64_t D, int64_t lo, int64_t n, float scaling, float softcap, bool vec);
+                  int64_t D, int64_t lo, int64_t n, float scaling, float softcap, AttentionLoops loops);
 
 // M fp32 rows through a weight-only layer's limb layout (see limb_linear in kernels.cpp), in steps
 // that a caller's own parallel region can run: limb_rows_setup (sizes the buffers, binds the
