@@ -39,8 +39,14 @@ struct Rows {
 
 // Scores -> probabilities in place for one head's n slots (masked slots hold -inf and get 0).
 FXK_ATT_AVX2 void softmax_avx2(float* p, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float m = lanes[0];
+  for (int l = 1; l < 8; ++l) m = std::max(m, lanes[l]);
+  for (; i < n; ++i) m = std::max(m, p[i]);
   const __m256 vm = _mm256_set1_ps(m);
   __m256 vs = _mm256_setzero_ps();
   int64_t j = 0;
@@ -173,19 +179,24 @@ FXK_ATT_512 inline __m512 reduce16(const __m512* v) {
   return _mm512_permutexvar_ps(order, d);
 }
 
-// Scores of head g0 (of r) over slots [lo, lo + n), 16 at a time; masked slots get -inf.
-FXK_ATT_512 void scores_512(const Rows& r, int g, int64_t D, int64_t lo, int64_t n, float scaling) {
+// Scores of head g (of r) over slots [lo, lo + n), 16 at a time, D = 16 * DC; masked slots get
+// -inf. A last, partial block re-reads its last slot in the lanes past n (never stored), so the
+// 16 partial sums stay in registers without a branch per slot.
+template <int DC>
+FXK_ATT_512 void scores_512(const Rows& r, int g, int64_t lo, int64_t n, float scaling) {
+  constexpr int64_t D = 16 * DC;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), sc = _mm512_set1_ps(scaling);
   const float* q = r.q + g * D;
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int nb = (int)std::min<int64_t>(16, n - j0);
     __m512 part[16];
+#pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) {
-      part[i] = _mm512_setzero_ps();
-      if (i >= nb) continue;
-      const float* kr = r.k + (lo + j0 + i) * D;
-      for (int64_t d = 0; d < D; d += 16)
-        part[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kr + d), part[i]);
+      const float* kr = r.k + (lo + j0 + std::min(i, nb - 1)) * D;
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kr));
+#pragma GCC unroll 16
+      for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kr + 16 * c), acc);
+      part[i] = acc;
     }
     const __mmask16 in_range = (__mmask16)((1u << nb) - 1);
     const __m128i m8 = _mm_maskz_loadu_epi8(in_range, r.mask + lo + j0);
@@ -203,6 +214,7 @@ FXK_ATT_512 void weighted_sum_512(const Rows& r, int g0, int64_t lo, int64_t n) 
     for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     const float* vr = r.v + (lo + j) * D;
+#pragma GCC unroll 16
     for (int c = 0; c < DC; ++c) {
       const __m512 vv = _mm512_loadu_ps(vr + 16 * c);
       for (int g = 0; g < GB; ++g) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(r.p[(g0 + g) * n + j]), vv, acc[g][c]);
@@ -212,19 +224,25 @@ FXK_ATT_512 void weighted_sum_512(const Rows& r, int g0, int64_t lo, int64_t n) 
     for (int c = 0; c < DC; ++c) _mm512_storeu_ps(r.out + (g0 + g) * D + 16 * c, acc[g][c]);
 }
 
-// Heads in blocks whose accumulators (GB * DC) fit the 32 vector registers with room to spare.
+// All G heads, in as few passes over the values as the registers allow: blocks of up to kBlock
+// heads (GB * DC accumulators, at most 16), the last block taking whatever heads remain.
 template <int DC>
 FXK_ATT_512 void weighted_sums_512(const Rows& r, int G, int64_t lo, int64_t n) {
-  constexpr int kBlock = DC <= 4 ? 4 : (DC <= 6 ? 3 : (DC <= 8 ? 2 : 1));
-  int g0 = 0;
-  for (; g0 + kBlock <= G; g0 += kBlock) weighted_sum_512<kBlock, DC>(r, g0, lo, n);
-  for (; g0 < G; ++g0) weighted_sum_512<1, DC>(r, g0, lo, n);
+  constexpr int kBlock = DC <= 4 ? 4 : (DC <= 8 ? 2 : 1);
+  for (int g0 = 0; g0 < G; g0 += kBlock) {
+    switch (std::min(kBlock, G - g0)) {
+      case 4: weighted_sum_512<4 <= kBlock ? 4 : 1, DC>(r, g0, lo, n); break;
+      case 3: weighted_sum_512<3 <= kBlock ? 3 : 1, DC>(r, g0, lo, n); break;
+      case 2: weighted_sum_512<2 <= kBlock ? 2 : 1, DC>(r, g0, lo, n); break;
+      default: weighted_sum_512<1, DC>(r, g0, lo, n); break;
+    }
+  }
 }
 
 template <int DC>
 FXK_ATT_512 void attend_512(const Rows& r, int G, int64_t lo, int64_t n, float scaling) {
   for (int g = 0; g < G; ++g) {
-    scores_512(r, g, 16 * DC, lo, n, scaling);
+    scores_512<DC>(r, g, lo, n, scaling);
     softmax_avx2(r.p + g * n, n);
   }
   weighted_sums_512<DC>(r, G, lo, n);
