@@ -551,8 +551,8 @@ def test_limb_path_rows_with_outliers_tiny_values_and_non_finite(limb_isa):
 @pytest.mark.parametrize("m,n,k,g", [(256, 40, 96, 3), (300, 600, 130, 1), (128, 9, 48, 2), (129, 17, 70, 10)])
 def test_long_inputs_dequantize_for_sgemm(isa, bits, m, n, k, g):
     """From 128 rows on, the vector ISAs dequantize blocks of the weight exactly and multiply them
-    with torch's sgemm (the scalar ISA keeps its own loop): K not a multiple of 8, odd group sizes,
-    2- to 8-bit codes."""
+    with torch's sgemm, except where the limb layout runs on 512-bit VNNI kernels without AMX (the
+    scalar ISA keeps its own loop): K not a multiple of 8, odd group sizes, 2- to 8-bit codes."""
     gen = torch.Generator().manual_seed(bits * 31 + m + n + k)
     qw, scale, zero = make_weight(n, k, bits, g, gen)
     x = torch.randn(m, k, generator=gen)
