@@ -663,8 +663,7 @@ FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
     for (int j = 0; j < NA; ++j)
       for (int m = 0; m < MR; ++m) acc[j][m] = _mm512_setzero_si512();
     for (int64_t s = g * steps; s < (g + 1) * steps; ++s) {
-      // every step, although a line holds two: a branch in this loop makes the compiler copy
-      // all the accumulators between registers at its join
+      // every step, although a 64-byte line holds two (a repeated prefetch of a line is cheap)
       prefetch_ahead(w0 + s * 32);
       prefetch_ahead(w1 + s * 32);
       const __m512i v = load_pair(w0 + s * 32, w1 + s * 32);
