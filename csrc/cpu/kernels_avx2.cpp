@@ -649,19 +649,23 @@ FXK_VNNI512 inline void qa_store_pair(const QaArgs& a, int64_t t, int64_t m0, co
   }
 }
 
+// The 16 accumulators of a micro-block are named variables a0..a15 (rows past MR are compiled
+// out): kept in an array, GCC 12 at -O3 copies most of them to other registers on every step.
+#define FXK_ROWS16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+
 // qa4_block2 on 512-bit registers over a panel. Below 8 rows the low- and high-nibble products go
-// to separate accumulators, so the two vpdpbusd of a step do not wait on each other's latency.
+// to separate accumulators (b0..b7), so the two vpdpbusd of a step do not wait on each other.
 template <int MR>
 FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_t* panel, float* yf) {
-  constexpr int NA = MR < 8 ? 2 : 1;
+  constexpr bool split = MR < 8;
   const int64_t Kp = a.Kp, G = a.G, steps = Kp / G / 8;
   const uint8_t* w0 = a.w + t * (Kp / 8) * 32;
   const uint8_t* w1 = w0 + (Kp / 8) * 32;
   const __m512i m15 = _mm512_set1_epi8(15);
   for (int64_t g = 0; g < G; ++g) {
-    __m512i acc[NA][MR];
-    for (int j = 0; j < NA; ++j)
-      for (int m = 0; m < MR; ++m) acc[j][m] = _mm512_setzero_si512();
+#define FXK_ZERO(i) __m512i a##i = _mm512_setzero_si512(), b##i = _mm512_setzero_si512();
+    FXK_ROWS16(FXK_ZERO)
+#undef FXK_ZERO
     for (int64_t s = g * steps; s < (g + 1) * steps; ++s) {
       // every step, although a 64-byte line holds two (a repeated prefetch of a line is cheap)
       prefetch_ahead(w0 + s * 32);
@@ -670,14 +674,25 @@ FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
       // a 32-bit shift moves the next byte's low nibble into each byte's top: the mask drops it
       const __m512i lo = _mm512_and_si512(v, m15), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), m15);
       const uint8_t* xp = panel + s * (kRowsZ * 8);
-      for (int m = 0; m < MR; ++m) {
-        acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], lo, _mm512_set1_epi32(load_i32(xp + m * 8)));
-        acc[NA - 1][m] = _mm512_dpbusd_epi32(acc[NA - 1][m], hi, _mm512_set1_epi32(load_i32(xp + m * 8 + 4)));
-      }
+#define FXK_STEP(i)                                                                                    \
+  if constexpr (i < MR) {                                                                              \
+    const __m512i xl = _mm512_set1_epi32(load_i32(xp + i * 8)), xh = _mm512_set1_epi32(load_i32(xp + i * 8 + 4)); \
+    if constexpr (split) {                                                                             \
+      a##i = _mm512_dpbusd_epi32(a##i, lo, xl);                                                        \
+      b##i = _mm512_dpbusd_epi32(b##i, hi, xh);                                                        \
+    } else {                                                                                           \
+      a##i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a##i, lo, xl), hi, xh);                          \
+    }                                                                                                  \
+  }
+      FXK_ROWS16(FXK_STEP)
+#undef FXK_STEP
     }
-    if (NA == 2)
-      for (int m = 0; m < MR; ++m) acc[0][m] = _mm512_add_epi32(acc[0][m], acc[NA - 1][m]);
-    qa_epilogue_pair<MR>(a, t, g, m0, acc[0], yf);
+    __m512i acc[MR];
+#define FXK_GATHER(i) \
+  if constexpr (i < MR) acc[i] = split ? _mm512_add_epi32(a##i, b##i) : a##i;
+    FXK_ROWS16(FXK_GATHER)
+#undef FXK_GATHER
+    qa_epilogue_pair<MR>(a, t, g, m0, acc, yf);
   }
   qa_store_pair<MR>(a, t, m0, yf);
 }
@@ -693,18 +708,26 @@ FXK_VNNI512 void qa8_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
   const __m512i interleave = _mm512_set_epi16(31, 23, 30, 22, 29, 21, 28, 20, 27, 19, 26, 18, 25, 17, 24, 16,
                                               15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
   for (int64_t g = 0; g < G; ++g) {
-    __m512i acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
+#define FXK_ZERO(i) __m512i a##i = _mm512_setzero_si512();
+    FXK_ROWS16(FXK_ZERO)
+#undef FXK_ZERO
     for (int64_t q = g * quads; q < (g + 1) * quads; ++q) {
       prefetch_ahead(w0 + (2 * q) * 16);  // every quad: see qa4_pair_z
       prefetch_ahead(w1 + (2 * q) * 16);
       const __m512i w = _mm512_permutexvar_epi16(interleave, load_pair(w0 + (2 * q) * 16, w1 + (2 * q) * 16));
       const uint8_t* xp = panel + q * (kRowsZ * 4);
-      for (int m = 0; m < MR; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(load_i32(xp + m * 4)), w);
+#define FXK_STEP(i) \
+  if constexpr (i < MR) a##i = _mm512_dpbusd_epi32(a##i, _mm512_set1_epi32(load_i32(xp + i * 4)), w);
+      FXK_ROWS16(FXK_STEP)
+#undef FXK_STEP
     }
     const int64_t at0 = (t * G + g) * 8, at1 = ((t + 1) * G + g) * 8;
     const __m512i ws128 = _mm512_slli_epi32(load_pair(a.ws + at0, a.ws + at1), 7);
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_sub_epi32(acc[m], ws128);
+    __m512i acc[MR];
+#define FXK_GATHER(i) \
+  if constexpr (i < MR) acc[i] = _mm512_sub_epi32(a##i, ws128);
+    FXK_ROWS16(FXK_GATHER)
+#undef FXK_GATHER
     qa_epilogue_pair<MR>(a, t, g, m0, acc, yf);
   }
   qa_store_pair<MR>(a, t, m0, yf);
