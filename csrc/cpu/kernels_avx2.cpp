@@ -649,6 +649,14 @@ FXK_VNNI512 inline void qa_store_pair(const QaArgs& a, int64_t t, int64_t m0, co
   }
 }
 
+// acc + u8 . s8 (vpdpbusd) written as one instruction on acc's own register: otherwise GCC 12
+// copies every accumulator to another register and back on each iteration wherever a loop
+// updates an accumulator only once (the INT8 loop; the INT4 loop below 8 rows).
+FXK_VNNI512 inline __m512i dpbusd_in_place(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
 // The 16 accumulators of a micro-block are named variables a0..a15 (rows past MR are compiled
 // out): kept in an array, GCC 12 at -O3 copies most of them to other registers on every step.
 #define FXK_ROWS16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
@@ -678,10 +686,10 @@ FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
   if constexpr (i < MR) {                                                                              \
     const __m512i xl = _mm512_set1_epi32(load_i32(xp + i * 8)), xh = _mm512_set1_epi32(load_i32(xp + i * 8 + 4)); \
     if constexpr (split) {                                                                             \
-      a##i = _mm512_dpbusd_epi32(a##i, lo, xl);                                                        \
-      b##i = _mm512_dpbusd_epi32(b##i, hi, xh);                                                        \
+      a##i = dpbusd_in_place(a##i, lo, xl);                                                            \
+      b##i = dpbusd_in_place(b##i, hi, xh);                                                            \
     } else {                                                                                           \
-      a##i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a##i, lo, xl), hi, xh);                          \
+      a##i = dpbusd_in_place(dpbusd_in_place(a##i, lo, xl), hi, xh);                                  \
     }                                                                                                  \
   }
       FXK_ROWS16(FXK_STEP)
@@ -717,7 +725,7 @@ FXK_VNNI512 void qa8_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
       const __m512i w = _mm512_permutexvar_epi16(interleave, load_pair(w0 + (2 * q) * 16, w1 + (2 * q) * 16));
       const uint8_t* xp = panel + q * (kRowsZ * 4);
 #define FXK_STEP(i) \
-  if constexpr (i < MR) a##i = _mm512_dpbusd_epi32(a##i, _mm512_set1_epi32(load_i32(xp + i * 4)), w);
+  if constexpr (i < MR) a##i = dpbusd_in_place(a##i, _mm512_set1_epi32(load_i32(xp + i * 4)), w);
       FXK_ROWS16(FXK_STEP)
 #undef FXK_STEP
     }
