@@ -303,11 +303,12 @@ static void dq_rows_scalar(const float* x, const uint8_t* qw, const float* s, co
   }
 }
 
-// Long inputs (prefill): from ~128 rows the weight-only kernels (FMA or limbs) are slower than
-// torch's fp32 sgemm on an AVX-512 host (4096x11008, M=512: 324 ms vs 172 ms), because each code
-// costs several instructions per activation row while sgemm reuses a float weight across rows at
-// full FMA throughput. So blocks of weight rows are dequantized exactly into fp32 and multiplied
-// by torch; the dequantization is then a small fixed cost per call instead of per row.
+// Long inputs (prefill): from ~128 rows the weight-only kernels (FMA, or limbs on 256-bit
+// registers) are slower than torch's fp32 sgemm on an Intel AVX-512 host (4096x11008, M=512:
+// 324 ms vs 172 ms), because each code costs several instructions per activation row while sgemm
+// reuses a float weight across rows at full FMA throughput. So blocks of weight rows are
+// dequantized exactly into fp32 and multiplied by torch; the dequantization is then a small fixed
+// cost per call instead of per row. (Not where limbs_for_long_inputs, below, holds.)
 static constexpr int64_t kSgemmMinRows = 128;
 
 static void dequant_sgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
