@@ -351,10 +351,10 @@ static bool vnni_int8(int64_t Kp, int64_t G, int64_t bits);
 // The exception: where the limb layout runs on the 512-bit VNNI kernels (no AMX), its int8
 // products outrun dequantizing for sgemm at long inputs too (Zen 5, 2 threads, M = 512: 1.2x at
 // 576x576 to 2.2x at 11008x4096; torch's sgemm there is MKL's AVX2 path).
-static bool limbs_for_long_inputs(const std::vector<at::Tensor>& packed, int64_t bits, int64_t G) {
+static bool limbs_for_long_inputs(const std::vector<at::Tensor>& packed, int64_t M, int64_t bits, int64_t G) {
   if (packed.size() != 6 || !use_vnni() || use_amx()) return false;
   const int64_t Kp = *packed[4].data_ptr<int64_t>();
-  return qa_vnni512_rows(kSgemmMinRows, bits, vnni_int8(Kp, G, bits));
+  return qa_vnni512_rows(M, bits, vnni_int8(Kp, G, bits));
 }
 
 at::Tensor dequant_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scale,
@@ -367,7 +367,7 @@ at::Tensor dequant_linear(const at::Tensor& x_in, const at::Tensor& qweight, con
   at::Tensor bias = bias_in.has_value() ? as_f32(*bias_in) : at::Tensor();
   auto y = at::empty({M, N}, x.options());
   const float* pb = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  if (use_avx2() && M >= kSgemmMinRows && !limbs_for_long_inputs(packed, bits, G)) {
+  if (use_avx2() && M >= kSgemmMinRows && !limbs_for_long_inputs(packed, M, bits, G)) {
     dequant_sgemm(x, qweight, scale, zero, pb, bits, K, y);
   } else if (use_avx2() && packed.size() == 6) {
     limb_linear(x, qweight, scale, zero, packed, pb, bits, K, y);

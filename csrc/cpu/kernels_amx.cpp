@@ -30,6 +30,7 @@
 
 #include "cpu_features.h"
 #include "kernels.h"
+#include "tile_pair512.h"
 
 #define FXK_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
 
@@ -101,8 +102,7 @@ FXK_AMX inline void unpack_b(const uint8_t* w0, const uint8_t* w1, int64_t s0, u
     const int64_t s = s0 + j;
     _mm_prefetch((const char*)(w0 + s * 32) + 8192, _MM_HINT_T0);
     _mm_prefetch((const char*)(w1 + s * 32) + 8192, _MM_HINT_T0);
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w0 + s * 32))),
-                                         _mm256_loadu_si256((const __m256i*)(w1 + s * 32)), 1);
+    const __m512i v = load_pair(w0 + s * 32, w1 + s * 32);
     uint8_t* lo = b + (2 * j) * 64;
     _mm512_store_si512((__m512i*)lo, _mm512_and_si512(v, m15));
     _mm512_store_si512((__m512i*)(lo + 64), _mm512_and_si512(_mm512_srli_epi16(v, 4), m15));
@@ -120,58 +120,8 @@ FXK_AMX inline void unpack_b8(const uint8_t* w0, const uint8_t* w1, int64_t q0, 
     const int64_t q = q0 + j;
     _mm_prefetch((const char*)(w0 + q * 32) + 8192, _MM_HINT_T0);
     _mm_prefetch((const char*)(w1 + q * 32) + 8192, _MM_HINT_T0);
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w0 + q * 32))),
-                                         _mm256_loadu_si256((const __m256i*)(w1 + q * 32)), 1);
+    const __m512i v = load_pair(w0 + q * 32, w1 + q * 32);
     _mm512_store_si512((__m512i*)(b + j * 64), _mm512_permutexvar_epi16(interleave, v));
-  }
-}
-
-// Tiles t and t + 1's 8 values at `at0` and `at1` of a [NT][G][8] array as one 16-lane register
-// (adjacent in memory when G == 1).
-FXK_AMX inline __m512i pair_i32(const int32_t* p, int64_t at0, int64_t at1) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(p + at0))),
-                            _mm256_loadu_si256((const __m256i*)(p + at1)), 1);
-}
-
-// yf[m][0..15] += scale * (sum - zero corrections) for rows [m0, m0 + rows) of group g, output
-// rows of tiles t and t + 1 side by side (an acc row): the same integer correction and fused
-// multiply-add per value as the vector kernels' qa_epilogue.
-FXK_AMX void epilogue(const QaArgs& a, int64_t t, int64_t g, int64_t m0, int64_t rows, const int32_t* acc,
-                      float* yf) {
-  const int64_t at0 = (t * a.G + g) * 8, at1 = ((t + 1) * a.G + g) * 8;
-  const __m512i zc = pair_i32(a.zc, at0, at1), ws = pair_i32(a.ws, at0, at1);
-  const __m512 sc = _mm512_castsi512_ps(pair_i32((const int32_t*)a.sc, at0, at1));
-  // the activations' +128 on the INT8 path (zero where the codes are signed)
-  const __m512i plus128 = a.bits > 4 ? _mm512_slli_epi32(ws, 7) : _mm512_setzero_si512();
-  for (int64_t m = 0; m < rows; ++m) {
-    const int32_t za = a.za[m0 + m];  // 0 on every limb row: its product is skipped, the sum is the same
-    __m512i corr = _mm512_mullo_epi32(zc, _mm512_set1_epi32(a.xc[(m0 + m) * a.G + g]));
-    if (za) corr = _mm512_add_epi32(corr, _mm512_mullo_epi32(_mm512_set1_epi32(za), ws));
-    const __m512i ex = _mm512_sub_epi32(_mm512_sub_epi32(_mm512_load_si512((const __m512i*)(acc + m * 16)), plus128),
-                                        corr);
-    float* f = yf + m * 16;
-    _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ex), sc, _mm512_load_ps(f)));
-  }
-}
-
-// y = yf * sa + bias for the pass's rows, output rows of tiles t and t+1 (the last may be partial).
-FXK_AMX void store_outputs(const QaArgs& a, int64_t t, int64_t m0, int64_t rows, const float* yf) {
-  const int64_t n0 = t * 8;
-  const __mmask16 valid = a.N - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (a.N - n0)) - 1);
-  const __m512 b = a.bias ? _mm512_maskz_loadu_ps(valid, a.bias + n0) : _mm512_setzero_ps();
-  const int L = a.limbs;
-  const __m512 zero = _mm512_setzero_ps();
-  for (int64_t m = 0; m < rows; m += L) {
-    __m512 v;
-    if (L == 1) {
-      v = _mm512_fmadd_ps(_mm512_load_ps(yf + m * 16), _mm512_set1_ps(a.sa[m0 + m]), b);
-    } else {
-      v = _mm512_fmadd_ps(_mm512_load_ps(yf + (m + L - 1) * 16), _mm512_set1_ps(a.sa[m0 + m + L - 1]), zero);
-      for (int l = L - 2; l >= 0; --l)
-        v = _mm512_add_ps(v, _mm512_fmadd_ps(_mm512_load_ps(yf + (m + l) * 16), _mm512_set1_ps(a.sa[m0 + m + l]), zero));
-      if (a.bias) v = _mm512_add_ps(v, b);
-    }
-    _mm512_mask_storeu_ps(a.y + ((m0 + m) / L) * a.N + n0, valid, v);
   }
 }
 
@@ -234,22 +184,22 @@ FXK_AMX void qa_pairs_amx(const QaArgs& a, int64_t t0, int64_t t1) {
           }
         }
         _tile_stored(0, acc, 64);
-        epilogue(a, t, g, m0, rows0, acc, yf[0]);
+        pair_epilogue(a, t, g, m0, rows0, acc, yf[0]);
         if (rows1) {
           _tile_stored(2, acc, 64);
-          epilogue(a, t, g, m0 + 16, rows1, acc, yf[0] + 16 * 16);
+          pair_epilogue(a, t, g, m0 + 16, rows1, acc, yf[0] + 16 * 16);
         }
         if (two) {
           _tile_stored(1, acc, 64);
-          epilogue(a, t + 2, g, m0, rows0, acc, yf[1]);
+          pair_epilogue(a, t + 2, g, m0, rows0, acc, yf[1]);
           if (rows1) {
             _tile_stored(3, acc, 64);
-            epilogue(a, t + 2, g, m0 + 16, rows1, acc, yf[1] + 16 * 16);
+            pair_epilogue(a, t + 2, g, m0 + 16, rows1, acc, yf[1] + 16 * 16);
           }
         }
       }
-      store_outputs(a, t, m0, rows, yf[0]);
-      if (two) store_outputs(a, t + 2, m0, rows, yf[1]);
+      pair_store(a, t, m0, rows, yf[0]);
+      if (two) pair_store(a, t + 2, m0, rows, yf[1]);
     }
   }
   _tile_release();

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "tile_pair512.h"
 
 // kernels_avx512vnni.cpp includes this file with FXK_VNNI defined: the same kernels compiled
 // with AVX-512 VNNI enabled, whose INT4 x int8 and (given a.xu8) INT8 x INT8 loops use vpdpbusd
@@ -572,8 +573,10 @@ FXK_AVX2 void qa_rows_vnni(const QaArgs& a, int64_t t, int64_t m0, int64_t mr) {
 //
 // The activations of a 16-row micro-block are first copied into a panel, step by step: a step's
 // bytes of all 16 rows are adjacent (INT4: 8 bytes per row and 8-column step, INT8: 4 per row and
-// quad), so the loop reads every row at a fixed offset from one pointer, as an embedded broadcast
-// operand of its vpdpbusd, instead of keeping 16 row pointers that do not fit the registers.
+// quad), so the loop reads every row at a fixed offset from one pointer instead of keeping 16 row
+// pointers that do not fit the registers. The epilogue and store are tile_pair512.h's, shared with
+// the AMX kernel; their running outputs live in memory, where they leave the registers to the
+// accumulators.
 #define FXK_VNNI512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
 constexpr int kRowsZ = (int)kVnni512Rows;  // activation rows per micro-block: 16 accumulators
@@ -593,59 +596,6 @@ FXK_VNNI512 void fill_panel(const QaArgs& a, int64_t m0, int64_t mr, uint8_t* pa
       for (int64_t s = 0; s < steps; ++s) std::memcpy(p + s * kRowsZ * 8, xr + s * 8, 8);
     else
       for (int64_t s = 0; s < steps; ++s) std::memcpy(p + s * kRowsZ * 4, xr + s * 4, 4);
-  }
-}
-
-// 32 bytes of tile t at p0 and of tile t + 1 at p1 as one register (t low, t + 1 high).
-FXK_VNNI512 inline __m512i load_pair(const void* p0, const void* p1) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)p0)),
-                            _mm256_loadu_si256((const __m256i*)p1), 1);
-}
-
-// qa_epilogue for a tile pair, yf [MR][16] in memory: per lane the same integer correction and
-// fused multiply-add. (Kept in memory: with 16 accumulators in the loop, 16 more live registers
-// would spill them.)
-template <int MR>
-FXK_VNNI512 inline void qa_epilogue_pair(const QaArgs& a, int64_t t, int64_t g, int64_t m0, const __m512i* acc,
-                                         float* yf) {
-  const int64_t at0 = (t * a.G + g) * 8, at1 = ((t + 1) * a.G + g) * 8;
-  const __m512i zc = load_pair(a.zc + at0, a.zc + at1), ws = load_pair(a.ws + at0, a.ws + at1);
-  const __m512 sc = _mm512_castsi512_ps(load_pair(a.sc + at0, a.sc + at1));
-  for (int m = 0; m < MR; ++m) {
-    const __m512i xc = _mm512_set1_epi32(a.xc[(m0 + m) * a.G + g]);
-    const __m512i za = _mm512_set1_epi32(a.za[m0 + m]);
-    const __m512i ex =
-        _mm512_sub_epi32(acc[m], _mm512_add_epi32(_mm512_mullo_epi32(zc, xc), _mm512_mullo_epi32(za, ws)));
-    const __m512 prev = g ? _mm512_load_ps(yf + m * 16) : _mm512_setzero_ps();
-    _mm512_store_ps(yf + m * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ex), sc, prev));
-  }
-}
-
-// qa_store for a tile pair (tile t + 1 may end past N: those lanes are not stored). With
-// a.limbs = L > 1 each group of L rows is one fp32 row's limbs, least significant first: its output
-// is their scaled sums added most significant first, then the bias, as limb_linear adds the
-// rows' separate outputs (so the result is the same to the bit).
-template <int MR>
-FXK_VNNI512 inline void qa_store_pair(const QaArgs& a, int64_t t, int64_t m0, const float* yf) {
-  const int64_t n0 = t * 8;
-  const __mmask16 valid = a.N - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (a.N - n0)) - 1);
-  const __m512 b = a.bias ? _mm512_maskz_loadu_ps(valid, a.bias + n0) : _mm512_setzero_ps();
-  const int L = a.limbs;
-  if (L == 1) {
-    for (int m = 0; m < MR; ++m)
-      _mm512_mask_storeu_ps(a.y + (m0 + m) * a.N + n0, valid,
-                            _mm512_fmadd_ps(_mm512_load_ps(yf + m * 16), _mm512_set1_ps(a.sa[m0 + m]), b));
-    return;
-  }
-  const __m512 zero = _mm512_setzero_ps();
-  for (int m = 0; m < MR; m += L) {
-    const float* yl = yf + m * 16;
-    const float* sl = a.sa + m0 + m;
-    __m512 v = _mm512_fmadd_ps(_mm512_load_ps(yl + (L - 1) * 16), _mm512_set1_ps(sl[L - 1]), zero);
-    for (int l = L - 2; l >= 0; --l)
-      v = _mm512_add_ps(v, _mm512_fmadd_ps(_mm512_load_ps(yl + l * 16), _mm512_set1_ps(sl[l]), zero));
-    if (a.bias) v = _mm512_add_ps(v, b);
-    _mm512_mask_storeu_ps(a.y + ((m0 + m) / L) * a.N + n0, valid, v);
   }
 }
 
@@ -670,6 +620,7 @@ FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
   const uint8_t* w0 = a.w + t * (Kp / 8) * 32;
   const uint8_t* w1 = w0 + (Kp / 8) * 32;
   const __m512i m15 = _mm512_set1_epi8(15);
+  for (int m = 0; m < MR; ++m) _mm512_store_ps(yf + m * 16, _mm512_setzero_ps());
   for (int64_t g = 0; g < G; ++g) {
 #define FXK_ZERO(i) __m512i a##i = _mm512_setzero_si512(), b##i = _mm512_setzero_si512();
     FXK_ROWS16(FXK_ZERO)
@@ -700,9 +651,9 @@ FXK_VNNI512 void qa4_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
   if constexpr (i < MR) acc[i] = split ? _mm512_add_epi32(a##i, b##i) : a##i;
     FXK_ROWS16(FXK_GATHER)
 #undef FXK_GATHER
-    qa_epilogue_pair<MR>(a, t, g, m0, acc, yf);
+    pair_epilogue(a, t, g, m0, MR, (const int32_t*)acc, yf);
   }
-  qa_store_pair<MR>(a, t, m0, yf);
+  pair_store(a, t, m0, MR, yf);
 }
 
 // qa8_block2 (NTL = 2) on 512-bit registers over a panel of the unsigned activations: a quad's
@@ -715,6 +666,7 @@ FXK_VNNI512 void qa8_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
   const int8_t* w1 = w0 + (Kp / 2) * 16;
   const __m512i interleave = _mm512_set_epi16(31, 23, 30, 22, 29, 21, 28, 20, 27, 19, 26, 18, 25, 17, 24, 16,
                                               15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+  for (int m = 0; m < MR; ++m) _mm512_store_ps(yf + m * 16, _mm512_setzero_ps());
   for (int64_t g = 0; g < G; ++g) {
 #define FXK_ZERO(i) __m512i a##i = _mm512_setzero_si512();
     FXK_ROWS16(FXK_ZERO)
@@ -729,16 +681,14 @@ FXK_VNNI512 void qa8_pair_z(const QaArgs& a, int64_t t, int64_t m0, const uint8_
       FXK_ROWS16(FXK_STEP)
 #undef FXK_STEP
     }
-    const int64_t at0 = (t * G + g) * 8, at1 = ((t + 1) * G + g) * 8;
-    const __m512i ws128 = _mm512_slli_epi32(load_pair(a.ws + at0, a.ws + at1), 7);
-    __m512i acc[MR];
+    __m512i acc[MR];  // pair_epilogue removes the activations' +128
 #define FXK_GATHER(i) \
-  if constexpr (i < MR) acc[i] = _mm512_sub_epi32(a##i, ws128);
+  if constexpr (i < MR) acc[i] = a##i;
     FXK_ROWS16(FXK_GATHER)
 #undef FXK_GATHER
-    qa_epilogue_pair<MR>(a, t, g, m0, acc, yf);
+    pair_epilogue(a, t, g, m0, MR, (const int32_t*)acc, yf);
   }
-  qa_store_pair<MR>(a, t, m0, yf);
+  pair_store(a, t, m0, MR, yf);
 }
 
 template <int MR>
