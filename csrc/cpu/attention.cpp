@@ -35,6 +35,7 @@ struct Rows {
   const bool* mask;   // [L]
   float* out;         // [G, D]
   float* p;           // [G, n] scratch: scores, then probabilities
+  PrefetchStream* next = nullptr;  // stepped once per block of 16 scores (512-bit loops)
 };
 
 // Scores -> probabilities in place for one head's n slots (masked slots hold -inf and get 0).
@@ -189,6 +190,7 @@ FXK_ATT_512 void scores_512(const Rows& r, int g, int64_t lo, int64_t n, float s
   const float* q = r.q + g * D;
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int nb = (int)std::min<int64_t>(16, n - j0);
+    if (r.next) r.next->step();
     __m512 part[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) {
@@ -339,8 +341,10 @@ AttentionLoops attention_loops() {
 }
 
 void attend_group(const float* q, const float* k, const float* v, const bool* mask, float* out, float* scratch, int G,
-                  int64_t D, int64_t lo, int64_t n, float scaling, float softcap, AttentionLoops loops) {
-  Rows r{q, k, v, mask, out, scratch};
+                  int64_t D, int64_t lo, int64_t n, float scaling, float softcap, AttentionLoops loops,
+                  PrefetchStream* next) {
+  Rows r{q, k, v, mask, out, scratch, next};
+  if (next) next->pace(G * ((n + 15) / 16));
   if (loops == AttentionLoops::kAvx512 && softcap == 0.f) {
     switch (D) {
       case 64: return attend_512<4>(r, G, lo, n, scaling);

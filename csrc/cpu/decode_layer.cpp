@@ -183,16 +183,24 @@ at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& norm1, double eps
 
     for (int64_t b = r0; b < r1; ++b) rms_norm(ph + b * D, pn1, D, (float)eps1, x + b * D);
     run_linear(0, x, qkv_out);
+    const int64_t task0 = B * Hkv * t / nt, task1 = B * Hkv * (t + 1) / nt;
 #pragma omp barrier
     // rotary, cache write and attention, one (row, kv head) and its query group per task
-    for (int64_t task = B * Hkv * t / nt; task < B * Hkv * (t + 1) / nt; ++task) {
+    for (int64_t task = task0; task < task1; ++task) {
       const int64_t b = task / Hkv, j = task % Hkv;
       const float *qkv_b = qkv_out + b * lq.N, *cb = pcos + b * Dh, *sb = psin + b * Dh;
       float *kh = kc + task * L * Dh, *vh = vc + task * L * Dh;
       rotary(qkv_b + (H + j) * Dh, cb, sb, Dh, kh + s * Dh);
       std::memcpy(vh + s * Dh, qkv_b + (H + Hkv + j) * Dh, Dh * sizeof(float));
       for (int g = 0; g < G; ++g) rotary(qkv_b + (j * G + g) * Dh, cb, sb, Dh, qr + g * Dh);
-      attend_group(qr, kh, vh, pm + b * L, att + (b * H + j * G) * Dh, p, G, Dh, lo, n, (float)scaling, 0.f, loops);
+      // the next task's keys and values stream in while this one computes
+      PrefetchStream next;
+      if (task + 1 < task1) {
+        next.add(kh + (L + lo) * Dh, n * Dh * sizeof(float));
+        next.add(vh + (L + lo) * Dh, n * Dh * sizeof(float));
+      }
+      attend_group(qr, kh, vh, pm + b * L, att + (b * H + j * G) * Dh, p, G, Dh, lo, n, (float)scaling, 0.f, loops,
+                   &next);
     }
 #pragma omp barrier
     run_linear(1, att, o_out);

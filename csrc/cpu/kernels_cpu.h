@@ -62,7 +62,8 @@ AttentionLoops attention_loops();
 // by decode_layer): q [G, D], k/v [L, D] of that head, mask [L], out [G, D], scratch >= G * n
 // floats; slots [lo, lo + n) are read.
 void attend_group(const float* q, const float* k, const float* v, const bool* mask, float* out, float* scratch, int G,
-                  int64_t D, int64_t lo, int64_t n, float scaling, float softcap, AttentionLoops loops);
+                  int64_t D, int64_t lo, int64_t n, float scaling, float softcap, AttentionLoops loops,
+                  PrefetchStream* next = nullptr);
 
 // M fp32 rows through a weight-only layer's limb layout (see limb_linear in kernels.cpp), in steps
 // that a caller's own parallel region can run: limb_rows_setup (sizes the buffers, binds the
@@ -89,7 +90,8 @@ void limb_rows_setup(LimbRows& r, int64_t M, int64_t K, int64_t N, int64_t G, in
                      const float* bias);
 void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1);
 // y [M][N] for the output rows of tiles [t0, t1) (8 rows per tile; rows past N are not written).
-void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y);
+// With `prefetch`, its lines are requested in even portions as the tile pairs run (paced here).
+void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y, PrefetchStream* prefetch = nullptr);
 
 // One pre-norm decoder layer (LLaMA/SmolLM, Mistral, Qwen2: RMSNorm, rotary, grouped-query attention
 // over a static cache, SiLU-gated MLP) for one token of each of B rows, in one parallel region
