@@ -34,6 +34,7 @@ def _model(family, spec, seed=0):
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.3)
     replace_linears(model, spec, skip=("lm_head",))
+    model.generation_config.eos_token_id = None  # generate() would stop at it (the engine runs on)
     return model
 
 

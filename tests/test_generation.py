@@ -49,6 +49,9 @@ def _model(family: str, quantize: bool = True, seed: int = 0):
                 p.add_(torch.randn_like(p) * 0.3)
     if quantize:
         replace_linears(model, QuantSpec(4, "channel"), skip=("lm_head",))
+    # no end-of-sequence token: with one, generate()'s min_new_tokens masks it out of the greedy
+    # choice, and a model whose argmax is that token would differ from the engine by design
+    model.generation_config.eos_token_id = None
     return model
 
 
