@@ -141,6 +141,18 @@ def use_backend(name: str):
 # QuantLinear path asks for the selection state on every call, so it reads the environment's
 # underlying bytes mapping (kept in sync by os.environ / monkeypatch.setenv) where there is one.
 _ENV_BYTES = getattr(os.environ, "_data", None)
+_settings: Dict[str, object] = {}
+_settings_key: tuple = ()
+
+
+def set_setting(name: str, value) -> None:
+    """Record a backend setting that changes what its kernels compute (e.g. the CPU backend's
+    activation digits). Settings are part of :func:`selection_state`, so callers' cached plans are
+    rebuilt for a new value and found again when an earlier value comes back."""
+    global _settings_key
+    _settings[name] = value
+    _settings_key = tuple(sorted(_settings.items()))
+
 if not (isinstance(_ENV_BYTES, dict) and all(isinstance(k, bytes) for k in list(_ENV_BYTES)[:1])):
     _ENV_BYTES = None
 
@@ -154,8 +166,8 @@ def selection_state() -> tuple:
     if _ENV_BYTES is not None:
         disabled, forced_env = _ENV_BYTES.get(b"FXK_DISABLED_KERNELS"), _ENV_BYTES.get(b"FXK_FORCE_BACKEND")
         stack = getattr(_local, "forced", None)
-        return disabled, stack[-1] if stack else forced_env, len(_registry[OPS[0]])
-    return os.environ.get("FXK_DISABLED_KERNELS", ""), _forced(), len(_registry[OPS[0]])
+        return disabled, stack[-1] if stack else forced_env, len(_registry[OPS[0]]), _settings_key
+    return os.environ.get("FXK_DISABLED_KERNELS", ""), _forced(), len(_registry[OPS[0]]), _settings_key
 
 
 def candidates(op: str) -> List[Kernel]:

@@ -136,24 +136,27 @@ def quantized_smollm2(fp):
                            overrides={"lm_head": QuantSpec(8, "channel")})
 
 
-def fresh_process_figures(ckpt: str, threads: int, new_tokens: int) -> dict:
+def fresh_process_figures(ckpt: str, threads: int, new_tokens: int, activation_digits: Optional[int] = None) -> dict:
     """First compile with an empty inductor cache, decode rate and peak RSS, in a new process that
     loads the checkpoint and decodes with the engine."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, OMP_NUM_THREADS=str(threads))
         cmd = [sys.executable, "-m", "quantizer.bench_decode", "--child", ckpt, "--threads", str(threads),
                "--new-tokens", str(new_tokens)]
+        if activation_digits is not None:
+            cmd += ["--activation-digits", str(activation_digits)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _child(ckpt: str, threads: int, new_tokens: int) -> None:
+def _child(ckpt: str, threads: int, new_tokens: int, activation_digits: Optional[int]) -> None:
     from transformers import AutoTokenizer
 
     from fxkernels import load_quantized
     from fxkernels.generation import Generator
 
     torch.set_num_threads(threads)
+    _set_activation_digits(activation_digits)
     model, tok = load_quantized(ckpt), AutoTokenizer.from_pretrained(ckpt)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     gen = Generator(model)
@@ -173,8 +176,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _set_activation_digits(n: Optional[int]) -> None:
+    if n is not None:
+        from fxkernels.backends import cpu
+
+        cpu.set_activation_digits(n)
+
+
 def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch: int = 8, rounds: int = 3,
-        llama_cpp: bool = True, out: Callable[[str], None] = print) -> dict:
+        llama_cpp: bool = True, out: Callable[[str], None] = print, activation_digits: Optional[int] = None) -> dict:
+    """``activation_digits``: the CPU backend's :func:`~fxkernels.backends.cpu.set_activation_digits`
+    for every quantized row (default: the backend's, 4)."""
     from fxkernels import fuse_projections, save_quantized
     from fxkernels.generation import Generator
 
@@ -182,6 +194,7 @@ def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch
     from .models import load_smollm2
 
     torch.set_num_threads(threads)
+    _set_activation_digits(activation_digits)
     fp, tok = load_smollm2(log=lambda *a: None)
     short = tok(PROMPT, return_tensors="pt").input_ids
     long = tok(eval_text()[:20 * prompt_tokens], return_tensors="pt").input_ids[:, :prompt_tokens]
@@ -212,11 +225,12 @@ def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch
     if llm is not None:
         contenders[LLAMA_CPP] = lambda: (llama_cpp_decode(llm, short, new_tokens), llama_cpp_prefill(llm, long))
     rates = interleaved_medians(contenders, rounds)
-    child = fresh_process_figures(ckpt_dir.name, threads, new_tokens)
+    child = fresh_process_figures(ckpt_dir.name, threads, new_tokens, activation_digits)
     ckpt_dir.cleanup()
 
     ref = rates.get(LLAMA_CPP)
-    out(f"\nSmolLM2-135M, {threads} threads, greedy; decode: {new_tokens} new tokens after a "
+    digits = "" if activation_digits is None else f"; {activation_digits} int8 digits per activation"
+    out(f"\nSmolLM2-135M, {threads} threads{digits}, greedy; decode: {new_tokens} new tokens after a "
         f"{short.shape[1]}-token prompt; prefill: a {long.shape[1]}-token prompt; median of {rounds} interleaved "
         "rounds\n")
     head = "| | decode tok/s | prefill tok/s |" + (" decode vs llama.cpp | prefill vs llama.cpp |" if ref else "")
@@ -249,12 +263,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even when installed")
+    p.add_argument("--activation-digits", type=int, choices=(2, 4), default=None,
+                   help="int8 digits per fp32 activation on AVX-512 VNNI CPUs (default 4)")
     p.add_argument("--child", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        _child(a.child, a.threads, a.new_tokens)
+        _child(a.child, a.threads, a.new_tokens, a.activation_digits)
         return 0
-    run(a.threads, a.new_tokens, a.prompt_tokens, a.batch, a.rounds, llama_cpp=not a.no_llama_cpp)
+    run(a.threads, a.new_tokens, a.prompt_tokens, a.batch, a.rounds, llama_cpp=not a.no_llama_cpp,
+        activation_digits=a.activation_digits)
     return 0
 
 

@@ -25,3 +25,15 @@ def test_bench_kernels_full_grid(monkeypatch):
     assert main(["bench", "kernels", "--full"]) == 0
     shapes, ms, _, threads = calls[0]
     assert shapes == list(bench.SHAPES) and ms == list(bench.MS) and threads == 2
+
+
+def test_bench_applies_activation_digits(monkeypatch):
+    from fxkernels.backends import cpu
+
+    seen = []
+    monkeypatch.setattr(bench, "cpu_kernel_table", lambda *a, **kw: seen.append(cpu.activation_digits_in_use()))
+    try:
+        assert main(["bench", "kernels", "--activation-digits", "2"]) == 0
+    finally:
+        cpu.set_activation_digits(cpu.LIMBS)
+    assert seen == [2]

@@ -488,7 +488,7 @@ def limb_case(bits, m, n, k, g, seed):
     gen = torch.Generator().manual_seed(seed)
     qw, scale, zero = make_weight(n, k, bits, g, gen)
     packed = cpu._limb_layout(qw, scale, zero, bits, k)
-    assert len(packed) == 6 and int(packed[5]) == cpu.LIMBS
+    assert len(packed) == 6 and int(packed[5]) == cpu.activation_digits_in_use()
     return gen, qw, scale, zero, packed
 
 
@@ -511,6 +511,61 @@ def test_limb_path_same_on_avx2_and_vnni_and_accurate(bits, m, n, k, g):
         with cpu.isa("avx512vnni"):
             assert torch.equal(_C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k), y)
     assert_within_2x_torch_error(y, x, R.dequant_weight(qw, scale, zero, bits, k), bias)
+
+
+# M >= 8 rows with >= 4 tiles: the INT4 512-bit kernel's two-pairs-per-broadcast loop (8-row halves)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,n,k,g", [(8, 64, 128, 1), (20, 60, 192, 3), (9, 48, 256, 4), (1, 40, 256, 1),
+                                     (13, 72, 96, 1)])
+def test_two_activation_digits_within_their_rounding_bound(bits, m, n, k, g):
+    """With set_activation_digits(2) each row is rounded to a fixed point of 2^(8*2-2) steps of its
+    largest |x| (half a step per value at most): the product stays within that rounding, carried
+    through the |weights|, plus fp32 epilogue rounding; AVX2 and VNNI give the same floats; the
+    layout holds the digit count."""
+    from fxkernels import _C
+
+    with cpu.activation_digits(2):
+        _, qw, scale, zero, packed = limb_case(bits, m, n, k, g, seed=bits * 5 + m + n + k)
+    assert int(packed[5]) == 2 and cpu.activation_digits_in_use() == cpu.LIMBS
+    gen = torch.Generator().manual_seed(k + 1)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0, 1] = 40.0  # an outlier: the row's fixed point is scaled to it
+    bias = torch.randn(n, generator=gen)
+    with cpu.isa("avx2"):
+        y = _C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k)
+    if _vnni_isas():
+        with cpu.isa("avx512vnni"):
+            assert torch.equal(_C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k), y)
+    w = R.dequant_weight(qw, scale, zero, bits, k).double()
+    exact = x.double() @ w.t() + bias.double()
+    amax = x.double().abs().amax(dim=1, keepdim=True)
+    rounding = amax * 2.0 ** (2 - 8 * 2) * w.abs().sum(dim=1)[None]  # half of a step 2^(3 - 8L) amax
+    epilogue = 4 * EPS32 * ((x.double().abs() @ w.abs().t()) + bias.double().abs())
+    err = (y.double() - exact).abs()
+    assert bool((err <= rounding + epilogue).all()), (err - rounding - epilogue).max()
+    assert err.max() > EPS32 * 1e3 * exact.abs().max()  # coarser than 4 digits: the setting took effect
+
+
+def test_activation_digits_setting_is_checked_and_keyed_in_eager_plans():
+    for bad in (3, 5, 0, "2", True, 2.0):
+        with pytest.raises(ValueError, match=rf"n={bad!r}; expected one of \(2, 4\)"):
+            cpu.set_activation_digits(bad)
+    assert cpu.activation_digits_in_use() == cpu.LIMBS
+    gen = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(256, 64)
+    layer = fxkernels.QuantLinear.from_linear(lin, QuantSpec(4, "channel"))
+    x = torch.randn(8, 256, generator=gen)
+    with torch.no_grad():
+        four = layer(x)
+        with cpu.activation_digits(2):
+            two = layer(x)
+        again = layer(x)
+    assert torch.equal(four, again)
+    if cpu.active_isa() in cpu.LIMB_ISAS:  # elsewhere weight-only layers do not split activations
+        assert not torch.equal(two, four)
+        torch.testing.assert_close(two, four, rtol=1e-3, atol=1e-3)
+    else:
+        assert torch.equal(two, four)
 
 
 def _vnni_isas():

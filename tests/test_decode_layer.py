@@ -96,6 +96,21 @@ def test_layer_matches_step_formulation(family, spec, slot, batch):
         assert not torch.equal(fused, h)
 
 
+@pytest.mark.parametrize("batch", [3, 8])  # 6 and 16 digit rows: one and two tile pairs per broadcast
+def test_two_activation_digits_pinned_and_matching_step_formulation(batch):
+    """Layers prepared under set_activation_digits(2) pin that digit count in the operator's
+    arguments, and the operator agrees with the step's own layer run under the same setting."""
+    with cpu.activation_digits(2):
+        d = _decoder(_model("llama", QuantSpec(4, "channel")), batch=batch)
+        for layer in d.layers:
+            assert [int(p[5]) for p in layer.fused_args[4:12:2]] == [2, 2, 2, 2]
+            h, slots, mask, cos, sin = _inputs(d, layer, 7)
+            with torch.no_grad():
+                fused, ref, (kf, vf), (kr, vr) = _both(layer, h, slots, mask, cos, sin)
+            torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+            assert torch.equal(vf, vr)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_thread_count_does_not_change_the_result(batch):
     d = _decoder(_model("llama", QuantSpec(4, "channel")), batch=batch)

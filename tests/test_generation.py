@@ -134,6 +134,19 @@ def test_compiled_step_equals_eager_and_hf():
     assert torch.equal(comp.tokens, want)
 
 
+def test_compiled_step_with_two_activation_digits_equals_hf_under_the_same_setting():
+    """set_activation_digits(2) reaches both the compiled step (pinned when it is prepared) and the
+    eager prefill, so the engine still reproduces Hugging Face's tokens under the same setting."""
+    cpu = pytest.importorskip("fxkernels.backends.cpu")
+    model = _model("qwen2")
+    ids = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    with cpu.activation_digits(2):
+        got = Generator(copy.deepcopy(model)).generate(ids, max_new_tokens=10).tokens
+        with torch.no_grad():
+            want = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)[:, 5:]
+    assert torch.equal(got, want)
+
+
 def test_two_generators_in_one_process_each_run_their_own_model():
     """The step skips guards on the model's modules, so dynamo must still tell two engines apart:
     the second model has the same shapes but other constants baked into a graph (its norms' eps)."""

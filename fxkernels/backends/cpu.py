@@ -4,8 +4,9 @@ Kernels (all for CPU tensors only):
 
 * ``cpu_dequant_linear``: INT2..8 weights x fp32 activations (fp16/bf16 converted), rows of
   the weight in SIMD lanes, exact dequantization ``s * (q - z)`` fused into the FMA loop; with
-  AVX-512 VNNI, the activations split into ``LIMBS`` int8 digits of a per-row fixed point run on
-  the integer kernels below instead (faster, and closer to the float64 product).
+  AVX-512 VNNI, the activations split into int8 digits of a per-row fixed point (4 by default,
+  see :func:`set_activation_digits`) run on the integer kernels below instead (faster, and
+  closer to the float64 product).
 * ``cpu_quantize_act``: int8 activation codes, bit-exact with :func:`fxkernels.reference.quantize_act`.
 * ``cpu_qact_linear``: W4A8 (``vpmaddubsw``) / W8A8 (``vpmaddwd``) integer GEMM with exact
   zero-point corrections and fused rescale + bias.
@@ -27,13 +28,16 @@ import os
 import torch
 
 from .. import _C  # an ImportError marks the backend unavailable (fxkernels.dispatch)
-from ..dispatch import Kernel, register, set_backend_status
+from ..dispatch import Kernel, register, set_backend_status, set_setting
 from ..reference import weight_sums
 from ._cache import cached_repack, version_of
 
 MAX_GROUP_COLUMNS = 32768  # int32 accumulation of (xq - za)(c - zc) is exact up to this many columns
-# int8 digits per fp32 activation on the weight-only VNNI path: 4 keep ~30 bits of each row's range
+# int8 digits per fp32 activation on the weight-only VNNI path (set_activation_digits): 4 keep ~30
+# bits of each row's range, 2 keep ~14
 LIMBS = 4
+ACTIVATION_DIGITS = (2, 4)
+_digits = LIMBS
 _OK = (True, "ok")
 _isa_pref = "auto"
 ISAS = ("auto", "avx512amx", "avx512vnni", "avx2", "scalar")
@@ -50,6 +54,39 @@ def set_isa(name: str) -> None:
         raise ValueError(f"set_isa: name={name!r}; expected one of {ISAS}")
     _C.set_isa(name)
     _isa_pref = name
+
+
+def set_activation_digits(n: int) -> None:
+    """How many int8 digits each fp32 activation row is split into where weight-only layers run
+    on the AVX-512 VNNI / AMX integer kernels (elsewhere nothing changes). A row becomes a fixed
+    point number scaled to its largest ``|x|``: 4 digits (the default) keep ~30 bits of that range,
+    which puts the product closer to the float64 one than an fp32 dot product is; 2 digits keep
+    ~14 bits (finer than bf16 for values within ~64x of the row's largest) for half the integer
+    products, which is what batched decode and long prompts are bound by on CPUs without AMX
+    (docs/BENCHMARKS.md). Eager calls follow the setting from their next call; compiled graphs
+    keep what :meth:`fxkernels.QuantLinear.prepare` pinned (a new
+    :class:`~fxkernels.Generator` prepares again)."""
+    global _digits
+    if isinstance(n, bool) or not isinstance(n, int) or n not in ACTIVATION_DIGITS:
+        raise ValueError(f"set_activation_digits: n={n!r}; expected one of {ACTIVATION_DIGITS}")
+    _digits = n
+    set_setting("cpu_activation_digits", n)
+
+
+def activation_digits_in_use() -> int:
+    """The current :func:`set_activation_digits` value."""
+    return _digits
+
+
+@contextlib.contextmanager
+def activation_digits(n: int):
+    """Run the block with :func:`set_activation_digits` ``(n)``, then restore the previous value."""
+    prev = _digits
+    set_activation_digits(n)
+    try:
+        yield
+    finally:
+        set_activation_digits(prev)
 
 
 def active_isa() -> str:
@@ -80,11 +117,15 @@ def _dq_can(x, qweight, scale, zero, bias, bits, in_features):
 
 
 def _limb_layout(qweight, scale, zero, bits, in_features):
-    """The integer-activation layout plus the limb count: what ``_C.dequant_linear`` takes to run a
-    weight-only layer as LIMBS exact integer products (an empty list if the layout does not fit)."""
+    """The integer-activation layout plus the digit count: what ``_C.dequant_linear`` takes to run a
+    weight-only layer as that many exact integer products (an empty list if the layout does not fit)."""
     wsum = weight_sums(qweight, bits, in_features, scale.shape[1])
     packed = _C.repack_qact(qweight, scale, zero, wsum, bits, in_features)
-    return packed + [torch.tensor(LIMBS)] if packed else []
+    return packed + [_DIGIT_TENSORS[_digits]] if packed else []
+
+
+# one shared count tensor per setting: the layouts of both settings share the repacked weights
+_DIGIT_TENSORS = {n: torch.tensor(n) for n in ACTIVATION_DIGITS}
 
 
 def _dq_packed(qweight, scale, zero, bits, in_features):
@@ -95,7 +136,7 @@ def _dq_packed(qweight, scale, zero, bits, in_features):
         packed = cached_repack(qweight, ("cpu_dq_limbs", bits, in_features) + grid,
                                lambda: _limb_layout(qweight, scale, zero, bits, in_features))
         if packed:
-            return packed
+            return packed if int(packed[5]) == _digits else packed[:5] + [_DIGIT_TENSORS[_digits]]
     return cached_repack(qweight, ("cpu_dq", bits, in_features) + grid,
                          lambda: _C.repack_dequant(qweight, scale, zero, bits, in_features))
 
