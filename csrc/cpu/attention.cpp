@@ -35,7 +35,7 @@ struct Rows {
   const bool* mask;   // [L]
   float* out;         // [G, D]
   float* p;           // [G, n] scratch: scores, then probabilities
-  PrefetchStream* next = nullptr;  // stepped once per block of 16 scores (512-bit loops)
+  PrefetchStream* next = nullptr;  // stepped per 16 slots of each score pass and of the weighted sum (512-bit loops)
 };
 
 // Scores -> probabilities in place for one head's n slots (masked slots hold -inf and get 0).
@@ -215,6 +215,7 @@ FXK_ATT_512 void weighted_sum_512(const Rows& r, int g0, int64_t lo, int64_t n) 
   for (int g = 0; g < GB; ++g)
     for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
+    if (r.next && (j & 15) == 0) r.next->step();
     const float* vr = r.v + (lo + j) * D;
 #pragma GCC unroll 16
     for (int c = 0; c < DC; ++c) {
@@ -344,7 +345,7 @@ void attend_group(const float* q, const float* k, const float* v, const bool* ma
                   int64_t D, int64_t lo, int64_t n, float scaling, float softcap, AttentionLoops loops,
                   PrefetchStream* next) {
   Rows r{q, k, v, mask, out, scratch, next};
-  if (next) next->pace(G * ((n + 15) / 16));
+  if (next) next->pace((G + 1) * ((n + 15) / 16));
   if (loops == AttentionLoops::kAvx512 && softcap == 0.f) {
     switch (D) {
       case 64: return attend_512<4>(r, G, lo, n, scaling);
