@@ -36,11 +36,25 @@ struct Linear {
   int64_t N, K, G, bits;
 };
 
-void rms_norm(const float* x, const float* w, int64_t D, float eps, float* out) {
-  double ss = 0.0;
-  for (int64_t k = 0; k < D; ++k) ss += (double)x[k] * (double)x[k];
+// The sum of squares in float64 over four lanes per register and two registers (a scalar sum is
+// one dependent add per value: at batch 8 it took ~3 % of the layer).
+FXK_ATT_AVX2 void rms_norm(const float* x, const float* w, int64_t D, float eps, float* out) {
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t k = 0;
+  for (; k + 8 <= D; k += 8) {
+    const __m256d a = _mm256_cvtps_pd(_mm_loadu_ps(x + k)), b = _mm256_cvtps_pd(_mm_loadu_ps(x + k + 4));
+    s0 = _mm256_fmadd_pd(a, a, s0);
+    s1 = _mm256_fmadd_pd(b, b, s1);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(s0, s1));
+  double ss = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; k < D; ++k) ss += (double)x[k] * (double)x[k];
   const float r = 1.0f / std::sqrt((float)(ss / (double)D) + eps);
-  for (int64_t k = 0; k < D; ++k) out[k] = w[k] * (x[k] * r);
+  const __m256 vr = _mm256_set1_ps(r);
+  for (k = 0; k + 8 <= D; k += 8)
+    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_loadu_ps(w + k), _mm256_mul_ps(_mm256_loadu_ps(x + k), vr)));
+  for (; k < D; ++k) out[k] = w[k] * (x[k] * r);
 }
 
 // Hugging Face's x * cos + rotate_half(x) * sin for one head of D values (cos/sin rows of D).
