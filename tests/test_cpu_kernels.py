@@ -484,6 +484,18 @@ def test_amx_isa_refused_where_absent():
 
 
 # -- weight-only on integer units: fp32 activations split into int8 limbs --------------------------
+def limb_outputs_same_on_avx2_and_vnni(x, qw, scale, zero, packed, bias, bits, k):
+    """The limb layout's outputs on the AVX2 kernels, checked equal to the VNNI kernels' where they run."""
+    from fxkernels import _C
+
+    with cpu.isa("avx2"):
+        y = _C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k)
+    if _vnni_isas():
+        with cpu.isa("avx512vnni"):
+            assert torch.equal(_C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k), y)
+    return y
+
+
 def limb_case(bits, m, n, k, g, seed):
     gen = torch.Generator().manual_seed(seed)
     qw, scale, zero = make_weight(n, k, bits, g, gen)
@@ -499,17 +511,12 @@ def test_limb_path_same_on_avx2_and_vnni_and_accurate(bits, m, n, k, g):
     """The limb layout gives the same floats on the AVX2 and the VNNI integer kernels (exact int32
     sums, then the same fp32 epilogue; with an even tile count the 512-bit VNNI kernels sum the
     limbs as they store), and is within the dequant_linear bound of the tests above."""
-    from fxkernels import _C
 
     _, qw, scale, zero, packed = limb_case(bits, m, n, k, g, seed=bits * 7 + m * 3 + n + k)
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=gen) * 3
     bias = torch.randn(n, generator=gen)
-    with cpu.isa("avx2"):
-        y = _C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k)
-    if _vnni_isas():
-        with cpu.isa("avx512vnni"):
-            assert torch.equal(_C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k), y)
+    y = limb_outputs_same_on_avx2_and_vnni(x, qw, scale, zero, packed, bias, bits, k)
     assert_within_2x_torch_error(y, x, R.dequant_weight(qw, scale, zero, bits, k), bias)
 
 
@@ -522,7 +529,6 @@ def test_two_activation_digits_within_their_rounding_bound(bits, m, n, k, g):
     largest |x| (half a step per value at most): the product stays within that rounding, carried
     through the |weights|, plus fp32 epilogue rounding; AVX2 and VNNI give the same floats; the
     layout holds the digit count."""
-    from fxkernels import _C
 
     with cpu.activation_digits(2):
         _, qw, scale, zero, packed = limb_case(bits, m, n, k, g, seed=bits * 5 + m + n + k)
@@ -531,11 +537,7 @@ def test_two_activation_digits_within_their_rounding_bound(bits, m, n, k, g):
     x = torch.randn(m, k, generator=gen) * 3
     x[0, 1] = 40.0  # an outlier: the row's fixed point is scaled to it
     bias = torch.randn(n, generator=gen)
-    with cpu.isa("avx2"):
-        y = _C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k)
-    if _vnni_isas():
-        with cpu.isa("avx512vnni"):
-            assert torch.equal(_C.dequant_linear(x, qw, scale, zero, packed, bias, bits, k), y)
+    y = limb_outputs_same_on_avx2_and_vnni(x, qw, scale, zero, packed, bias, bits, k)
     w = R.dequant_weight(qw, scale, zero, bits, k).double()
     exact = x.double() @ w.t() + bias.double()
     amax = x.double().abs().amax(dim=1, keepdim=True)
