@@ -163,6 +163,17 @@ def test_two_generators_in_one_process_each_run_their_own_model():
         assert torch.equal(tokens, want)
 
 
+def test_warm_up_compiles_the_graph_the_real_steps_run():
+    """The warm-up call is the step's only compilation for a shape: no real step recompiles (one
+    did, for 2 s, while the warm-up passed one tensor as both token ids and positions)."""
+    model = _model("llama")
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    g = Generator(model)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = g.generate(ids, max_new_tokens=6)
+    assert out.compile_seconds > 0 and out.tokens.shape == (2, 6)
+
+
 def test_compiled_step_follows_new_batch_and_cache_shapes():
     """The compiled step skips guards on the model's modules; its own inputs still carry the batch
     size and cache length, so each new shape gets its own graph with the right results."""

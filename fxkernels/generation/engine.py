@@ -211,12 +211,15 @@ class Generator:
 
     def _warm_up(self, step: Callable, batch: int) -> float:
         """Compile the step for the current cache shapes; returns the seconds it took. The dummy
-        call writes only the last cache slot, which a real step overwrites before reading."""
+        call writes only the last cache slot, which a real step overwrites before reading. Its
+        token ids and positions are separate tensors, as in a real step: dynamo guards on
+        aliasing, and one tensor for both compiled a graph the first real step could not use."""
         d, dev = self.decoder, self.decoder.device
         t = time.perf_counter()
         last = torch.full((1,), d.length - 1, dtype=torch.long, device=dev)
         token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        step(d, token, last, token, torch.ones(batch, d.length, dtype=torch.bool, device=dev))
+        position = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        step(d, token, last, position, torch.ones(batch, d.length, dtype=torch.bool, device=dev))
         return time.perf_counter() - t
 
     # -- generation ------------------------------------------------------------------------------
