@@ -35,5 +35,5 @@ def test_bench_applies_activation_digits(monkeypatch):
     try:
         assert main(["bench", "kernels", "--activation-digits", "2"]) == 0
     finally:
-        cpu.set_activation_digits(cpu.LIMBS)
+        cpu.set_activation_digits(cpu.DEFAULT_ACTIVATION_DIGITS)
     assert seen == [2]

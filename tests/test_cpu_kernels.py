@@ -532,7 +532,7 @@ def test_two_activation_digits_within_their_rounding_bound(bits, m, n, k, g):
 
     with cpu.activation_digits(2):
         _, qw, scale, zero, packed = limb_case(bits, m, n, k, g, seed=bits * 5 + m + n + k)
-    assert int(packed[5]) == 2 and cpu.activation_digits_in_use() == cpu.LIMBS
+    assert int(packed[5]) == 2 and cpu.activation_digits_in_use() == cpu.DEFAULT_ACTIVATION_DIGITS
     gen = torch.Generator().manual_seed(k + 1)
     x = torch.randn(m, k, generator=gen) * 3
     x[0, 1] = 40.0  # an outlier: the row's fixed point is scaled to it
@@ -552,7 +552,7 @@ def test_activation_digits_setting_is_checked_and_keyed_in_eager_plans():
     for bad in (3, 5, 0, "2", True, 2.0):
         with pytest.raises(ValueError, match=rf"n={bad!r}; expected one of \(2, 4\)"):
             cpu.set_activation_digits(bad)
-    assert cpu.activation_digits_in_use() == cpu.LIMBS
+    assert cpu.activation_digits_in_use() == cpu.DEFAULT_ACTIVATION_DIGITS
     gen = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(256, 64)
     layer = fxkernels.QuantLinear.from_linear(lin, QuantSpec(4, "channel"))

@@ -35,9 +35,9 @@ from ._cache import cached_repack, version_of
 MAX_GROUP_COLUMNS = 32768  # int32 accumulation of (xq - za)(c - zc) is exact up to this many columns
 # int8 digits per fp32 activation on the weight-only VNNI path (set_activation_digits): 4 keep ~30
 # bits of each row's range, 2 keep ~14
-LIMBS = 4
+DEFAULT_ACTIVATION_DIGITS = 4
 ACTIVATION_DIGITS = (2, 4)
-_digits = LIMBS
+_digits = DEFAULT_ACTIVATION_DIGITS
 _OK = (True, "ok")
 _isa_pref = "auto"
 ISAS = ("auto", "avx512amx", "avx512vnni", "avx2", "scalar")
