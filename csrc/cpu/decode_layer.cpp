@@ -21,9 +21,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <thread>
 #include <cmath>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "cpu/cpu_features.h"

@@ -710,23 +710,19 @@ void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1) {
             r.vnni8 ? &r.xu8 : nullptr, m0 * L, m1 * L);
 }
 
-void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y, PrefetchStream* prefetch) {
+void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y) {
   const int64_t M = r.M, N = r.N, n0 = 8 * t0, n1 = std::min(N, 8 * t1);
   if (n0 >= n1) return;
   const int L = r.L;
-  if (prefetch) prefetch->pace((t1 - t0) / 2);
   if (r.sums) {  // the kernel sums each row's limbs (and adds the bias) as it stores
     QaArgs a = r.a;
     a.y = y;
-    a.prefetch = prefetch;
     if (r.amx)
       qa_pairs_amx(a, t0, t1);
     else
       qa_tiles_avx512vnni(a, t0, t1);
   } else {
-    QaArgs a = r.a;
-    a.prefetch = prefetch;
-    qa_tiles_avx512vnni(a, t0, t1);
+    qa_tiles_avx512vnni(r.a, t0, t1);
     for (int64_t m = 0; m < M; ++m) {
       const float* part = r.a.y + m * L * N;
       float* out = y + m * N;

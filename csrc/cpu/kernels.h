@@ -37,39 +37,6 @@ struct DqArgs {
   int bits;
 };
 
-// Memory a caller will read next, pulled towards L2 in even portions while a compute-bound
-// kernel runs (decode_layer: the attention's keys and values during the q/k/v projection at
-// several rows, where they would otherwise stream from DRAM with the cores idle). Spans past
-// kMaxSpans are dropped: prefetching is a hint.
-struct PrefetchStream {
-  static constexpr int kMaxSpans = 64;
-  const char* begin[kMaxSpans];
-  int64_t lines[kMaxSpans];
-  int spans = 0, cur = 0;
-  int64_t issued = 0, per_step = 0, total = 0;  // issued: lines of span cur already requested
-
-  void add(const void* p, int64_t bytes) {
-    if (spans == kMaxSpans || bytes <= 0) return;
-    begin[spans] = (const char*)p;
-    lines[spans] = (bytes + 63) / 64;
-    total += lines[spans++];
-  }
-  // Spread the lines over `steps` calls of step().
-  void pace(int64_t steps) { per_step = steps > 0 ? (total + steps - 1) / steps : total; }
-  void step() {
-    for (int64_t left = per_step; left > 0 && cur < spans;) {
-      const int64_t n = lines[cur] - issued < left ? lines[cur] - issued : left;
-      for (int64_t i = issued; i < issued + n; ++i) __builtin_prefetch(begin[cur] + 64 * i, 0, 2);
-      left -= n;
-      issued += n;
-      if (issued == lines[cur]) {
-        ++cur;
-        issued = 0;
-      }
-    }
-  }
-};
-
 struct QaArgs {
   const uint8_t* w;      // qa layout
   const int32_t* zc;     // [NT][G][8]
@@ -96,8 +63,6 @@ struct QaArgs {
   // its group's scaled products, most significant first, plus the bias: limb_linear's own order,
   // so the result is bit-identical to summing the rows' outputs afterwards.
   int limbs = 1;
-  // Stepped once per tile pair by the tile-pair kernels (AMX and 512-bit VNNI), if set.
-  PrefetchStream* prefetch = nullptr;
 };
 
 // Rows per pass of the AMX kernel (two 16-row tiles); a multiple of the limb counts it fuses.

@@ -155,10 +155,6 @@ FXK_AMX void qa_pairs_amx(const QaArgs& a, int64_t t0, int64_t t1) {
     const uint8_t* x1 = x0 + 16 * a.xs;
     for (int64_t t = t0; t + 2 <= t1; t += 4) {
       const bool two = t + 4 <= t1;  // a second pair in this thread's range
-      if (a.prefetch) {
-        a.prefetch->step();
-        if (two) a.prefetch->step();
-      }
       for (int64_t c = 0; c < kAhead && c < chunks; ++c) {
         unpack(t, c, ring[0][c & 3]);
         if (two) unpack(t + 2, c, ring[1][c & 3]);

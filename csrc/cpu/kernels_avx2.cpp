@@ -803,23 +803,16 @@ FXK_VNNI512 int64_t qa_pairs_z(const QaArgs& a, int64_t t, int64_t t1, int64_t b
   // INT4 with 8 rows or more: two pairs at a time, each 16-row block as two halves of <= 8 rows
   // (whole limb groups, as the limb counts divide 8)
   if (a.bits <= 4 && b1 - b0 >= 8)
-    for (; t + 4 <= t1; t += 4) {
-      if (a.prefetch) {
-        a.prefetch->step();
-        a.prefetch->step();
-      }
+    for (; t + 4 <= t1; t += 4)
       for (int64_t i = 0; i < blocks; ++i) {
         const int64_t rows = imin(kRowsZ, b1 - b0 - i * kRowsZ);
         for (int64_t h = 0; h < rows; h += 8)
           qa4_two_pairs_rows_z(a, t, b0 + i * kRowsZ + h, imin(8, rows - h), panels.data() + i * bytes + h * 8, yf,
                                yf1);
       }
-    }
-  for (; t + 2 <= t1; t += 2) {
-    if (a.prefetch) a.prefetch->step();
+  for (; t + 2 <= t1; t += 2)
     for (int64_t i = 0; i < blocks; ++i)
       qa_rows_z(a, t, b0 + i * kRowsZ, imin(kRowsZ, b1 - b0 - i * kRowsZ), panels.data() + i * bytes, yf);
-  }
   return t;
 }
 

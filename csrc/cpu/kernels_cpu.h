@@ -52,6 +52,39 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& mask, const at::Tensor& slot, int64_t window, double scaling,
                             c10::optional<double> softcap);
 
+// Memory a caller will read next, pulled towards L2 in even portions while other work runs
+// (decode_layer: the next attention task's keys and values while the current task computes,
+// where they would otherwise stream from DRAM with the core idle). Spans past kMaxSpans are
+// dropped: prefetching is a hint.
+struct PrefetchStream {
+  static constexpr int kMaxSpans = 64;
+  const char* begin[kMaxSpans];
+  int64_t lines[kMaxSpans];
+  int spans = 0, cur = 0;
+  int64_t issued = 0, per_step = 0, total = 0;  // issued: lines of span cur already requested
+
+  void add(const void* p, int64_t bytes) {
+    if (spans == kMaxSpans || bytes <= 0) return;
+    begin[spans] = (const char*)p;
+    lines[spans] = (bytes + 63) / 64;
+    total += lines[spans++];
+  }
+  // Spread the lines over `steps` calls of step().
+  void pace(int64_t steps) { per_step = steps > 0 ? (total + steps - 1) / steps : total; }
+  void step() {
+    for (int64_t left = per_step; left > 0 && cur < spans;) {
+      const int64_t n = lines[cur] - issued < left ? lines[cur] - issued : left;
+      for (int64_t i = issued; i < issued + n; ++i) __builtin_prefetch(begin[cur] + 64 * i, 0, 2);
+      left -= n;
+      issued += n;
+      if (issued == lines[cur]) {
+        ++cur;
+        issued = 0;
+      }
+    }
+  }
+};
+
 // The loops attend_group may use, by the CPU and the instruction set the kernels are pinned to
 // (set_isa): AVX-512 ones run for D = 64, 128 and 256 without soft-capping, AVX2 ones for
 // D % 8 == 0, the portable ones otherwise.
@@ -60,7 +93,8 @@ AttentionLoops attention_loops();
 
 // One query group of one kv head for one token (the body of decode_attention, also run per thread
 // by decode_layer): q [G, D], k/v [L, D] of that head, mask [L], out [G, D], scratch >= G * n
-// floats; slots [lo, lo + n) are read.
+// floats; slots [lo, lo + n) are read. With `next`, its lines are requested in even portions
+// over the task's score passes and weighted sum (paced here).
 void attend_group(const float* q, const float* k, const float* v, const bool* mask, float* out, float* scratch, int G,
                   int64_t D, int64_t lo, int64_t n, float scaling, float softcap, AttentionLoops loops,
                   PrefetchStream* next = nullptr);
@@ -90,8 +124,7 @@ void limb_rows_setup(LimbRows& r, int64_t M, int64_t K, int64_t N, int64_t G, in
                      const float* bias);
 void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1);
 // y [M][N] for the output rows of tiles [t0, t1) (8 rows per tile; rows past N are not written).
-// With `prefetch`, its lines are requested in even portions as the tile pairs run (paced here).
-void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y, PrefetchStream* prefetch = nullptr);
+void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y);
 
 // One pre-norm decoder layer (LLaMA/SmolLM, Mistral, Qwen2: RMSNorm, rotary, grouped-query attention
 // over a static cache, SiLU-gated MLP) for one token of each of B rows, in one parallel region

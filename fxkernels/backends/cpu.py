@@ -136,7 +136,8 @@ def _dq_packed(qweight, scale, zero, bits, in_features):
         packed = cached_repack(qweight, ("cpu_dq_limbs", bits, in_features) + grid,
                                lambda: _limb_layout(qweight, scale, zero, bits, in_features))
         if packed:
-            return packed if int(packed[5]) == _digits else packed[:5] + [_DIGIT_TENSORS[_digits]]
+            digits = _DIGIT_TENSORS[_digits]  # the cached layout may carry the other setting's count
+            return packed if packed[5] is digits else packed[:5] + [digits]
     return cached_repack(qweight, ("cpu_dq", bits, in_features) + grid,
                          lambda: _C.repack_dequant(qweight, scale, zero, bits, in_features))
 
