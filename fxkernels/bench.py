@@ -237,13 +237,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--shapes", default=None, help="comma-separated KxN list, e.g. 4096x11008,11008x4096")
     p.add_argument("--ms", default=None, help="comma-separated M list, e.g. 1,8,32")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--activation-digits", type=int, choices=(2, 4), default=None,
-                   help="int8 digits per fp32 activation of the weight-only layers on AVX-512 VNNI (default 4)")
+    p.add_argument("--activation-digits", choices=("2", "4", "auto"), default=None,
+                   help="int8 digits per fp32 activation of the weight-only layers on AVX-512 VNNI (default auto)")
     a = p.parse_args(argv)
     if a.activation_digits is not None:
         from .backends import cpu
 
-        cpu.set_activation_digits(a.activation_digits)
+        cpu.set_activation_digits(cpu.activation_digits_from_text(a.activation_digits))
     shapes = SHAPES if a.full else QUICK_SHAPES
     if a.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]

@@ -136,7 +136,7 @@ def quantized_smollm2(fp):
                            overrides={"lm_head": QuantSpec(8, "channel")})
 
 
-def fresh_process_figures(ckpt: str, threads: int, new_tokens: int, activation_digits: Optional[int] = None) -> dict:
+def fresh_process_figures(ckpt: str, threads: int, new_tokens: int, activation_digits: Optional[str] = None) -> dict:
     """First compile with an empty inductor cache, decode rate and peak RSS, in a new process that
     loads the checkpoint and decodes with the engine."""
     with tempfile.TemporaryDirectory() as cache:
@@ -149,7 +149,7 @@ def fresh_process_figures(ckpt: str, threads: int, new_tokens: int, activation_d
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _child(ckpt: str, threads: int, new_tokens: int, activation_digits: Optional[int]) -> None:
+def _child(ckpt: str, threads: int, new_tokens: int, activation_digits: Optional[str]) -> None:
     from transformers import AutoTokenizer
 
     from fxkernels import load_quantized
@@ -159,7 +159,7 @@ def _child(ckpt: str, threads: int, new_tokens: int, activation_digits: Optional
     _set_activation_digits(activation_digits)
     model, tok = load_quantized(ckpt), AutoTokenizer.from_pretrained(ckpt)
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    gen = Generator(model)
+    gen = Generator(model, activation_digits=_engine_digits(activation_digits))
     first = gen.generate(ids, new_tokens)
     again = gen.generate(ids, new_tokens)
     print(json.dumps({"compile_s": first.compile_seconds, "decode_tok_s": again.decode_tokens_per_second,
@@ -176,19 +176,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _set_activation_digits(n: Optional[int]) -> None:
-    if n is not None:
+def _engine_digits(text: Optional[str]):
+    """The Generator's activation digits: the flag's, else the Generator's own default."""
+    if text is None:
+        return "auto"
+    from fxkernels.backends import cpu
+
+    return cpu.activation_digits_from_text(str(text))
+
+
+def _set_activation_digits(text: Optional[str]) -> None:
+    if text is not None:
         from fxkernels.backends import cpu
 
-        cpu.set_activation_digits(n)
+        cpu.set_activation_digits(cpu.activation_digits_from_text(str(text)))
 
 
 def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch: int = 8, rounds: int = 3,
-        llama_cpp: bool = True, out: Callable[[str], None] = print, activation_digits: Optional[int] = None) -> dict:
-    """``activation_digits``: the CPU backend's :func:`~fxkernels.backends.cpu.set_activation_digits`
-    for every quantized row (default: the backend's, 4)."""
+        llama_cpp: bool = True, out: Callable[[str], None] = print, activation_digits: Optional[str] = None) -> dict:
+    """``activation_digits``: "2", "4" or "auto", the CPU backend's
+    :func:`~fxkernels.backends.cpu.set_activation_digits` for every quantized row (default: each
+    contender's own, 4 for the eager layers and "auto" for :class:`fxkernels.Generator`)."""
     from fxkernels import fuse_projections, save_quantized
     from fxkernels.generation import Generator
+    from fxkernels.generation.engine import cpu_activation_digits
 
     from .data import eval_text
     from .models import load_smollm2
@@ -202,10 +213,10 @@ def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch
     ckpt_dir = tempfile.TemporaryDirectory()
     save_quantized(fused, ckpt_dir.name, tokenizer=tok)
     fuse_projections(fused)
-    gen = Generator(fused)
+    gen = Generator(fused, activation_digits=_engine_digits(activation_digits))
     first = gen.generate(short, max(new_tokens, 64))
     out(f"engine: first compile {first.compile_seconds:.1f} s in this process")
-    with torch.no_grad():
+    with torch.no_grad(), cpu_activation_digits(gen.activation_digits):  # the same kernels' precision
         hf_tokens = fused.generate(short, max_new_tokens=64, min_new_tokens=64, do_sample=False,
                                    pad_token_id=tok.eos_token_id)[0, short.shape[1]:]
     same = torch.equal(first.tokens[0, :64], hf_tokens)
@@ -229,7 +240,7 @@ def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch
     ckpt_dir.cleanup()
 
     ref = rates.get(LLAMA_CPP)
-    digits = "" if activation_digits is None else f"; {activation_digits} int8 digits per activation"
+    digits = f"; activation digits {activation_digits or '4 (eager), auto (engine)'}"
     out(f"\nSmolLM2-135M, {threads} threads{digits}, greedy; decode: {new_tokens} new tokens after a "
         f"{short.shape[1]}-token prompt; prefill: a {long.shape[1]}-token prompt; median of {rounds} interleaved "
         "rounds\n")
@@ -244,7 +255,7 @@ def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch
     b1 = rates["W4 + INT8 lm_head, fxkernels.Generator"][0]
     bn = rates[f"same, batch {batch} (tokens/s of the batch)"][0]
     out(f"\nbatch {batch} / batch 1 decode: {bn / b1:.2f}x; first 64 greedy tokens equal to generate() on the same "
-        f"quantized model: {same}")
+        f"quantized model (at the engine's activation digits, {gen.activation_digits}): {same}")
     out(f"fresh process (load the checkpoint, empty inductor cache): first compile {child['compile_s']:.1f} s, "
         f"decode {child['decode_tok_s']:.1f} tok/s, peak RSS {child['peak_rss_mb']:.0f} MB")
     if llm is None and llama_cpp:
@@ -263,8 +274,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even when installed")
-    p.add_argument("--activation-digits", type=int, choices=(2, 4), default=None,
-                   help="int8 digits per fp32 activation on AVX-512 VNNI CPUs (default 4)")
+    p.add_argument("--activation-digits", choices=("2", "4", "auto"), default=None,
+                   help="int8 digits per fp32 activation on AVX-512 VNNI CPUs (default auto)")
     p.add_argument("--child", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:

@@ -53,7 +53,7 @@ def _threads(n: Optional[int]):
 
 
 # the CPU backend's set_activation_digits choices (repeated here: the parser must not import torch)
-ACTIVATION_DIGITS = (2, 4)
+ACTIVATION_DIGITS = ("2", "4", "auto")
 
 
 def _activation_digits(a) -> Optional[str]:
@@ -64,14 +64,24 @@ def _activation_digits(a) -> Optional[str]:
         from fxkernels.backends import cpu
     except ImportError as e:
         return f"--activation-digits needs the CPU extension ({e})"
-    cpu.set_activation_digits(a.activation_digits)
+    cpu.set_activation_digits(cpu.activation_digits_from_text(a.activation_digits))
     return None
 
 
+def _engine_activation_digits(a):
+    """``--activation-digits`` for :class:`fxkernels.Generator` (its own default without the flag)."""
+    if getattr(a, "activation_digits", None) is None:
+        return "auto"
+    from fxkernels.backends import cpu  # importable: _activation_digits applied the flag already
+
+    return cpu.activation_digits_from_text(a.activation_digits)
+
+
 def _add_activation_digits(p) -> None:
-    p.add_argument("--activation-digits", type=int, choices=ACTIVATION_DIGITS, default=None,
-                   help="CPU weight-only layers on AVX-512 VNNI: int8 digits per fp32 activation (default 4, "
-                        "as exact as fp32; 2: ~14 bits of each row's range, faster batched decode and prefill)")
+    p.add_argument("--activation-digits", choices=ACTIVATION_DIGITS, default=None,
+                   help="CPU weight-only layers on AVX-512 VNNI: int8 digits per fp32 activation (4: as exact "
+                        "as fp32, the default of eager layers; auto: 2 per row, 4 for rows that 2 would round "
+                        "coarser than bf16, the default of the decode engine; 2: ~14 bits of each row's range)")
 
 
 def _quantize_config(a, spec):
@@ -235,7 +245,8 @@ def cmd_generate(a) -> int:
     from fxkernels.generation import Generator, Sampling, UnsupportedModelError
 
     try:
-        gen = Generator(model, compile=not a.no_compile, fuse=not a.no_fuse)
+        gen = Generator(model, compile=not a.no_compile, fuse=not a.no_fuse,
+                        activation_digits=_engine_activation_digits(a))
     except UnsupportedModelError as e:
         print(f"error: {e} (`flexround generate --hf-generate` runs it)", file=sys.stderr)
         return 2

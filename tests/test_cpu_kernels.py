@@ -500,7 +500,7 @@ def limb_case(bits, m, n, k, g, seed):
     gen = torch.Generator().manual_seed(seed)
     qw, scale, zero = make_weight(n, k, bits, g, gen)
     packed = cpu._limb_layout(qw, scale, zero, bits, k)
-    assert len(packed) == 6 and int(packed[5]) == cpu.activation_digits_in_use()
+    assert len(packed) == 6 and packed[5] is cpu._DIGIT_TENSORS[cpu.activation_digits_in_use()]
     return gen, qw, scale, zero, packed
 
 
@@ -548,10 +548,49 @@ def test_two_activation_digits_within_their_rounding_bound(bits, m, n, k, g):
     assert err.max() > EPS32 * 1e3 * exact.abs().max()  # coarser than 4 digits: the setting took effect
 
 
+def _digits_layout(packed, digits):
+    return list(packed[:5]) + [cpu._DIGIT_TENSORS[digits]]
+
+
+# K = 8192 (> 4096): rows with one dominant value round coarser than bf16 on 2 digits; N = 40 is an
+# odd tile count (the kernels then store each digit row, summed afterwards), N = 96 an even one
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,n,g", [(1, 40, 1), (3, 96, 1), (8, 96, 4), (13, 40, 1), (24, 96, 1)])
+def test_auto_digits_give_each_row_two_or_four_and_bf16_bound(bits, m, n, g):
+    """Under "auto" a row is computed on 2 digits unless their rounding exceeds bf16's bound for
+    it (||e||_2 > 2^-8 ||x||_2), then on 4: each row equals the fixed setting it falls under, alone
+    or batched with any rows, on the AVX2 and the VNNI kernels alike, and the product stays within
+    ||w_n||_2 2^-8 ||x_m||_2 of the exact one (plus the fp32 epilogue)."""
+    k = 8192
+    _, qw, scale, zero, packed = limb_case(bits, m, n, k, g, seed=bits + m + n)
+    gen = torch.Generator().manual_seed(m * 7 + n)
+    x = torch.randn(m, k, generator=gen)
+    wide = torch.arange(m) % 3 == 0
+    x[wide] *= 1e-3
+    x[wide, 5] = 2252.0  # 2^11 * 1.1: scaled into [2^13, 2^14) its square is below k * 2^14
+    bias = torch.randn(n, generator=gen)
+    y = {d: limb_outputs_same_on_avx2_and_vnni(x, qw, scale, zero, _digits_layout(packed, d), bias, bits, k)
+         for d in (2, 4, "auto")}
+    for i in range(m):
+        assert torch.equal(y["auto"][i], y[4][i] if wide[i] else y[2][i]), i
+        alone = limb_outputs_same_on_avx2_and_vnni(x[i:i + 1], qw, scale, zero, _digits_layout(packed, "auto"),
+                                                   bias, bits, k)
+        assert torch.equal(alone[0], y["auto"][i]), i
+    assert bool(wide.any()) and not torch.equal(y[2][wide], y[4][wide])  # the wide rows' settings differ
+    w = R.dequant_weight(qw, scale, zero, bits, k).double()
+    exact = x.double() @ w.t() + bias.double()
+    bf16_bound = 2.0 ** -8 * x.double().norm(dim=1, keepdim=True) * w.norm(dim=1)[None]
+    epilogue = 4 * EPS32 * ((x.double().abs() @ w.abs().t()) + bias.double().abs())
+    assert bool(((y["auto"].double() - exact).abs() <= bf16_bound + epilogue).all())
+
+
 def test_activation_digits_setting_is_checked_and_keyed_in_eager_plans():
-    for bad in (3, 5, 0, "2", True, 2.0):
-        with pytest.raises(ValueError, match=rf"n={bad!r}; expected one of \(2, 4\)"):
+    for bad in (3, 5, 0, "2", "Auto", True, 2.0):
+        with pytest.raises(ValueError, match=rf"n={bad!r}; expected one of \(2, 4, 'auto'\)"):
             cpu.set_activation_digits(bad)
+    assert [cpu.activation_digits_from_text(t) for t in ("2", "4", "auto")] == [2, 4, "auto"]
+    with pytest.raises(ValueError, match="--activation-digits: '3'; expected one of 2, 4, auto"):
+        cpu.activation_digits_from_text("3")
     assert cpu.activation_digits_in_use() == cpu.DEFAULT_ACTIVATION_DIGITS
     gen = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(256, 64)

@@ -180,3 +180,58 @@ def test_bad_arguments_are_named():
         op(h, *args[:6], args[6][:5], *args[7:], *tail)
     with pytest.raises(RuntimeError, match="slot 40 outside the cache of 32 slots"):
         op(h, *args, cos, sin, layer.k_cache, layer.v_cache, mask, torch.tensor([40]), layer.heads, 0, layer.scaling)
+
+
+def _spiky_mlp_model(intermediate=32768):
+    """One LLaMA layer whose MLP has one unit that fires only for hidden states positive in their
+    first 32 values: then the down projection's input row is that unit's product and nearly
+    nothing else, a row of more than 4096 values that 2 activation digits round coarser than
+    bf16 would ("auto" gives it 4)."""
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, head_dim=16)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight.fill_(1.0)
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            proj.weight.normal_(0, 1e-3)
+            proj.weight[5].zero_()
+            proj.weight[5, :32] = 1.0
+    replace_linears(model, QuantSpec(4, "channel"), skip=("lm_head",))
+    return model
+
+
+def _with_digits(args, digits):
+    """The operator's arguments with each linear's digit count replaced (q/k/v, o, gate/up, down)."""
+    args = list(args)
+    for i, n in zip(range(4, 12, 2), digits):
+        args[i] = list(args[i][:5]) + [cpu._DIGIT_TENSORS[n]]
+    return tuple(args)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_auto_digits_give_wide_rows_four_digits_in_the_operator(batch):
+    """Under "auto" the operator runs each row of each linear on 2 digits, and again on 4 where 2
+    round coarser than bf16 would: here the down projection's input in the rows whose MLP unit
+    fires. Those rows equal the operator with the down projection pinned to 4 digits, the others
+    the operator pinned to 2, to the bit; and the whole agrees with the step's own formulation
+    (the eager layers under "auto") to 2-digit rounding of its slightly different inputs."""
+    spiky = torch.tensor([b % 3 != 1 for b in range(batch)])
+    with cpu.activation_digits("auto"):
+        d = _decoder(_spiky_mlp_model(), batch=batch)
+        layer = d.layers[0]
+        assert [int(p[5]) for p in layer.fused_args[4:12:2]] == [0, 0, 0, 0]  # kAutoLimbs
+        h, slots, mask, cos, sin = _inputs(d, layer, 7)
+        h[:, 0, :32] = torch.where(spiky[:, None], 20.0, -20.0) + torch.rand(batch, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            fused, ref, (kf, vf), (kr, vr) = _both(layer, h, slots, mask, cos, sin)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(vf, vr)
+    with torch.no_grad():
+        two = fused_layer.run(layer, _with_digits(layer.fused_args, (2, 2, 2, 2)), h, slots, mask, cos, sin)
+        down_four = fused_layer.run(layer, _with_digits(layer.fused_args, (2, 2, 2, 4)), h, slots, mask, cos, sin)
+    for b in range(batch):
+        assert torch.equal(fused[b], down_four[b] if spiky[b] else two[b]), b
+        assert torch.equal(fused[b], two[b]) != bool(spiky[b]), b  # 4 digits took effect

@@ -55,6 +55,19 @@ def _model(family: str, quantize: bool = True, seed: int = 0):
     return model
 
 
+@pytest.fixture(autouse=True)
+def eager_layers_at_the_engines_digits():
+    """The engine decodes with activation_digits="auto" unless told otherwise; the Hugging Face
+    side of each comparison runs the same CPU kernels at the same setting."""
+    try:
+        from fxkernels.backends import cpu
+    except ImportError:
+        yield
+        return
+    with cpu.activation_digits("auto"):
+        yield
+
+
 def _hf_logits(model, ids, mask=None):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits.float()
@@ -134,17 +147,24 @@ def test_compiled_step_equals_eager_and_hf():
     assert torch.equal(comp.tokens, want)
 
 
-def test_compiled_step_with_two_activation_digits_equals_hf_under_the_same_setting():
-    """set_activation_digits(2) reaches both the compiled step (pinned when it is prepared) and the
-    eager prefill, so the engine still reproduces Hugging Face's tokens under the same setting."""
+@pytest.mark.parametrize("digits", [2, 4])
+def test_compiled_step_with_its_activation_digits_equals_hf_under_the_same_setting(digits):
+    """Generator(activation_digits=n) reaches both the compiled step (pinned when it is prepared)
+    and the eager prefill, so the engine reproduces Hugging Face's tokens under the same setting;
+    the process's own setting is back once generate() returns."""
     cpu = pytest.importorskip("fxkernels.backends.cpu")
     model = _model("qwen2")
     ids = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
-    with cpu.activation_digits(2):
-        got = Generator(copy.deepcopy(model)).generate(ids, max_new_tokens=10).tokens
-        with torch.no_grad():
-            want = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)[:, 5:]
+    gen = Generator(copy.deepcopy(model), activation_digits=digits)
+    got = gen.generate(ids, max_new_tokens=10).tokens
+    assert cpu.activation_digits_in_use() == "auto"  # this module's fixture
+    with cpu.activation_digits(digits), torch.no_grad():
+        want = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)[:, 5:]
     assert torch.equal(got, want)
+    if cpu.active_isa() in cpu.LIMB_ISAS:
+        layer = gen.decoder.layers[0]
+        if layer.fused_args is not None:  # the pinned count: 0 is "auto"
+            assert [int(p[5]) for p in layer.fused_args[4:12:2]] == [digits] * 4
 
 
 def test_two_generators_in_one_process_each_run_their_own_model():
@@ -243,6 +263,9 @@ def test_bad_input_errors():
         Generator(model, compile=False).generate(ids, max_new_tokens=300)
     with pytest.raises(ValueError, match="meta"):
         g.generate(ids.to("meta"), max_new_tokens=2)
+    for bad in (3, "4", 4.0, True):
+        with pytest.raises(ValueError, match=rf"activation_digits={bad!r}; expected 2, 4 or 'auto'"):
+            Generator(model, activation_digits=bad)
 
 
 def test_unknown_architecture_names_itself_and_the_way_back():

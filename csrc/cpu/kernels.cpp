@@ -594,19 +594,13 @@ at::Tensor qact_linear(const at::Tensor& xq_in, const at::Tensor& sa_in, const a
 }
 
 // ---- weight-only linear on integer units ("limb" layout) -------------------------------------
-// fp32 activations as L int8 digits of a per-row fixed-point value (limb_split_avx2): the weight-only
-// product becomes L exact integer products on the qa layout, y = sum_l fac_l * (d_l . (q - z)) * s.
-// The only rounding before the fp32 epilogue is x -> integer at ~2^-(8L-2) of the row's largest
-// |x|, so with L = 4 the result is closer to the float64 product than an fp32 dot product is, and
-// at M = 1 the L vpdpbusd per weight vector cost far less than widening each code to fp32 for an
-// FMA (measured: 4096x11008 INT4 0.68 ms vs 1.06 ms; the same ~1.4-1.8x from M = 1 to 512).
-static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                        const at::Tensor& zero, const std::vector<at::Tensor>& packed, const float* pb, int64_t bits,
-                        int64_t K, at::Tensor& y) {
-  const int64_t M = x.size(0), N = qweight.size(0), G = scale.size(1);
-  const int L = (int)*packed[5].data_ptr<int64_t>();
+// limb_linear for M rows at px with a given digit count L (1..4); with `wide`, wide[m] = 1 marks
+// the rows whose digits round coarser than bf16 would (limb_split_avx2).
+static void limb_linear_digits(const float* px, int64_t M, const at::Tensor& qweight, const at::Tensor& scale,
+                               const at::Tensor& zero, const std::vector<at::Tensor>& packed, const float* pb,
+                               int64_t bits, int64_t K, int L, float* py, uint8_t* wide) {
+  const int64_t N = qweight.size(0), G = scale.size(1);
   const int64_t Kp = *packed[4].data_ptr<int64_t>();
-  TORCH_CHECK(L >= 1 && L <= 4, "dequant_linear: limb layout with ", L, " limbs; expected 1..4");
   // Rows go in chunks whose L partial outputs take <= 8 MiB (these buffers persist per thread);
   // for long inputs a chunk is about the row block the kernel streams the weight once for anyway.
   const int64_t mc = std::max<int64_t>(1, std::min<int64_t>(M, (int64_t(8) << 20) / (L * N * 4)));
@@ -617,14 +611,13 @@ static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   // thread_local buffers are named through plain pointers: inside a parallel_for body the names
   // would refer to each worker thread's own (empty) instances
   if (zeros.size() < size_t(mc * L)) zeros.resize(mc * L, 0);  // never written: stays zero
-  const float* px = x.data_ptr<float>();
   int8_t* pd = scratch(digits, mc * L * K);
-  float *pf = scratch(fac, mc * L), *pyl = scratch(yl, mc * L * N), *py = y.data_ptr<float>();
+  float *pf = scratch(fac, mc * L), *pyl = scratch(yl, mc * L * N);
   uint8_t* pok = scratch(ok, M);
   for (int64_t c0 = 0; c0 < M; c0 += mc) {
     const int64_t rows = std::min(mc, M - c0);
     at::parallel_for(0, rows, (64 * 1024 + K) / K, [&](int64_t r0, int64_t r1) {
-      limb_split_avx2(px + c0 * K, K, L, pd, pf, pok + c0, r0, r1);
+      limb_split_avx2(px + c0 * K, K, L, pd, pf, pok + c0, r0, r1, wide ? wide + c0 : nullptr);
     });
     if (qa_sums_limbs(rows * L, N, Kp, G, bits, L)) {
       // the kernel sums each row's limbs (and adds the bias) as it stores: no partial outputs
@@ -657,6 +650,41 @@ static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                      py + m * N, 1, N, K, G, bits, 0, N);
 }
 
+// fp32 activations as L int8 digits of a per-row fixed-point value (limb_split_avx2): the weight-only
+// product becomes L exact integer products on the qa layout, y = sum_l fac_l * (d_l . (q - z)) * s.
+// The only rounding before the fp32 epilogue is x -> integer at ~2^-(8L-2) of the row's largest
+// |x|, so with L = 4 the result is closer to the float64 product than an fp32 dot product is, and
+// at M = 1 the L vpdpbusd per weight vector cost far less than widening each code to fp32 for an
+// FMA (measured: 4096x11008 INT4 0.68 ms vs 1.06 ms; the same ~1.4-1.8x from M = 1 to 512).
+// With kAutoLimbs every row runs on 2 digits, and the rows that 2 digits round coarser than bf16
+// would run again on 4, gathered, their outputs replacing the first ones: each row's result is
+// the one its own digit count gives, whatever rows share the call.
+static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                        const at::Tensor& zero, const std::vector<at::Tensor>& packed, const float* pb, int64_t bits,
+                        int64_t K, at::Tensor& y) {
+  const int64_t M = x.size(0), N = qweight.size(0);
+  const int64_t digits = *packed[5].data_ptr<int64_t>();
+  TORCH_CHECK(digits == kAutoLimbs || (digits >= 1 && digits <= 4), "dequant_linear: limb layout with ", digits,
+              " limbs; expected 1..4 or ", kAutoLimbs, " (auto)");
+  const float* px = x.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  if (digits != kAutoLimbs) {
+    limb_linear_digits(px, M, qweight, scale, zero, packed, pb, bits, K, (int)digits, py, nullptr);
+    return;
+  }
+  std::vector<uint8_t> wide(M);
+  limb_linear_digits(px, M, qweight, scale, zero, packed, pb, bits, K, kAutoLowLimbs, py, wide.data());
+  std::vector<int64_t> rows;
+  for (int64_t m = 0; m < M; ++m)
+    if (wide[m]) rows.push_back(m);
+  if (rows.empty()) return;
+  const int64_t W = (int64_t)rows.size();
+  std::vector<float> xw(W * K), yw(W * N);
+  for (int64_t i = 0; i < W; ++i) std::memcpy(xw.data() + i * K, px + rows[i] * K, K * sizeof(float));
+  limb_linear_digits(xw.data(), W, qweight, scale, zero, packed, pb, bits, K, kAutoHighLimbs, yw.data(), nullptr);
+  for (int64_t i = 0; i < W; ++i) std::memcpy(py + rows[i] * N, yw.data() + i * N, N * sizeof(float));
+}
+
 // ---- rows through the limb layout, inside a caller's parallel region -------------------------
 // limb_linear above for one chunk of rows, step for step (the same tile kernels, the limbs summed
 // most significant first, then the bias), so the outputs are bit-identical; the rows that
@@ -665,12 +693,11 @@ static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at
 bool limb_layout_usable(at::TensorList packed) {
   if (packed.size() != 6 || !use_vnni()) return false;
   const int64_t L = *packed[5].data_ptr<int64_t>();
-  return L >= 1 && L <= 4;
+  return L == kAutoLimbs || (L >= 1 && L <= 4);
 }
 
-void limb_rows_setup(LimbRows& r, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits, at::TensorList packed,
-                     const float* bias) {
-  const int L = (int)*packed[5].data_ptr<int64_t>();
+static void limb_rows_setup_digits(LimbRows& r, int L, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits,
+                                   at::TensorList packed, const float* bias) {
   const int64_t Kp = *packed[4].data_ptr<int64_t>();
   r.vnni8 = vnni_int8(Kp, G, bits);
   if (r.zeros.size() < size_t(M * L)) r.zeros.resize(M * L, 0);  // never written: stays zero
@@ -695,10 +722,22 @@ void limb_rows_setup(LimbRows& r, int64_t M, int64_t K, int64_t N, int64_t G, in
                G, K / G, (int)bits, r.vnni8 ? r.xu8.data() : nullptr, xs, r.sums ? L : 1};
 }
 
-void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1) {
+void limb_rows_setup(LimbRows& r, int64_t M, int64_t K, int64_t N, int64_t G, int64_t bits, at::TensorList packed,
+                     const float* bias) {
+  const int64_t digits = *packed[5].data_ptr<int64_t>();
+  r.adaptive = digits == kAutoLimbs;
+  limb_rows_setup_digits(r, r.adaptive ? kAutoLowLimbs : (int)digits, M, K, N, G, bits, packed, bias);
+  if (!r.adaptive) return;
+  scratch(r.wide, M);
+  if (!r.high) r.high = std::make_unique<LimbRows>();
+  limb_rows_setup_digits(*r.high, kAutoHighLimbs, M, K, N, G, bits, packed, bias);
+  scratch(r.high->part, M * kAutoHighLimbs * N);  // for runs of rows on a route that does not sum limbs
+}
+
+static void limb_rows_fill_digits(LimbRows& r, const float* x, int64_t m0, int64_t m1, uint8_t* wide) {
   const int L = r.L;
   const int64_t K = r.K;
-  limb_split_avx2(x, K, L, r.digits.data(), r.fac.data(), r.ok.data(), m0, m1);
+  limb_split_avx2(x, K, L, r.digits.data(), r.fac.data(), r.ok.data(), m0, m1, wide);
   for (int64_t m = m0; m < m1; ++m) {
     bool finite = true;
     if (!r.ok[m])
@@ -710,21 +749,44 @@ void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1) {
             r.vnni8 ? &r.xu8 : nullptr, m0 * L, m1 * L);
 }
 
-void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y) {
-  const int64_t M = r.M, N = r.N, n0 = 8 * t0, n1 = std::min(N, 8 * t1);
-  if (n0 >= n1) return;
+void limb_rows_fill(LimbRows& r, const float* x, int64_t m0, int64_t m1) {
+  limb_rows_fill_digits(r, x, m0, m1, r.adaptive ? r.wide.data() : nullptr);
+  if (r.adaptive)
+    for (int64_t m = m0; m < m1; ++m)
+      if (r.wide[m]) limb_rows_fill_digits(*r.high, x, m, m + 1, nullptr);
+}
+
+// y rows [m0, m1) for the output rows of tiles [t0, t1) = [n0, n1), the kernel run on those rows
+// only (for whole rows every route gives the same floats per row, whatever rows share a pass).
+static void limb_rows_tiles_of(LimbRows& r, int64_t m0, int64_t m1, int64_t t0, int64_t t1, float* y) {
+  const int64_t N = r.N, n0 = 8 * t0, n1 = std::min(N, 8 * t1);
   const int L = r.L;
-  if (r.sums) {  // the kernel sums each row's limbs (and adds the bias) as it stores
-    QaArgs a = r.a;
-    a.y = y;
-    if (r.amx)
+  QaArgs a = r.a;
+  bool sums = r.sums, amx = r.amx;
+  if (m0 > 0 || m1 < r.M) {  // the kernel's own rows, and the route for that many
+    const int64_t k0 = m0 * L;
+    a.M = (m1 - m0) * L;
+    if (a.x8) a.x8 += k0 * a.xs;
+    if (a.xu8) a.xu8 += k0 * a.xs;
+    a.xc += k0 * a.G;
+    a.sa += k0;
+    a.za += k0;
+    sums = qa_sums_limbs(a.M, N, a.Kp, a.G, a.bits, L);
+    amx = sums && qa_amx(a.M, N, a.Kp, a.G, a.bits);
+    a.limbs = sums ? L : 1;
+    a.bias = sums ? r.bias : nullptr;
+  }
+  if (!sums) a.y = r.part.data() + m0 * L * N;  // per kernel row; summed below
+  if (sums) {  // the kernel sums each row's limbs (and adds the bias) as it stores
+    a.y = y + m0 * N;
+    if (amx)
       qa_pairs_amx(a, t0, t1);
     else
       qa_tiles_avx512vnni(a, t0, t1);
   } else {
-    qa_tiles_avx512vnni(r.a, t0, t1);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* part = r.a.y + m * L * N;
+    qa_tiles_avx512vnni(a, t0, t1);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* part = r.part.data() + m * L * N;
       float* out = y + m * N;
       for (int64_t n = n0; n < n1; ++n) out[n] = part[(L - 1) * N + n];
       for (int l = L - 2; l >= 0; --l)
@@ -733,6 +795,23 @@ void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y) {
         for (int64_t n = n0; n < n1; ++n) out[n] += r.bias[n];
     }
   }
+}
+
+void limb_rows_tiles(LimbRows& r, int64_t t0, int64_t t1, float* y) {
+  const int64_t M = r.M, N = r.N, n0 = 8 * t0, n1 = std::min(N, 8 * t1);
+  if (n0 >= n1) return;
+  limb_rows_tiles_of(r, 0, M, t0, t1, y);
+  if (r.adaptive)  // runs of rows flagged wide, again on the high digit count
+    for (int64_t m = 0; m < M;) {
+      if (!r.wide[m]) {
+        ++m;
+        continue;
+      }
+      int64_t e = m + 1;
+      while (e < M && r.wide[e]) ++e;
+      limb_rows_tiles_of(*r.high, m, e, t0, t1, y);
+      m = e;
+    }
   for (int64_t m = 0; m < M; ++m)
     if (!r.ok[m])
       for (int64_t n = n0; n < n1; ++n) y[m * N + n] = r.finite[m] ? (r.bias ? r.bias[n] : 0.f) : NAN;

@@ -89,8 +89,10 @@ void minmax_rows_avx2(const float* x, int64_t K, float* mn, float* mx, int64_t r
 
 // Rows [r0, r1) of fp32 x [M][K] as L balanced int8 digits of a per-row fixed-point value:
 // d [M*L][K] and fac [M*L] with x[r, k] ~= sum_l d[r*L + l][k] * fac[r*L + l]; ok[r] = 0 for rows
-// that are not finite or too small (see kernels_avx2.cpp).
-void limb_split_avx2(const float* x, int64_t K, int L, int8_t* d, float* fac, uint8_t* ok, int64_t r0, int64_t r1);
+// that are not finite or too small; with `wide`, wide[r] = 1 for the rows whose L digits round
+// coarser than bf16 would (see kernels_avx2.cpp).
+void limb_split_avx2(const float* x, int64_t K, int L, int8_t* d, float* fac, uint8_t* ok, int64_t r0, int64_t r1,
+                     uint8_t* wide = nullptr);
 
 // Tile pairs (t, t + 1), (t + 2, t + 3), ... in [t0, t1) on AMX tiles, all M rows; needs
 // Kp / G % 64 == 0 (whole 64-column tiles per group), and for bits > 4 the unsigned activations

@@ -990,8 +990,12 @@ FXK_AVX2 void quant_rows_avx2(const float* x, int64_t K, const float* inv, const
 // the row's maximum. The scaling is done as two power-of-two multiplies (each exact) so that
 // neither factor overflows float. Writes fac[r*L + l] = 2^(8l - e); ok[r] = 0 marks rows that are
 // not finite or too small for fac to stay a normal float (the caller computes those another way).
+// With `wide`, wide[r] = 1 marks the rows whose rounding bound, half a step per value, exceeds in
+// L2 norm the one bf16 storage of the row has (2^-8 |x| per value): sqrt(K) / 2 > 2^-8 ||x 2^e||,
+// i.e. the scaled row's sum of squares is below K * 2^14 (with 2 digits: the largest |x| is more
+// than ~64-128x the row's RMS). Those rows need more digits (kAutoLimbs).
 FXK_AVX2 void limb_split_avx2(const float* x, int64_t K, int L, int8_t* d, float* fac, uint8_t* ok,
-                              int64_t r0, int64_t r1) {
+                              int64_t r0, int64_t r1, uint8_t* wide) {
   const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * K;
@@ -1017,6 +1021,7 @@ FXK_AVX2 void limb_split_avx2(const float* x, int64_t K, int L, int8_t* d, float
     if (amax > 0.f) e = (8 * L - 3) - __builtin_ilogbf(amax);
     ok[r] = finite && e <= 90;
     int8_t* dr = d + r * L * K;
+    if (wide) wide[r] = 0;
     if (!ok[r]) {
       std::memset(dr, 0, (size_t)(L * K));
       for (int l = 0; l < L; ++l) fac[r * L + l] = 1.f;
@@ -1026,9 +1031,12 @@ FXK_AVX2 void limb_split_avx2(const float* x, int64_t K, int L, int8_t* d, float
     const float f1 = __builtin_ldexpf(1.f, e1), f2 = __builtin_ldexpf(1.f, e2);
     const __m256 v1 = _mm256_set1_ps(f1), v2 = _mm256_set1_ps(f2);
     for (int l = 0; l < L; ++l) fac[r * L + l] = __builtin_ldexpf(1.f, 8 * l - e);
+    __m256 vss = _mm256_setzero_ps();  // sum of squares of the scaled row (|x 2^e| < 2^(8L-2))
     for (k = 0; k + 8 <= K; k += 8) {
+      const __m256 xs = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), v1), v2);
+      vss = _mm256_fmadd_ps(xs, xs, vss);
       // cvtps rounds half to even (default MXCSR), like nearbyint in the tail below
-      __m256i xi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), v1), v2));
+      __m256i xi = _mm256_cvtps_epi32(xs);
       for (int l = 0; l < L; ++l) {
         const __m256i dl = _mm256_srai_epi32(_mm256_slli_epi32(xi, 24), 24);  // low byte, signed
         xi = _mm256_srai_epi32(_mm256_sub_epi32(xi, dl), 8);                  // exact: divisible by 256
@@ -1036,14 +1044,21 @@ FXK_AVX2 void limb_split_avx2(const float* x, int64_t K, int L, int8_t* d, float
         _mm_storel_epi64((__m128i*)(dr + l * K + k), _mm_packs_epi16(p16, p16));
       }
     }
+    alignas(32) float sq[8];
+    _mm256_store_ps(sq, vss);
+    double ss = 0;
+    for (int j = 0; j < 8; ++j) ss += sq[j];
     for (; k < K; ++k) {
-      int32_t xi = (int32_t)__builtin_nearbyintf((xr[k] * f1) * f2);
+      const float xs = (xr[k] * f1) * f2;
+      ss += (double)xs * xs;
+      int32_t xi = (int32_t)__builtin_nearbyintf(xs);
       for (int l = 0; l < L; ++l) {
         const int8_t dl = (int8_t)(uint8_t)(xi & 0xff);
         dr[l * K + k] = dl;
         xi = (xi - dl) >> 8;
       }
     }
+    if (wide) wide[r] = ss < (double)K * 16384.0;
   }
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -99,6 +100,12 @@ void attend_group(const float* q, const float* k, const float* v, const bool* ma
                   int64_t D, int64_t lo, int64_t n, float scaling, float softcap, AttentionLoops loops,
                   PrefetchStream* next = nullptr);
 
+// The digit count of a limb layout (its sixth tensor) that means "auto": each row on
+// kAutoLowLimbs digits, or on kAutoHighLimbs where the low count would round it coarser than bf16
+// storage of the row would (limb_split_avx2's `wide`).
+constexpr int64_t kAutoLimbs = 0;
+constexpr int kAutoLowLimbs = 2, kAutoHighLimbs = 4;
+
 // M fp32 rows through a weight-only layer's limb layout (see limb_linear in kernels.cpp), in steps
 // that a caller's own parallel region can run: limb_rows_setup (sizes the buffers, binds the
 // weight), limb_rows_fill (the activations of rows [m0, m1); threads may fill disjoint rows of one
@@ -117,6 +124,11 @@ struct LimbRows {
   std::vector<int32_t> xc, zeros;
   std::vector<uint8_t> xu8, ok, finite;
   std::vector<float> fac, part;
+  // kAutoLimbs: these rows run on kAutoLowLimbs digits, the rows flagged in `wide` also on
+  // kAutoHighLimbs in `high`, whose outputs replace theirs
+  bool adaptive = false;
+  std::vector<uint8_t> wide;
+  std::unique_ptr<LimbRows> high;
 };
 // Whether `packed` (from the weight-only repack) is the limb layout this CPU's kernels run.
 bool limb_layout_usable(at::TensorList packed);

@@ -34,9 +34,10 @@ from ._cache import cached_repack, version_of
 
 MAX_GROUP_COLUMNS = 32768  # int32 accumulation of (xq - za)(c - zc) is exact up to this many columns
 # int8 digits per fp32 activation on the weight-only VNNI path (set_activation_digits): 4 keep ~30
-# bits of each row's range, 2 keep ~14
+# bits of each row's range, 2 keep ~14, "auto" gives each row 2 unless that rounds it coarser than
+# bf16 would, else 4 (fxkernels.Generator's default)
 DEFAULT_ACTIVATION_DIGITS = 4
-ACTIVATION_DIGITS = (2, 4)
+ACTIVATION_DIGITS = (2, 4, "auto")
 _digits = DEFAULT_ACTIVATION_DIGITS
 _OK = (True, "ok")
 _isa_pref = "auto"
@@ -56,30 +57,49 @@ def set_isa(name: str) -> None:
     _isa_pref = name
 
 
-def set_activation_digits(n: int) -> None:
+def set_activation_digits(n) -> None:
     """How many int8 digits each fp32 activation row is split into where weight-only layers run
     on the AVX-512 VNNI / AMX integer kernels (elsewhere nothing changes). A row becomes a fixed
-    point number scaled to its largest ``|x|``: 4 digits (the default) keep ~30 bits of that range,
-    which puts the product closer to the float64 one than an fp32 dot product is; 2 digits keep
-    ~14 bits (finer than bf16 for values within ~64x of the row's largest) for half the integer
-    products, which is what batched decode and long prompts are bound by on CPUs without AMX
-    (docs/BENCHMARKS.md). Eager calls follow the setting from their next call; compiled graphs
-    keep what :meth:`fxkernels.QuantLinear.prepare` pinned (a new
-    :class:`~fxkernels.Generator` prepares again)."""
+    point number scaled to its largest ``|x|``, so every value is rounded to the same step:
+
+    * ``4`` (the default): ~30 bits of that range; the product is closer to the float64 one than
+      an fp32 dot product is.
+    * ``2``: ~14 bits (finer than bf16 for values within ~64x of the row's largest) for half the
+      integer products, which is what batched decode and long prompts are bound by on CPUs without
+      AMX (docs/BENCHMARKS.md).
+    * ``"auto"`` (what :class:`~fxkernels.Generator` decodes with unless told otherwise): 2 digits
+      for each row whose rounding stays within the bound bf16 storage of the row has,
+      ``||error||_2 <= 2^-8 ||x||_2`` (its largest ``|x|`` within ~64-128x of its RMS; always so
+      for rows of <= 4096 values), 4 digits for the others, row by row: a row's result does not
+      depend on the rows it is batched with. The activations' rounding then moves each output by
+      at most ``||w||_2 * 2^-8 ||x||_2``, as bf16 activations could.
+
+    Eager calls follow the setting from their next call; compiled graphs keep what
+    :meth:`fxkernels.QuantLinear.prepare` pinned. :class:`~fxkernels.Generator` applies its own
+    ``activation_digits`` while it prepares and runs, and restores this setting after."""
     global _digits
-    if isinstance(n, bool) or not isinstance(n, int) or n not in ACTIVATION_DIGITS:
+    if not (n == "auto" if isinstance(n, str) else type(n) is int and n in ACTIVATION_DIGITS):
         raise ValueError(f"set_activation_digits: n={n!r}; expected one of {ACTIVATION_DIGITS}")
     _digits = n
     set_setting("cpu_activation_digits", n)
 
 
-def activation_digits_in_use() -> int:
+def activation_digits_from_text(text: str):
+    """A command line's ``--activation-digits`` value (``"2"``, ``"4"`` or ``"auto"``) as
+    :func:`set_activation_digits` takes it."""
+    value = text if text == "auto" else int(text) if text in ("2", "4") else None
+    if value is None:
+        raise ValueError(f"--activation-digits: {text!r}; expected one of 2, 4, auto")
+    return value
+
+
+def activation_digits_in_use():
     """The current :func:`set_activation_digits` value."""
     return _digits
 
 
 @contextlib.contextmanager
-def activation_digits(n: int):
+def activation_digits(n):
     """Run the block with :func:`set_activation_digits` ``(n)``, then restore the previous value."""
     prev = _digits
     set_activation_digits(n)
@@ -124,8 +144,9 @@ def _limb_layout(qweight, scale, zero, bits, in_features):
     return packed + [_DIGIT_TENSORS[_digits]] if packed else []
 
 
-# one shared count tensor per setting: the layouts of both settings share the repacked weights
-_DIGIT_TENSORS = {n: torch.tensor(n) for n in ACTIVATION_DIGITS}
+# one shared count tensor per setting: the layouts of all settings share the repacked weights;
+# "auto" is 0 for the kernels (kAutoLimbs in csrc/cpu/kernels_cpu.h)
+_DIGIT_TENSORS = {n: torch.tensor(0 if n == "auto" else n) for n in ACTIVATION_DIGITS}
 
 
 def _dq_packed(qweight, scale, zero, bits, in_features):
@@ -136,7 +157,7 @@ def _dq_packed(qweight, scale, zero, bits, in_features):
         packed = cached_repack(qweight, ("cpu_dq_limbs", bits, in_features) + grid,
                                lambda: _limb_layout(qweight, scale, zero, bits, in_features))
         if packed:
-            digits = _DIGIT_TENSORS[_digits]  # the cached layout may carry the other setting's count
+            digits = _DIGIT_TENSORS[_digits]  # the cached layout may carry another setting's count
             return packed if packed[5] is digits else packed[:5] + [digits]
     return cached_repack(qweight, ("cpu_dq", bits, in_features) + grid,
                          lambda: _C.repack_dequant(qweight, scale, zero, bits, in_features))

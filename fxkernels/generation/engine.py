@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import itertools
 import time
 import types
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +110,16 @@ class Decoder(nn.Module):
         return decoder_forward(self, ids, slots, positions, valid)
 
 
+def cpu_activation_digits(n: Union[int, str]):
+    """The CPU backend's activation digits set to ``n`` for a ``with`` block (nothing to set
+    without the CPU extension)."""
+    try:
+        from ..backends import cpu
+    except ImportError:
+        return contextlib.nullcontext()
+    return cpu.activation_digits(n)
+
+
 _STEP_COPIES = itertools.count(1)
 
 
@@ -177,11 +188,21 @@ class Generator:
     ``max_length``: a fixed cache length (prompt plus new tokens must fit); None sizes the cache
     per call, up to the model's ``max_position_embeddings``. ``fuse``: run q/k/v and gate/up as
     one kernel call each (see :func:`fxkernels.fuse_projections`; outputs are bit-identical).
+    ``activation_digits``: the CPU weight-only layers' int8 digits per fp32 activation while the
+    Generator prepares and runs (:func:`fxkernels.backends.cpu.set_activation_digits`): ``"auto"``
+    (2 per row, 4 for a row that 2 would round coarser than bf16 would; batch 8 decodes ~1.5x
+    faster than with 4 on a 2-core Zen 5, docs/BENCHMARKS.md), or 4 for fp32-grade products. It
+    changes nothing on GPUs or CPUs without AVX-512 VNNI.
     """
 
-    def __init__(self, model: nn.Module, compile: bool = True, max_length: Optional[int] = None, fuse: bool = True):
+    def __init__(self, model: nn.Module, compile: bool = True, max_length: Optional[int] = None, fuse: bool = True,
+                 activation_digits: Union[int, str] = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Generator: model is {type(model).__name__}; expected a transformers causal LM")
+        if not (activation_digits == "auto" if isinstance(activation_digits, str)
+                else type(activation_digits) is int and activation_digits in (2, 4)):
+            raise ValueError(f"Generator: activation_digits={activation_digits!r}; expected 2, 4 or 'auto'")
+        self.activation_digits = activation_digits
         self.decoder = Decoder(model)
         self.model = model.eval()
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
@@ -230,6 +251,10 @@ class Generator:
         """Generate up to ``max_new_tokens`` for ``input_ids [B, P]`` (left-padded when
         ``attention_mask [B, P]`` has zeros). Stops when every row has produced one of
         ``stop_tokens``; ``streamer(tokens [B])`` is called with each new step's tokens."""
+        with cpu_activation_digits(self.activation_digits):
+            return self._generate(input_ids, max_new_tokens, attention_mask, sampling, stop_tokens, streamer)
+
+    def _generate(self, input_ids, max_new_tokens, attention_mask, sampling, stop_tokens, streamer):
         ids, mask = self._check_inputs(input_ids, attention_mask, max_new_tokens, sampling)
         batch, plen = ids.shape
         dev = self.decoder.device
