@@ -224,7 +224,8 @@ def test_auto_digits_give_wide_rows_four_digits_in_the_operator(batch):
         layer = d.layers[0]
         assert [int(p[5]) for p in layer.fused_args[4:12:2]] == [0, 0, 0, 0]  # kAutoLimbs
         h, slots, mask, cos, sin = _inputs(d, layer, 7)
-        h[:, 0, :32] = torch.where(spiky[:, None], 20.0, -20.0) + torch.rand(batch, 32, generator=torch.Generator().manual_seed(batch))
+        noise = torch.rand(batch, 32, generator=torch.Generator().manual_seed(batch))
+        h[:, 0, :32] = torch.where(spiky[:, None], 20.0, -20.0) + noise
         with torch.no_grad():
             fused, ref, (kf, vf), (kr, vr) = _both(layer, h, slots, mask, cos, sin)
     torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
