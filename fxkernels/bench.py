@@ -238,7 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--ms", default=None, help="comma-separated M list, e.g. 1,8,32")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--activation-digits", choices=("2", "4", "auto"), default=None,
-                   help="int8 digits per fp32 activation of the weight-only layers on AVX-512 VNNI (default auto)")
+                   help="int8 digits per fp32 activation of the weight-only layers on AVX-512 VNNI (default 4)")
     a = p.parse_args(argv)
     if a.activation_digits is not None:
         from .backends import cpu

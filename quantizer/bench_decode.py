@@ -159,7 +159,7 @@ def _child(ckpt: str, threads: int, new_tokens: int, activation_digits: Optional
     _set_activation_digits(activation_digits)
     model, tok = load_quantized(ckpt), AutoTokenizer.from_pretrained(ckpt)
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    gen = Generator(model, activation_digits=_engine_digits(activation_digits))
+    gen = Generator(model, activation_digits=engine_activation_digits(activation_digits))
     first = gen.generate(ids, new_tokens)
     again = gen.generate(ids, new_tokens)
     print(json.dumps({"compile_s": first.compile_seconds, "decode_tok_s": again.decode_tokens_per_second,
@@ -176,8 +176,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _engine_digits(text: Optional[str]):
-    """The Generator's activation digits: the flag's, else the Generator's own default."""
+def engine_activation_digits(text: Optional[str]):
+    """``--activation-digits`` for :class:`fxkernels.Generator`: the flag's, else the Generator's
+    own default."""
     if text is None:
         return "auto"
     from fxkernels.backends import cpu
@@ -213,7 +214,7 @@ def run(threads: int = 2, new_tokens: int = 128, prompt_tokens: int = 512, batch
     ckpt_dir = tempfile.TemporaryDirectory()
     save_quantized(fused, ckpt_dir.name, tokenizer=tok)
     fuse_projections(fused)
-    gen = Generator(fused, activation_digits=_engine_digits(activation_digits))
+    gen = Generator(fused, activation_digits=engine_activation_digits(activation_digits))
     first = gen.generate(short, max(new_tokens, 64))
     out(f"engine: first compile {first.compile_seconds:.1f} s in this process")
     with torch.no_grad(), cpu_activation_digits(gen.activation_digits):  # the same kernels' precision
@@ -275,7 +276,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even when installed")
     p.add_argument("--activation-digits", choices=("2", "4", "auto"), default=None,
-                   help="int8 digits per fp32 activation on AVX-512 VNNI CPUs (default auto)")
+                   help="int8 digits per fp32 activation on AVX-512 VNNI CPUs (default: 4 in the eager "
+                        "layers, auto in the engine)")
     p.add_argument("--child", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:

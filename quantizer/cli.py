@@ -70,11 +70,9 @@ def _activation_digits(a) -> Optional[str]:
 
 def _engine_activation_digits(a):
     """``--activation-digits`` for :class:`fxkernels.Generator` (its own default without the flag)."""
-    if getattr(a, "activation_digits", None) is None:
-        return "auto"
-    from fxkernels.backends import cpu  # importable: _activation_digits applied the flag already
+    from .bench_decode import engine_activation_digits
 
-    return cpu.activation_digits_from_text(a.activation_digits)
+    return engine_activation_digits(getattr(a, "activation_digits", None))
 
 
 def _add_activation_digits(p) -> None:

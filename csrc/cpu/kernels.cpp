@@ -672,8 +672,9 @@ static void limb_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     limb_linear_digits(px, M, qweight, scale, zero, packed, pb, bits, K, (int)digits, py, nullptr);
     return;
   }
-  std::vector<uint8_t> wide(M);
-  limb_linear_digits(px, M, qweight, scale, zero, packed, pb, bits, K, kAutoLowLimbs, py, wide.data());
+  static thread_local std::vector<uint8_t> wide_rows;  // a decode step's every call: no allocation
+  uint8_t* wide = scratch(wide_rows, M);
+  limb_linear_digits(px, M, qweight, scale, zero, packed, pb, bits, K, kAutoLowLimbs, py, wide);
   std::vector<int64_t> rows;
   for (int64_t m = 0; m < M; ++m)
     if (wide[m]) rows.push_back(m);
@@ -776,14 +777,14 @@ static void limb_rows_tiles_of(LimbRows& r, int64_t m0, int64_t m1, int64_t t0, 
     a.limbs = sums ? L : 1;
     a.bias = sums ? r.bias : nullptr;
   }
-  if (!sums) a.y = r.part.data() + m0 * L * N;  // per kernel row; summed below
   if (sums) {  // the kernel sums each row's limbs (and adds the bias) as it stores
     a.y = y + m0 * N;
     if (amx)
       qa_pairs_amx(a, t0, t1);
     else
       qa_tiles_avx512vnni(a, t0, t1);
-  } else {
+  } else {  // one output per kernel row, summed here
+    a.y = r.part.data() + m0 * L * N;
     qa_tiles_avx512vnni(a, t0, t1);
     for (int64_t m = m0; m < m1; ++m) {
       const float* part = r.part.data() + m * L * N;

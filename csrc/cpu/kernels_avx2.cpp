@@ -1038,10 +1038,10 @@ FXK_AVX2 void limb_split_avx2(const float* x, int64_t K, int L, int8_t* d, float
     const float f1 = __builtin_ldexpf(1.f, e1), f2 = __builtin_ldexpf(1.f, e2);
     const __m256 v1 = _mm256_set1_ps(f1), v2 = _mm256_set1_ps(f2);
     for (int l = 0; l < L; ++l) fac[r * L + l] = __builtin_ldexpf(1.f, 8 * l - e);
-    __m256 vss = _mm256_setzero_ps();  // sum of squares of the scaled row (|x 2^e| < 2^(8L-2))
+    __m256 vss = _mm256_setzero_ps();  // with `wide`: the scaled row's sum of squares (|x 2^e| < 2^(8L-2))
     for (k = 0; k + 8 <= K; k += 8) {
       const __m256 xs = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), v1), v2);
-      vss = _mm256_fmadd_ps(xs, xs, vss);
+      if (wide) vss = _mm256_fmadd_ps(xs, xs, vss);
       // cvtps rounds half to even (default MXCSR), like nearbyint in the tail below
       __m256i xi = _mm256_cvtps_epi32(xs);
       for (int l = 0; l < L; ++l) {
@@ -1057,7 +1057,7 @@ FXK_AVX2 void limb_split_avx2(const float* x, int64_t K, int L, int8_t* d, float
     for (int j = 0; j < 8; ++j) ss += sq[j];
     for (; k < K; ++k) {
       const float xs = (xr[k] * f1) * f2;
-      ss += (double)xs * xs;
+      if (wide) ss += (double)xs * xs;
       int32_t xi = (int32_t)__builtin_nearbyintf(xs);
       for (int l = 0; l < L; ++l) {
         const int8_t dl = (int8_t)(uint8_t)(xi & 0xff);
